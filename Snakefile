@@ -1,0 +1,45 @@
+# refusal-directions: prompts -> activations -> directions -> generate -> score -> aggregate.
+#
+# The experiment comes from Hydra (conf/config.yaml + overrides):
+#   snakemake --cores 2                                   # the default experiment
+#   snakemake --cores 2 --config overrides="experiment=tiny experiment.generation.max_new_tokens=8"
+import shlex
+import sys
+from pathlib import Path
+
+from pipeline.config import load_experiment
+from pipeline.errors import ConfigError
+
+config.setdefault("overrides", "")
+config.setdefault("conf_dir", str(Path(workflow.basedir) / "conf"))
+try:
+    EXP = load_experiment(shlex.split(str(config["overrides"])), conf_dir=config["conf_dir"])
+except ConfigError as err:
+    sys.stderr.write(f"refusal-directions: config error: {err}\n")
+    sys.exit(1)
+
+OUT = str(EXP.out)
+MODELS = str(EXP.results_dir / "models")
+GPU = 0 if EXP.device == "cpu" else 1  # a resource, so local runs never start two GPU jobs at once
+
+wildcard_constraints:
+    model=r"[^/]+",
+    source=r"[^/]+",
+    intervention=r"baseline|ablation|addition_[-+0-9.e]+",
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/prompts.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/directions.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    input:
+        f"{OUT}/summary.parquet",
+        f"{OUT}/report.md",
+    default_target: True

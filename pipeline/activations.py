@@ -1,0 +1,63 @@
+"""Stage 2: cache residual-stream activations at the post-instruction positions.
+
+For every train prompt, the input of every decoder block (resid_pre) at each of
+the template's post-instruction tokens is read through nnsight and stored, one
+row per prompt x layer x position (schema in `schemas`).
+"""
+
+from __future__ import annotations
+
+import nnsight
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from .architecture import get_path
+from .config import ModelSpec
+from .models import LoadedModel
+from .schemas import activations_schema, read_parquet, vectors_column, write_parquet
+from .templates import encode_batch
+
+
+@torch.no_grad()
+def capture(lm: LoadedModel, instructions: list[str], batch_size: int) -> np.ndarray:
+    """Activations as float32 [prompt, layer, position, hidden] (positions -n_post..-1)."""
+    chunks = []
+    for start in tqdm(range(0, len(instructions), batch_size), desc=f"activations {lm.spec.name}", leave=False):
+        batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
+        n = batch.n_post
+        with lm.nn.trace(**lm.inputs(batch)):
+            saved = nnsight.save([])  # a plain list would not outlive the trace
+            for block in get_path(lm.nn, lm.rmap.layers):
+                saved.append(block.input[:, -n:, :])
+        chunks.append(torch.stack([s.float().cpu() for s in saved], dim=1).numpy())
+    return np.concatenate(chunks, axis=0)
+
+
+def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: str) -> pa.Table:
+    n_prompts, n_layers, n_post, hidden = acts.shape
+    layer = np.tile(np.repeat(np.arange(n_layers), n_post), n_prompts)
+    position = np.tile(np.arange(-n_post, 0), n_prompts * n_layers)
+    per_row = n_layers * n_post
+    schema = activations_schema(hidden, dtype)
+    value_type = schema.field("act").type.value_type
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    return pa.table({
+        "model": [spec.name] * len(layer),
+        "template": [spec.template.name] * len(layer),
+        "prompt_id": np.repeat(prompts["prompt_id"].to_numpy(), per_row),
+        "label": np.repeat(prompts["label"].to_numpy(), per_row),
+        "layer": layer.astype(np.int16),
+        "position": position.astype(np.int16),
+        "act": vectors_column(acts.reshape(-1, hidden).astype(np_dtype), value_type),
+    }, schema=schema)
+
+
+def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, output: str, *, batch_size: int,
+        dtype: str, device: str, threads: int, split: str = "train") -> None:
+    prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == split)
+    lm = LoadedModel(spec, prepared_dir, device, threads)
+    acts = capture(lm, prompts["instruction"].to_list(), batch_size)
+    write_parquet(to_table(spec, prompts, acts, dtype), output, vector_columns=("act",))

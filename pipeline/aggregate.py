@@ -1,0 +1,106 @@
+"""Stage 6: collect every scored cell into one summary, tables, charts and a report."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import polars as pl
+
+from .schemas import read_parquet, write_bytes, write_parquet, write_text
+
+GROUP = ["model", "template", "source", "direction_model", "layer", "position", "intervention",
+         "coefficient", "normalized", "scorer", "label"]
+
+
+def condition_name(intervention: str, source: str, coefficient: float | None) -> str:
+    if intervention == "baseline":
+        return "baseline"
+    if intervention == "ablation":
+        return f"ablation ({source})"
+    return f"addition {coefficient:+g} ({source})"
+
+
+def summarize(scores: pl.DataFrame) -> pl.DataFrame:
+    summary = (scores.group_by(GROUP)
+               .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean())
+               .with_columns(condition=pl.struct("intervention", "source", "coefficient").map_elements(
+                   lambda r: condition_name(r["intervention"], r["source"], r["coefficient"]),
+                   return_dtype=pl.String)))
+    order = {"baseline": 0, "ablation": 1, "addition": 2}
+    return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8)).sort(
+        ["model", "_o", "source", "coefficient", "label"], nulls_last=False).drop("_o")
+
+
+def wide_table(summary: pl.DataFrame) -> pl.DataFrame:
+    """One row per model x condition, harmful and harmless refusal rates side by side."""
+    return (summary.select("model", "condition", "layer", "label", "refusal_rate", "n")
+            .pivot(on="label", index=["model", "condition", "layer"], values="refusal_rate",
+                   maintain_order=True)
+            .select("model", "condition", "layer", pl.col("harmful").round(3), pl.col("harmless").round(3)))
+
+
+def markdown(df: pl.DataFrame) -> str:
+    cols = df.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.iter_rows():
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = wide.filter(pl.col("model") == model)
+    names = rows["condition"].to_list()
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    w = 0.4
+    ax.bar([i - w / 2 for i in x], rows["harmful"].fill_null(0).to_list(), w, label="harmful", color="#c0392b")
+    ax.bar([i + w / 2 for i in x], rows["harmless"].fill_null(0).to_list(), w, label="harmless", color="#2e86c1")
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("refusal rate")
+    ax.set_title(f"{model}: refusal rate by condition")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def examples(scores: pl.DataFrame, per_condition: int = 2) -> str:
+    lines = []
+    for (model, intervention, source, coef, label), grp in scores.group_by(
+            ["model", "intervention", "source", "coefficient", "label"], maintain_order=True):
+        name = condition_name(intervention, source, coef)
+        for r in grp.head(per_condition).iter_rows(named=True):
+            completion = r["completion"].replace("\n", " ")[:160]
+            lines.append(f"- **{model} · {name} · {label}** — _{r['prompt'][:80]}_ → {completion!r}")
+    return "\n".join(lines) + "\n"
+
+
+def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str]) -> None:
+    scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
+    summary = summarize(scores)
+    out = Path(out_dir)
+    write_parquet(summary.to_arrow(), out / "summary.parquet")
+    wide = wide_table(summary)
+    buf = io.StringIO()
+    wide.write_csv(buf)
+    write_text(buf.getvalue(), out / "summary.csv")
+    table_md = markdown(wide)
+    write_text(table_md, out / "summary.md")
+    chart_links = []
+    for model, path in charts.items():
+        write_bytes(bar_chart(wide, model), path)
+        chart_links.append(f"![{model}]({Path(path).relative_to(out)})")
+    report = [f"# Refusal-direction experiment: {experiment}", "",
+              f"Scorer: `{scores['scorer'][0]}`. Refusal rate on the held-out test prompts "
+              "(harmful and harmless) per model and condition.", "", table_md, *chart_links, "",
+              "## Example completions", "", examples(scores)]
+    write_text("\n".join(report), out / "report.md")

@@ -1,0 +1,123 @@
+"""Directional ablation and activation addition, through nnsight and through plain hooks.
+
+The nnsight form is what the pipeline runs. The plain-hook form is the reference
+the tests hold it to, token for token. Both apply the same two edits:
+
+* ablation: x <- x - (x . u) u with u the unit direction, on everything written
+  into the residual stream (the embedding, and each block's attention and MLP
+  outputs), so the stream is orthogonal to u at every layer and every position,
+  generated tokens included;
+* addition: x <- x + coefficient * v at the input of one block, every position,
+  where v is the raw direction or its unit vector (`normalize`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .architecture import ResidualMap, get_path
+
+KINDS = ("baseline", "ablation", "addition")
+
+
+@dataclass(frozen=True)
+class Intervention:
+    kind: str
+    direction: torch.Tensor | None = None  # raw (unnormalised) direction, [hidden]
+    layer: int | None = None  # addition: the block whose input is steered
+    coefficient: float = 0.0
+    normalize: bool = False  # addition: add a unit vector instead of the raw direction
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown intervention {self.kind!r}")
+        if self.kind != "baseline" and self.direction is None:
+            raise ValueError(f"{self.kind} needs a direction")
+        if self.kind == "addition" and self.layer is None:
+            raise ValueError("addition needs a layer")
+
+    def unit(self) -> torch.Tensor:
+        return self.direction / self.direction.norm()
+
+    def steering_vector(self) -> torch.Tensor:
+        v = self.unit() if self.normalize else self.direction
+        return self.coefficient * v
+
+
+def ablate(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    u = unit.to(device=x.device, dtype=x.dtype)
+    return x - (x @ u).unsqueeze(-1) * u
+
+
+def add(x: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    return x + vector.to(device=x.device, dtype=x.dtype)
+
+
+def _first(value):
+    """A module output is a tensor or a tuple whose first item is the hidden state."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def check_direction(iv: Intervention, rmap: ResidualMap) -> None:
+    if iv.direction is not None and iv.direction.shape[-1] != rmap.hidden_size:
+        raise ValueError(f"direction has size {iv.direction.shape[-1]}, the model's hidden size is {rmap.hidden_size}")
+    if iv.kind == "addition" and not 0 <= iv.layer < rmap.n_layers:
+        raise ValueError(f"addition layer {iv.layer} is outside 0..{rmap.n_layers - 1}")
+
+
+# ------------------------------------------------------------------ nnsight form
+
+
+def apply_nnsight(model, rmap: ResidualMap, iv: Intervention) -> None:
+    """Apply `iv` inside an nnsight trace body (once per generation step)."""
+    if iv.kind == "ablation":
+        u = iv.unit()
+        emb = get_path(model, rmap.embed).output
+        emb[:] = ablate(emb, u)
+        for block in get_path(model, rmap.layers):
+            for name in rmap.writers:
+                h = _first(getattr(block, name).output)
+                h[:] = ablate(h, u)
+    elif iv.kind == "addition":
+        block = get_path(model, rmap.layers)[iv.layer]
+        h = block.input
+        h[:] = add(h, iv.steering_vector())
+
+
+# ------------------------------------------------------------------ plain-hook form
+
+
+@contextlib.contextmanager
+def torch_hooks(model: torch.nn.Module, rmap: ResidualMap, iv: Intervention):
+    """The same edits as `apply_nnsight`, with forward hooks on the bare model."""
+    handles = []
+    try:
+        if iv.kind == "ablation":
+            u = iv.unit()
+
+            def out_hook(_module, _args, output):
+                h = _first(output)
+                h.copy_(ablate(h, u))
+
+            handles.append(get_path(model, rmap.embed).register_forward_hook(out_hook))
+            for block in get_path(model, rmap.layers):
+                for name in rmap.writers:
+                    handles.append(getattr(block, name).register_forward_hook(out_hook))
+        elif iv.kind == "addition":
+            vec = iv.steering_vector()
+
+            def pre_hook(_module, args, kwargs):
+                if args:
+                    return (add(args[0], vec), *args[1:]), kwargs
+                kwargs["hidden_states"] = add(kwargs["hidden_states"], vec)
+                return args, kwargs
+
+            block = get_path(model, rmap.layers)[iv.layer]
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,119 @@
+"""Parquet schemas of every stage's output, and atomic reading and writing.
+
+Schemas (one row per ...):
+
+prompts.parquet            prompt: prompt_id, label (harmful|harmless), split
+                           (train|val|test), category, dataset, instruction
+activations/{model}        prompt x layer x post-instruction position: model,
+                           template, prompt_id, label, layer, position (negative
+                           offset from the end: -n_post .. -1), act =
+                           FixedSizeList<float16|float32>[hidden], the residual
+                           stream at the block input (resid_pre)
+directions/{m}/candidates  layer x position: model, layer, position, n_harmful,
+                           n_harmless, norm, direction = FixedSizeList<float32>,
+                           the raw mean(harmful) - mean(harmless), means in float64
+directions/{m}/selected    direction source (self, random): model, source, layer,
+                           position, norm, direction
+generations/...            test prompt: model, template, source, direction_model,
+                           layer, position, intervention, coefficient, normalized,
+                           prompt_id, label, category, prompt, completion
+scores/...                 the generation row plus scorer and refused (bool)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROMPTS = pa.schema([
+    ("prompt_id", pa.string()), ("label", pa.string()), ("split", pa.string()),
+    ("category", pa.string()), ("dataset", pa.string()), ("instruction", pa.string()),
+])
+
+
+def activations_schema(hidden: int, dtype: str) -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema([
+        ("model", pa.string()), ("template", pa.string()), ("prompt_id", pa.string()),
+        ("label", pa.string()), ("layer", pa.int16()), ("position", pa.int16()),
+        ("act", pa.list_(value, hidden)),
+    ])
+
+
+def direction_schema(hidden: int, extra: list[tuple[str, pa.DataType]]) -> pa.Schema:
+    return pa.schema([("model", pa.string()), *extra, ("layer", pa.int16()), ("position", pa.int16()),
+                      ("norm", pa.float64()), ("direction", pa.list_(pa.float32(), hidden))])
+
+
+CANDIDATE_EXTRA = [("n_harmful", pa.int32()), ("n_harmless", pa.int32())]
+SELECTED_EXTRA = [("source", pa.string())]
+
+GENERATIONS = pa.schema([
+    ("model", pa.string()), ("template", pa.string()), ("source", pa.string()),
+    ("direction_model", pa.string()), ("layer", pa.int16()), ("position", pa.int16()),
+    ("intervention", pa.string()), ("coefficient", pa.float64()), ("normalized", pa.bool_()),
+    ("prompt_id", pa.string()), ("label", pa.string()), ("category", pa.string()),
+    ("prompt", pa.string()), ("completion", pa.string()),
+])
+
+SCORES = GENERATIONS.append(pa.field("scorer", pa.string())).append(pa.field("refused", pa.bool_()))
+
+
+def vectors_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    """A [rows, hidden] array as a FixedSizeList column (polars reads it as an Array)."""
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def column_matrix(table: pa.Table, name: str) -> np.ndarray:
+    """The inverse of `vectors_column`: a FixedSizeList column as a [rows, hidden] array."""
+    col = table.column(name).combine_chunks()
+    width = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def write_parquet(table: pa.Table, path: str | Path, vector_columns: tuple[str, ...] = ()) -> None:
+    """Write atomically (temp file then rename) with zstd.
+
+    Vector columns skip dictionary encoding (it inflates floats) and use
+    BYTE_STREAM_SPLIT, which must name the leaf column to take effect.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    leaves = [f"{c}.list.element" for c in vector_columns]
+    dictionary = [c for c in table.column_names if c not in vector_columns]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary or False,
+                       column_encoding={leaf: "BYTE_STREAM_SPLIT" for leaf in leaves} or None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(text: str, path: str | Path) -> None:
+    write_bytes(text.encode(), path)
+
+
+def write_bytes(data: bytes, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_parquet(path: str | Path) -> pa.Table:
+    return pq.read_table(path)

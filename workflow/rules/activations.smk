@@ -1,0 +1,15 @@
+rule activations:
+    """Residual stream at every block input, post-instruction positions, train prompts."""
+    input:
+        model=MODELS + "/{model}",
+        prompts=OUT + "/prompts.parquet",
+    output:
+        OUT + "/activations/{model}.parquet",
+    params:
+        model=lambda w: EXP.models[w.model].as_params(),
+        settings=EXP.activations,
+    threads: EXP.threads
+    resources:
+        gpu=GPU,
+    script:
+        "../scripts/activations.py"

@@ -1,0 +1,17 @@
+rule generate:
+    """One grid cell: greedy generations on the test prompts, steered or ablated via nnsight."""
+    input:
+        model=MODELS + "/{model}",
+        prompts=OUT + "/prompts.parquet",
+        direction=direction_file,
+    output:
+        OUT + "/generations/{model}/{source}/{intervention}.parquet",
+    params:
+        model=lambda w: EXP.models[w.model].as_params(),
+        cell=lambda w: {"source": w.source, "intervention": w.intervention, "normalize": EXP.normalize},
+        generation=EXP.generation,
+    threads: EXP.threads
+    resources:
+        gpu=GPU,
+    script:
+        "../scripts/generate.py"

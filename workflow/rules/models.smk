@@ -1,0 +1,12 @@
+rule prepare_model:
+    """Assemble/verify/dequantize (GGUF), build (random_init) or point to (hub, path) a model, once."""
+    output:
+        directory(MODELS + "/{model}"),
+    params:
+        model=lambda w: EXP.models[w.model].as_params(),
+    threads: EXP.threads
+    resources:
+        gpu=0,
+        mem_mb=8000,
+    script:
+        "../scripts/prepare_model.py"

@@ -1,0 +1,12 @@
+from pipeline import generate
+from pipeline.config import cell_for, experiment_from_snakemake
+
+exp = experiment_from_snakemake(snakemake)
+w = snakemake.wildcards
+cell = cell_for(exp, w.model, w.source, w.intervention)
+generate.run(exp.models[w.model], snakemake.input.model, snakemake.input.prompts,
+             snakemake.input.direction[0] if snakemake.input.direction else None, snakemake.output[0],
+             source=cell.source, intervention=cell.intervention, coefficient=cell.coefficient,
+             normalize=exp.normalize, max_new_tokens=int(exp.generation["max_new_tokens"]),
+             batch_size=int(exp.generation["batch_size"]), device=exp.device, threads=snakemake.threads,
+             exp_file=exp.file)
