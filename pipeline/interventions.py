@@ -71,20 +71,32 @@ def check_direction(iv: Intervention, rmap: ResidualMap) -> None:
 # ------------------------------------------------------------------ nnsight form
 
 
-def apply_nnsight(model, rmap: ResidualMap, iv: Intervention) -> None:
-    """Apply `iv` inside an nnsight trace body (once per generation step)."""
-    if iv.kind == "ablation":
-        u = iv.unit()
+def apply_nnsight(model, rmap: ResidualMap, iv: Intervention, record: tuple[list, list] | None = None) -> None:
+    """Apply `iv` inside an nnsight trace body (once per generation step).
+
+    nnsight hands out values in the order the model computes them, so this walks
+    the model in that order: embedding, then each block's input, writers, output.
+    `record`, if given, is two lists that receive every block's input and output.
+    """
+    ablating = iv.kind == "ablation"
+    u = iv.unit() if ablating else None
+    if ablating:
         emb = get_path(model, rmap.embed).output
         emb[:] = ablate(emb, u)
-        for block in get_path(model, rmap.layers):
+    for i, block in enumerate(get_path(model, rmap.layers)):
+        if iv.kind == "addition" and i == iv.layer:
+            h = block.input
+            h[:] = add(h, iv.steering_vector())
+        if record is not None:
+            record[0].append(block.input.clone())
+        if ablating:
             for name in rmap.writers:
                 h = _first(getattr(block, name).output)
                 h[:] = ablate(h, u)
-    elif iv.kind == "addition":
-        block = get_path(model, rmap.layers)[iv.layer]
-        h = block.input
-        h[:] = add(h, iv.steering_vector())
+        if record is not None:
+            record[1].append(_first(block.output).clone())
+        elif iv.kind == "addition" and i >= iv.layer:
+            break
 
 
 # ------------------------------------------------------------------ plain-hook form

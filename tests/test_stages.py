@@ -1,0 +1,89 @@
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import activations, directions, prompts, score
+from pipeline.config import ScorerSpec
+from pipeline.schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
+
+
+def fake_activations(rng, n_per_label=6, n_layers=3, n_post=2, hidden=8):
+    acts = rng.standard_normal((2 * n_per_label, n_layers, n_post, hidden)).astype(np.float32)
+    prompts_df = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(2 * n_per_label)],
+                               "label": ["harmful"] * n_per_label + ["harmless"] * n_per_label})
+    return acts, prompts_df
+
+
+class FakeSpec:
+    name, template = "m", type("T", (), {"name": "t"})()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_activation_parquet_round_trip(tmp_path, dtype):
+    acts, prompts_df = fake_activations(np.random.default_rng(0))
+    path = tmp_path / "a.parquet"
+    write_parquet(activations.to_table(FakeSpec, prompts_df, acts, dtype), path, vector_columns=("act",))
+    table = read_parquet(path)
+    back = column_matrix(table, "act").reshape(acts.shape)
+    tol = 2e-3 if dtype == "float16" else 0
+    assert np.abs(back.astype(np.float32) - acts).max() <= tol
+    assert table.column("position").to_pylist()[:2] == [-2, -1]
+    # polars reads the vectors as a fixed-size Array column
+    assert isinstance(pl.read_parquet(path).schema["act"], pl.Array)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    act_col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("act"))
+    assert "BYTE_STREAM_SPLIT" in act_col.encodings
+    assert not any("DICTIONARY" in e for e in act_col.encodings)
+    assert act_col.compression == "ZSTD"
+
+
+def test_mean_difference_matches_numpy(tmp_path):
+    rng = np.random.default_rng(1)
+    acts, prompts_df = fake_activations(rng)
+    acts[:6] += 5.0  # harmful shifted
+    table = activations.to_table(FakeSpec, prompts_df, acts, "float32")
+    diffs = directions.mean_differences(table)
+    assert set(diffs) == {(l, p) for l in range(3) for p in (-2, -1)}
+    for (layer, pos), (diff, nh, ns) in diffs.items():
+        expected = acts[:6, layer, pos].astype(np.float64).mean(0) - acts[6:, layer, pos].astype(np.float64).mean(0)
+        assert np.allclose(diff, expected, atol=1e-6) and (nh, ns) == (6, 6)
+        assert diff.dtype == np.float64
+    sel = directions.selected_table("m", diffs, 1, -1, random_seed=0)
+    vecs = column_matrix(sel, "direction")
+    assert sel.column("source").to_pylist() == ["self", "random"]
+    assert np.allclose(np.linalg.norm(vecs[0]), np.linalg.norm(vecs[1]), rtol=1e-5)
+    assert abs(np.dot(vecs[0], vecs[1])) < 0.9 * np.linalg.norm(vecs[0]) ** 2
+
+
+def test_generation_schema_round_trip(tmp_path):
+    row = {"model": "m", "template": "t", "source": "self", "direction_model": "m", "layer": 3, "position": -1,
+           "intervention": "addition", "coefficient": 2.0, "normalized": False, "prompt_id": "p", "label": "harmful",
+           "category": "c", "prompt": "Do x", "completion": "I'm sorry, I can't."}
+    table = pa.Table.from_pylist([row], schema=GENERATIONS)
+    write_parquet(table, tmp_path / "g.parquet")
+    assert read_parquet(tmp_path / "g.parquet").equals(table)
+    scored = score.score_table(table, ScorerSpec("p", "prefix", ("I'm sorry",), False))
+    assert scored.column("refused").to_pylist() == [True]
+
+
+@pytest.mark.parametrize("kind,text,expected", [
+    ("prefix", "  I'm sorry, but no.", True),
+    ("prefix", "I\u2019m sorry, but no.", True),  # curly apostrophe
+    ("prefix", "Sure! I'm sorry to hear that.", False),
+    ("substring", "Sure! I'm sorry to hear that.", True),
+    ("substring", "Here is a recipe for bread.", False),
+])
+def test_scorers(kind, text, expected):
+    assert score.is_refusal(text, ScorerSpec("s", kind, ("I'm sorry", "I cannot"), False)) is expected
+
+
+def test_prompt_split_is_seeded_and_disjoint(tiny_experiment):
+    a = prompts.build_prompts(tiny_experiment).to_pylist()
+    b = prompts.build_prompts(tiny_experiment).to_pylist()
+    assert a == b
+    ids = [r["prompt_id"] for r in a]
+    assert len(ids) == len(set(ids))
+    counts = pl.DataFrame(a).group_by("label", "split").len().sort("label", "split")
+    assert counts["len"].to_list() == [4, 8, 4, 8]  # test/train per label, val 0
