@@ -65,7 +65,7 @@ def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_ylabel("refusal rate")
     ax.set_title(f"{model}: refusal rate by condition")
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -4,7 +4,7 @@ rule prepare_model:
         directory(MODELS + "/{model}"),
     params:
         model=lambda w: EXP.models[w.model].as_params(),
-    threads: EXP.threads
+    threads: 1  # dequantizing is mostly single-threaded: let two models prepare at once
     resources:
         gpu=0,
         mem_mb=8000,

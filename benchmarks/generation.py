@@ -1,0 +1,94 @@
+"""Generation speed: plain transformers vs nnsight, plain vs steered, in one run.
+
+    python benchmarks/generation.py                       # the embedded Qwen model
+    python benchmarks/generation.py --model tiny-chat     # a tiny random model, seconds
+
+Prints seconds per run and each variant's ratio to plain `generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from pipeline.config import DEFAULT_CONF_DIR, PROJECT_ROOT, load_model
+from pipeline.generate import generate
+from pipeline.interventions import Intervention, torch_hooks
+from pipeline.models import PREPARED, LoadedModel, prepare, resolve_data_path
+from pipeline.templates import encode_batch
+
+
+def instructions(n: int) -> list[str]:
+    import json
+
+    lines = resolve_data_path("pkg:harmless.jsonl").read_text().splitlines()
+    return [json.loads(line)["instruction"] for line in lines[:n]]
+
+
+def hooks_generate(lm, texts, iv, n, batch_size):
+    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.tok.pad_token_id)
+    for start in range(0, len(texts), batch_size):
+        kwargs = lm.inputs(encode_batch(lm.tok, lm.spec, texts[start:start + batch_size]))
+        kwargs.pop("position_ids")
+        with torch.no_grad(), torch_hooks(lm.hf, lm.rmap, iv):
+            lm.hf.generate(**kwargs, generation_config=cfg)
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    spec = load_model(args.model, DEFAULT_CONF_DIR, "benchmark", "--model")
+    prepared = PROJECT_ROOT / "results" / "models" / args.model
+    if spec.source_kind == "random_init":
+        prepared = Path(tempfile.mkdtemp()) / args.model
+    if not (prepared / PREPARED).exists():
+        prepare(spec, prepared)
+    lm = LoadedModel(spec, prepared, args.device, threads=torch.get_num_threads())
+    texts = instructions(args.prompts)
+    d = torch.randn(lm.rmap.hidden_size)
+    layer = lm.rmap.n_layers // 2
+    n, bs = args.new_tokens, args.batch_size
+    ablation = Intervention("ablation", direction=d)
+    addition = Intervention("addition", direction=d, layer=layer, coefficient=1.0)
+
+    variants = {
+        "transformers generate (no edit)": lambda: hooks_generate(lm, texts, Intervention("baseline"), n, bs),
+        "nnsight generate (no edit)": lambda: generate(lm, texts, Intervention("baseline"), n, bs),
+        "torch hooks, ablation": lambda: hooks_generate(lm, texts, ablation, n, bs),
+        "nnsight, ablation": lambda: generate(lm, texts, ablation, n, bs),
+        "torch hooks, addition": lambda: hooks_generate(lm, texts, addition, n, bs),
+        "nnsight, addition": lambda: generate(lm, texts, addition, n, bs),
+    }
+    print(f"model {args.model} on {lm.device}, {len(texts)} prompts, batch {bs}, {n} new tokens, "
+          f"best of {args.repeats}")
+    times = {name: timed(fn, args.repeats) for name, fn in variants.items()}
+    ref = times["transformers generate (no edit)"]
+    print(f"{'variant':34s} {'seconds':>8s} {'x plain':>8s} {'tokens/s':>9s}")
+    for name, t in times.items():
+        print(f"{name:34s} {t:8.2f} {t / ref:8.2f} {len(texts) * n / t:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
