@@ -17,26 +17,37 @@ from tqdm import tqdm
 from .architecture import get_path
 from .config import ModelSpec
 from .models import LoadedModel
+from .refusal import refusal_score, refusal_token_ids
 from .schemas import activations_schema, read_parquet, vectors_column, write_parquet
 from .templates import encode_batch
 
 
 @torch.no_grad()
-def capture(lm: LoadedModel, instructions: list[str], batch_size: int) -> np.ndarray:
-    """Activations as float32 [prompt, layer, position, hidden] (positions -n_post..-1)."""
-    chunks = []
+def capture(lm: LoadedModel, instructions: list[str], batch_size: int, with_scores: bool = False):
+    """Activations as float32 [prompt, layer, position, hidden] (positions -n_post..-1).
+
+    With `with_scores`, also each prompt's logit refusal score from the same forward pass.
+    """
+    token_ids = refusal_token_ids(lm.tok, lm.spec) if with_scores else None
+    chunks, scores = [], []
     for start in tqdm(range(0, len(instructions), batch_size), desc=f"activations {lm.spec.name}", leave=False):
         batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
         n = batch.n_post
-        with lm.nn.trace(**lm.inputs(batch)):
+        with lm.nn.trace(**lm.inputs(batch), logits_to_keep=1):
             saved = nnsight.save([])  # a plain list would not outlive the trace
             for block in get_path(lm.nn, lm.rmap.layers):
                 saved.append(block.input[:, -n:, :])
+            if with_scores:
+                saved.append(lm.nn.output.logits[:, -1, :])
+        if with_scores:
+            scores.append(refusal_score(saved.pop().float().cpu(), token_ids))
         chunks.append(torch.stack([s.float().cpu() for s in saved], dim=1).numpy())
-    return np.concatenate(chunks, axis=0)
+    acts = np.concatenate(chunks, axis=0)
+    return (acts, torch.cat(scores).numpy()) if with_scores else acts
 
 
-def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: str) -> pa.Table:
+def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: str,
+             scores: np.ndarray | None = None) -> pa.Table:
     n_prompts, n_layers, n_post, hidden = acts.shape
     layer = np.tile(np.repeat(np.arange(n_layers), n_post), n_prompts)
     position = np.tile(np.arange(-n_post, 0), n_prompts * n_layers)
@@ -44,6 +55,8 @@ def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: st
     schema = activations_schema(hidden, dtype)
     value_type = schema.field("act").type.value_type
     np_dtype = np.float16 if dtype == "float16" else np.float32
+    if scores is None:
+        scores = np.full(n_prompts, np.nan)
     return pa.table({
         "model": [spec.name] * len(layer),
         "template": [spec.template.name] * len(layer),
@@ -51,6 +64,7 @@ def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: st
         "label": np.repeat(prompts["label"].to_numpy(), per_row),
         "layer": layer.astype(np.int16),
         "position": position.astype(np.int16),
+        "refusal_score": np.repeat(np.asarray(scores, dtype=np.float32), per_row),
         "act": vectors_column(acts.reshape(-1, hidden).astype(np_dtype), value_type),
     }, schema=schema)
 
@@ -59,5 +73,8 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, output: str, *, b
         dtype: str, device: str, threads: int, split: str = "train") -> None:
     prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == split)
     lm = LoadedModel(spec, prepared_dir, device, threads)
-    acts = capture(lm, prompts["instruction"].to_list(), batch_size)
-    write_parquet(to_table(spec, prompts, acts, dtype), output, vector_columns=("act",))
+    if spec.refusal_tokens:
+        acts, scores = capture(lm, prompts["instruction"].to_list(), batch_size, with_scores=True)
+    else:
+        acts, scores = capture(lm, prompts["instruction"].to_list(), batch_size), None
+    write_parquet(to_table(spec, prompts, acts, dtype, scores), output, vector_columns=("act",))

@@ -84,7 +84,27 @@ def examples(scores: pl.DataFrame, per_condition: int = 2) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str]) -> None:
+def selection_section(model: str, selection_path: str, heatmap_path: str, out: Path) -> str:
+    sel = pl.read_parquet(selection_path)
+    chosen = sel.filter(pl.col("chosen")).row(0, named=True)
+    evaluated = sel.filter(~pl.col("bypass").is_nan())
+    lines = [f"### {model}", ""]
+    if evaluated.height == 0:
+        lines.append(f"Direction forced at layer {chosen['layer']}, position {chosen['position']} "
+                     f"(norm {chosen['norm']:.2f}); no candidates scored.")
+    else:
+        kept = evaluated.filter(pl.col("discarded").is_null()).height
+        lines.append(f"Chosen: layer {chosen['layer']}, position {chosen['position']} — bypass {chosen['bypass']:.2f}, "
+                     f"induce {chosen['induce']:.2f}, KL {chosen['kl']:.3f}, norm {chosen['norm']:.2f}. "
+                     f"{evaluated.height} candidates scored, {kept} passed the filters.")
+        best = evaluated.sort("bypass").head(5).select("layer", "position", "bypass", "induce", "kl", "discarded")
+        lines += ["", markdown(best.with_columns(pl.col("bypass", "induce").round(2), pl.col("kl").round(3)))]
+    lines += ["", f"![{model} selection]({Path(heatmap_path).relative_to(out)})", ""]
+    return "\n".join(lines)
+
+
+def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str],
+        selections: dict[str, tuple[str, str]] | None = None) -> None:
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
     summary = summarize(scores)
     out = Path(out_dir)
@@ -102,5 +122,7 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
     report = [f"# Refusal-direction experiment: {experiment}", "",
               f"Scorer: `{scores['scorer'][0]}`. Refusal rate on the held-out test prompts "
               "(harmful and harmless) per model and condition.", "", table_md, *chart_links, "",
+              "## Direction selection", "",
+              *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items()),
               "## Example completions", "", examples(scores)]
     write_text("\n".join(report), out / "report.md")

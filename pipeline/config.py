@@ -55,6 +55,7 @@ class ModelSpec:
     refusal_tokens: tuple[str, ...]
     direction_layer: int | None
     direction_position: int
+    direction_force: bool = False
 
     @property
     def source_kind(self) -> str:
@@ -167,11 +168,19 @@ class Experiment:
                     cells.append(Cell(model, source, "addition", c))
         return cells
 
-    def direction_choice(self, model: str) -> tuple[int | None, int]:
+    def direction_choice(self, model: str) -> tuple[int | None, int, bool]:
+        """(layer, position, forced): forced by the experiment's `direction.force` or the model YAML."""
         spec = self.models[model]
-        layer = self.raw.get("direction", {}).get("layer", {}).get(model, spec.direction_layer)
-        pos = self.raw.get("direction", {}).get("position", {}).get(model, spec.direction_position)
-        return layer, pos
+        d = self.raw.get("direction") or {}
+        for entry in d.get("force") or []:
+            if entry["model"] == model:
+                return int(entry["layer"]), int(entry.get("position", -1)), True
+        forced = spec.direction_force or d.get("select") == "configured"
+        return spec.direction_layer, spec.direction_position, bool(forced)
+
+    def selection_settings(self) -> dict:
+        d = self.raw.get("direction") or {}
+        return {"filter": bool(d.get("filter", True)), **(d.get("selection") or {})}
 
 
 def format_coefficient(c: float) -> str:
@@ -262,10 +271,14 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
         if s not in ("self", "random"):
             raise ConfigError(exp_file, "direction.sources",
                               f"unknown source '{s}' (use self, random; other models come from pairs)")
-    for key in ("layer", "position"):
-        for m in (direction.get(key) or {}):
-            if m not in models:
-                raise ConfigError(exp_file, f"direction.{key}.{m}", "model is not in this experiment's models")
+    if direction.get("select", "auto") not in ("auto", "configured"):
+        raise ConfigError(exp_file, "direction.select", "must be auto or configured")
+    for i, entry in enumerate(direction.get("force") or []):
+        if not isinstance(entry, dict) or "model" not in entry or "layer" not in entry:
+            raise ConfigError(exp_file, f"direction.force[{i}]", "an entry is {model: <name>, layer: L, position: P}")
+        if entry["model"] not in models:
+            raise ConfigError(exp_file, f"direction.force[{i}].model",
+                              f"model '{entry['model']}' is not in this experiment's models")
 
     iv_name = _require(e, "interventions", exp_file, str)
     iv_file, iv = _load_group(conf_dir, "intervention", iv_name, exp_file, "interventions")
@@ -300,6 +313,10 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
         threads=int(e.get("threads", 2)), raw=e,
     )
     _check_pairs_hidden_size(exp)
+    auto = [m for m in models if not exp.direction_choice(m)[2]]
+    if auto and split["val"] == 0:
+        raise ConfigError(exp_file, "split.val", f"automatic direction selection ({', '.join(auto)}) needs val prompts; "
+                          "set split.val or force the direction in the model YAML")
     from .models import check_source  # cheap file checks; models imports this module
 
     for spec in models.values():
@@ -347,6 +364,7 @@ def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelS
         trust_remote_code=bool(m.get("trust_remote_code", False)),
         role=m.get("role", "chat"), refusal_tokens=tuple(refusal_tokens),
         direction_layer=direction.get("layer"), direction_position=int(direction.get("position", -1)),
+        direction_force=bool(direction.get("force", False)),
     )
 
 

@@ -1,19 +1,36 @@
-"""Stage 3: candidate directions and the direction each model is steered with.
+"""Stage 3a: candidate directions, one per layer x post-instruction position.
 
 A candidate is the raw difference of means, mean(harmful) - mean(harmless), of
 the cached activations at one layer and one post-instruction position; means are
-accumulated in float64. The grid uses the configured (layer, position) of each
-model, plus a random control direction of the same norm.
+accumulated in float64. With filtering on (the direction paper's default), only
+harmful prompts the model refuses (logit refusal score > 0) and harmless ones it
+does not (< 0) enter the means. `select` then picks one candidate.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from .errors import ConfigError
 from .schemas import (CANDIDATE_EXTRA, SELECTED_EXTRA, column_matrix, direction_schema, read_parquet,
                       vectors_column, write_parquet)
+
+
+def filter_by_refusal(table: pa.Table, file: str) -> pa.Table:
+    """Keep harmful rows scored > 0 and harmless rows scored < 0."""
+    df = pl.from_arrow(table.select(["label", "refusal_score"]))
+    keep = ((pl.col("label") == "harmful") & (pl.col("refusal_score") > 0)) | (
+        (pl.col("label") == "harmless") & (pl.col("refusal_score") < 0))
+    mask = df.select(keep).to_series()
+    kept = df.filter(mask)
+    for label in ("harmful", "harmless"):
+        if kept.filter(pl.col("label") == label).height == 0:
+            raise ConfigError(file, "direction.filter",
+                              f"filtering by the logit refusal score leaves no {label} train prompt; "
+                              "check the model's refusal_tokens and template, or set direction.filter: false")
+    return table.filter(pa.array(mask.to_numpy()))
 
 
 def mean_differences(table: pa.Table) -> dict[tuple[int, int], tuple[np.ndarray, int, int]]:
@@ -65,18 +82,8 @@ def selected_table(model: str, diffs: dict, layer: int, position: int, random_se
     }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
 
 
-def run(model: str, activations_path: str, candidates_out: str, selected_out: str, *,
-        layer: int | None, position: int, random_seed: int, model_file: str, exp_file: str) -> None:
-    diffs = mean_differences(read_parquet(activations_path))
-    n_layers = max(k[0] for k in diffs) + 1
-    n_post = -min(k[1] for k in diffs)
-    if layer is None:
-        layer = int(0.6 * n_layers)  # a middle layer, where the papers find refusal directions
-    if not 0 <= layer < n_layers:
-        raise ConfigError(model_file, "direction.layer", f"layer {layer} is outside 0..{n_layers - 1}")
-    if not -n_post <= position <= -1:
-        raise ConfigError(model_file, "direction.position",
-                          f"position {position} is outside the {n_post} post-instruction tokens (-{n_post}..-1)")
-    write_parquet(candidates_table(model, diffs), candidates_out, vector_columns=("direction",))
-    write_parquet(selected_table(model, diffs, layer, position, random_seed), selected_out,
-                  vector_columns=("direction",))
+def run(model: str, activations_path: str, candidates_out: str, *, filter_prompts: bool, exp_file: str) -> None:
+    table = read_parquet(activations_path)
+    if filter_prompts:
+        table = filter_by_refusal(table, exp_file)
+    write_parquet(candidates_table(model, mean_differences(table)), candidates_out, vector_columns=("direction",))

@@ -6,12 +6,15 @@ prompts.parquet            prompt: prompt_id, label (harmful|harmless), split
                            (train|val|test), category, dataset, instruction
 activations/{model}        prompt x layer x post-instruction position: model,
                            template, prompt_id, label, layer, position (negative
-                           offset from the end: -n_post .. -1), act =
+                           offset from the end: -n_post .. -1), refusal_score
+                           (the prompt's logit refusal score, unsteered), act =
                            FixedSizeList<float16|float32>[hidden], the residual
                            stream at the block input (resid_pre)
 directions/{m}/candidates  layer x position: model, layer, position, n_harmful,
                            n_harmless, norm, direction = FixedSizeList<float32>,
                            the raw mean(harmful) - mean(harmless), means in float64
+directions/{m}/selection   candidate: model, layer, position, norm, bypass, induce,
+                           kl, discarded (why, or null), chosen
 directions/{m}/selected    direction source (self, random): model, source, layer,
                            position, norm, direction
 generations/...            test prompt: model, template, source, direction_model,
@@ -41,7 +44,7 @@ def activations_schema(hidden: int, dtype: str) -> pa.Schema:
     return pa.schema([
         ("model", pa.string()), ("template", pa.string()), ("prompt_id", pa.string()),
         ("label", pa.string()), ("layer", pa.int16()), ("position", pa.int16()),
-        ("act", pa.list_(value, hidden)),
+        ("refusal_score", pa.float32()), ("act", pa.list_(value, hidden)),
     ])
 
 

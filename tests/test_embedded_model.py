@@ -18,7 +18,8 @@ MODEL = "qwen2.5-coder-0.5b-instruct"
 
 @pytest.fixture(scope="module")
 def qwen():
-    exp = load_experiment([f"experiment.models=[{MODEL}]"])
+    # the configured direction (layer 14, last position), as the foundation experiment uses it
+    exp = load_experiment([f"experiment.models=[{MODEL}]", f"+experiment.direction.force=[{{model:{MODEL},layer:14,position:-1}}]"])
     spec = exp.models[MODEL]
     prepared = ROOT / "results" / "models" / MODEL  # the pipeline's own cache of the dequantized model
     if not (prepared / PREPARED).exists():
@@ -37,7 +38,7 @@ def test_ablation_and_addition_move_refusals(qwen):
     train = table.filter(pl.col("split") == "train")
     acts = activations.capture(lm, train["instruction"].to_list(), batch_size=16)
     harmful = (train["label"] == "harmful").to_numpy()
-    layer, position = exp.direction_choice(MODEL)
+    layer, position, _ = exp.direction_choice(MODEL)
     diff = (acts[harmful, layer, position].astype("float64").mean(0)
             - acts[~harmful, layer, position].astype("float64").mean(0))
     direction = torch.tensor(diff, dtype=torch.float32)
@@ -52,14 +53,14 @@ def test_ablation_and_addition_move_refusals(qwen):
     ablated_harmful = rate(gen(harmful_test, Intervention("ablation", direction=direction)), exp.scorer)
     base_harmless = rate(gen(harmless_test, Intervention("baseline")), exp.scorer)
     added_harmless = rate(gen(harmless_test, Intervention("addition", direction=direction, layer=layer,
-                                                          coefficient=2.0)), exp.scorer)
+                                                          coefficient=3.0)), exp.scorer)
     random_dir = torch.tensor(directions.random_like(diff, 0), dtype=torch.float32)
     random_harmless = rate(gen(harmless_test, Intervention("addition", direction=random_dir, layer=layer,
-                                                           coefficient=2.0)), exp.scorer)
+                                                           coefficient=3.0)), exp.scorer)
     print(f"harmful {base_harmful:.2f} -> ablated {ablated_harmful:.2f}; harmless {base_harmless:.2f} -> "
           f"added {added_harmless:.2f} (random direction {random_harmless:.2f})")
     assert base_harmful >= 0.1  # the chat model refuses some harmful requests
     assert ablated_harmful < base_harmful and ablated_harmful <= 0.1
     assert base_harmless <= 0.1
-    assert added_harmless >= base_harmless + 0.4
+    assert added_harmless >= base_harmless + 0.3
     assert random_harmless < added_harmless - 0.3  # a random direction of the same norm does not do it

@@ -86,4 +86,4 @@ def test_prompt_split_is_seeded_and_disjoint(tiny_experiment):
     ids = [r["prompt_id"] for r in a]
     assert len(ids) == len(set(ids))
     counts = pl.DataFrame(a).group_by("label", "split").len().sort("label", "split")
-    assert counts["len"].to_list() == [4, 8, 4, 8]  # test/train per label, val 0
+    assert counts["len"].to_list() == [4, 8, 4] * 2  # test, train, val per label

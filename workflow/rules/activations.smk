@@ -8,6 +8,7 @@ rule activations:
     params:
         model=lambda w: EXP.models[w.model].as_params(),
         settings=EXP.activations,
+        schema=2,  # bump when the activations Parquet layout changes, so old caches are rebuilt
     threads: EXP.threads
     resources:
         gpu=GPU,

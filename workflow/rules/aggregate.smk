@@ -1,7 +1,9 @@
 rule aggregate:
-    """Summary Parquet, CSV and Markdown tables, bar charts and a report."""
+    """Summary Parquet, CSV and Markdown tables, bar charts, selection heatmaps and a report."""
     input:
-        grid_files("scores"),
+        scores=grid_files("scores"),
+        selections=expand(OUT + "/directions/{model}/selection.parquet", model=list(EXP.models)),
+        heatmaps=expand(OUT + "/directions/{model}/selection.png", model=list(EXP.models)),
     output:
         summary=OUT + "/summary.parquet",
         csv=OUT + "/summary.csv",

@@ -1,12 +1,32 @@
 rule directions:
-    """Mean-difference candidates per layer x position; the configured one and a random control."""
+    """Mean-difference candidates for every layer x post-instruction position (train prompts)."""
     input:
         OUT + "/activations/{model}.parquet",
     output:
-        candidates=OUT + "/directions/{model}/candidates.parquet",
-        selected=OUT + "/directions/{model}/selected.parquet",
+        OUT + "/directions/{model}/candidates.parquet",
     params:
-        choice=lambda w: EXP.direction_choice(w.model),
-        random_seed=EXP.random_seed,
+        filter=lambda w: EXP.selection_settings()["filter"],
     script:
         "../scripts/directions.py"
+
+
+rule select:
+    """Score every candidate on the val prompts (bypass, induce, KL) and choose one, or take the forced one."""
+    input:
+        model=MODELS + "/{model}",
+        prompts=OUT + "/prompts.parquet",
+        candidates=OUT + "/directions/{model}/candidates.parquet",
+    output:
+        selection=OUT + "/directions/{model}/selection.parquet",
+        selected=OUT + "/directions/{model}/selected.parquet",
+        heatmap=OUT + "/directions/{model}/selection.png",
+    params:
+        model=lambda w: EXP.models[w.model].as_params(),
+        choice=lambda w: EXP.direction_choice(w.model),
+        settings=EXP.selection_settings(),
+        random_seed=EXP.random_seed,
+    threads: EXP.threads
+    resources:
+        gpu=lambda w: 0 if EXP.direction_choice(w.model)[2] else GPU,
+    script:
+        "../scripts/select.py"

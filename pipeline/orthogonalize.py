@@ -1,0 +1,186 @@
+"""Directional ablation baked into the weights (Arditi et al., "weight orthogonalisation").
+
+Activation ablation (`pipeline.interventions`, kind "ablation") edits x <- x - (x . u) u
+on the embedding output and on every writer's output. When a writer's output is the
+output of one affine map y = W z + b, then (I - u u^T)(W z + b) = W' z + b' with
+W' = (I - u u^T) W and b' = (I - u u^T) b, so orthogonalising the input embedding,
+every attention output projection and every MLP down projection gives a model that,
+with no hooks at all, computes the same logits as the original under activation
+ablation (up to rounding), and can be saved and served like any other checkpoint.
+
+Gemma 2/3 normalise each sub-layer output (post_attention_layernorm,
+post_feedforward_layernorm) before adding it to the residual. The norm's elementwise
+scale g maps a vector orthogonal to u to one that in general is not (g * x . u != 0),
+so there the weight form is not exact; `orthogonalize` refuses such models unless
+told `allow_inexact=True`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .architecture import _ATTN_NAMES, _MLP_NAMES, get_path, residual_map
+
+POST_NORM_WRITERS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def orthogonalize(model: torch.nn.Module, direction: torch.Tensor, *, allow_inexact: bool = False) -> None:
+    """Project the unit direction out of every weight that writes into the residual stream, in place."""
+    rmap = residual_map(model)
+    direction = torch.as_tensor(direction).detach()
+    if direction.shape != (rmap.hidden_size,):
+        raise ValueError(f"direction has shape {tuple(direction.shape)}, "
+                         f"the model's hidden size is {rmap.hidden_size}")
+    u = direction.to(torch.float64)
+    norm = u.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("direction must be finite and non-zero")
+    u = u / norm
+
+    if tuple(rmap.writers) == POST_NORM_WRITERS:
+        if not allow_inexact:
+            raise ValueError(
+                f"{type(model).__name__}: weight orthogonalisation is not exact for this model: each sub-layer "
+                f"output passes through a norm ({', '.join(POST_NORM_WRITERS)}) before it is added to the "
+                "residual stream, and the norm's elementwise scale re-introduces the direction. Use activation "
+                "ablation (pipeline.interventions), or pass allow_inexact=True to orthogonalise the attention "
+                "output and MLP down projections anyway.")
+        # The projections feeding the post-sub-layer norms: inside the attention and MLP modules.
+        block = get_path(model, rmap.layers)[0]
+        children = dict(block.named_children())
+        attn = next((n for n in _ATTN_NAMES if n in children), None)
+        mlp = next((n for n in _MLP_NAMES if n in children), None)
+        if attn is None or mlp is None:
+            raise ValueError(f"{type(block).__name__}: cannot find attention and MLP sub-modules")
+        writer_names = (attn, mlp)
+    else:
+        writer_names = tuple(rmap.writers)
+
+    # Find every projection before editing anything, so a model we cannot handle is left untouched.
+    projections = _output_projections(model, rmap, writer_names)
+
+    embed = get_path(model, rmap.embed)
+    # The unembedding reads the stream; it must keep the direction. Untie before editing the embedding.
+    _untie_output_embeddings(model, embed)
+
+    with torch.no_grad():
+        w = embed.weight
+        w64 = w.to(torch.float64)
+        uu = u.to(w.device)
+        w.copy_((w64 - torch.outer(w64 @ uu, uu)).to(w.dtype))  # each row e <- e - (e . u) u
+        for proj in projections:
+            _orthogonalize_projection(proj, u)
+
+
+def _orthogonalize_projection(proj: torch.nn.Module, u: torch.Tensor) -> None:
+    w = proj.weight
+    w64 = w.to(torch.float64)
+    uu = u.to(w.device)
+    if isinstance(proj, Conv1D):
+        # Conv1D computes x @ W + b with W stored [in, out]: W <- W (I - u u^T).
+        w.copy_((w64 - torch.outer(w64 @ uu, uu)).to(w.dtype))
+    else:
+        # nn.Linear computes x @ W^T + b with W stored [out, in]: W <- (I - u u^T) W.
+        w.copy_((w64 - torch.outer(uu, uu @ w64)).to(w.dtype))
+    if proj.bias is not None:
+        b = proj.bias
+        b64 = b.to(torch.float64)
+        b.copy_((b64 - (b64 @ uu) * uu).to(b.dtype))
+
+
+def _out_features(module: torch.nn.Module) -> int | None:
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features
+    if isinstance(module, Conv1D):
+        return module.nf
+    return None
+
+
+def _output_projections(model, rmap, writer_names) -> list[torch.nn.Module]:
+    """Per block and writer, the linear whose output *is* the writer's output.
+
+    Module names vary (o_proj, dense, c_proj, down_proj, dense_4h_to_h, ...), and
+    q_proj or up_proj can have the hidden size as output too, so instead of guessing
+    from names this runs one short forward pass and records, inside each writer, the
+    linears in the order they are called. The last one with the hidden size as output
+    must produce exactly the writer's output; otherwise (a mixture of experts, a gate
+    or scale applied after the projection, ...) the weight form would not match the
+    activation edit, and this refuses.
+    """
+    hidden = rmap.hidden_size
+    blocks = list(get_path(model, rmap.layers))
+    calls: dict[tuple[int, str], list] = {}
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def first(value):
+        return value[0] if isinstance(value, tuple) else value
+
+    for i, block in enumerate(blocks):
+        for name in writer_names:
+            writer = getattr(block, name)
+            key = (i, name)
+            calls[key] = []
+            for sub in writer.modules():
+                if _out_features(sub) == hidden:
+                    handles.append(sub.register_forward_hook(
+                        lambda m, _a, out, key=key: calls[key].append((m, out.detach().clone()))))
+            handles.append(writer.register_forward_hook(
+                lambda _m, _a, out, key=key: outputs.__setitem__(key, first(out).detach().clone())))
+
+    # Eval mode so dropout cannot make the outputs differ; restore each module's flag after.
+    modes = {m: m.training for m in model.modules()}
+    device = get_path(model, rmap.embed).weight.device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+    found = []
+    for (i, name), seen in calls.items():
+        where = f"{type(model).__name__}: block {i}, {name}"
+        if (i, name) not in outputs:
+            raise ValueError(f"{where} was not called in a forward pass")
+        if not seen:
+            raise ValueError(f"{where}: no nn.Linear (or Conv1D) with {hidden} outputs inside it")
+        proj, out = seen[-1]
+        if out.shape != outputs[(i, name)].shape or not torch.equal(out, outputs[(i, name)]):
+            raise ValueError(f"{where}: the output of its last {hidden}-output linear ({type(proj).__name__}) is "
+                             "not the module's output, so orthogonalising weights would not match activation "
+                             "ablation")
+        found.append(proj)
+    return found
+
+
+def _untie_output_embeddings(model, embed) -> None:
+    head = model.get_output_embeddings()
+    shared = head is not None and (head.weight is embed.weight
+                                   or head.weight.data_ptr() == embed.weight.data_ptr())
+    # Forget the tie everywhere transformers records it, so that neither tie_weights()
+    # (recomputing from the config or reusing the cached mapping) nor save/load re-ties them.
+    for m in model.modules():
+        if not isinstance(m, PreTrainedModel):
+            continue
+        for cfg in (m.config, m.config.get_text_config()):
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+        tied = getattr(m, "all_tied_weights_keys", None)
+        if tied:
+            m.all_tied_weights_keys = {k: v for k, v in tied.items()
+                                       if not (_is_param(m, k, embed.weight) or _is_param(m, v, embed.weight))}
+    if shared:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+
+
+def _is_param(module, name: str, param) -> bool:
+    try:
+        return module.get_parameter(name) is param
+    except (AttributeError, KeyError):
+        return False
