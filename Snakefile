@@ -25,7 +25,7 @@ GPU = 0 if EXP.device == "cpu" else 1  # a resource, so local runs never start t
 wildcard_constraints:
     model=r"[^/]+",
     source=r"[^/]+",
-    intervention=r"baseline|ablation|addition_[-+0-9.e]+",
+    intervention=r"baseline|ablation|orthogonalization|addition_[-+0-9.e]+",
 
 
 include: "workflow/rules/common.smk"

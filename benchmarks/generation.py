@@ -19,7 +19,8 @@ from transformers import GenerationConfig
 from pipeline.config import DEFAULT_CONF_DIR, PROJECT_ROOT, load_model
 from pipeline.generate import generate
 from pipeline.interventions import Intervention, torch_hooks
-from pipeline.models import PREPARED, LoadedModel, prepare, resolve_data_path
+from pipeline.config import resolve_data_path
+from pipeline.models import PREPARED, LoadedModel, prepare, stop_token_ids
 from pipeline.templates import encode_batch
 
 
@@ -31,7 +32,8 @@ def instructions(n: int) -> list[str]:
 
 
 def hooks_generate(lm, texts, iv, n, batch_size):
-    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=lm.tok.pad_token_id)
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, pad_token_id=lm.tok.pad_token_id,
+                           eos_token_id=sorted(stop_token_ids(lm.hf, lm.tok)))
     for start in range(0, len(texts), batch_size):
         kwargs = lm.inputs(encode_batch(lm.tok, lm.spec, texts[start:start + batch_size]))
         kwargs.pop("position_ids")

@@ -16,8 +16,8 @@ GROUP = ["model", "template", "source", "direction_model", "layer", "position", 
 def condition_name(intervention: str, source: str, coefficient: float | None) -> str:
     if intervention == "baseline":
         return "baseline"
-    if intervention == "ablation":
-        return f"ablation ({source})"
+    if intervention in ("ablation", "orthogonalization"):
+        return f"{intervention} ({source})"
     return f"addition {coefficient:+g} ({source})"
 
 
@@ -27,7 +27,7 @@ def summarize(scores: pl.DataFrame) -> pl.DataFrame:
                .with_columns(condition=pl.struct("intervention", "source", "coefficient").map_elements(
                    lambda r: condition_name(r["intervention"], r["source"], r["coefficient"]),
                    return_dtype=pl.String)))
-    order = {"baseline": 0, "ablation": 1, "addition": 2}
+    order = {"baseline": 0, "ablation": 1, "orthogonalization": 2, "addition": 3}
     return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8)).sort(
         ["model", "_o", "source", "coefficient", "label"], nulls_last=False).drop("_o")
 

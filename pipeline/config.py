@@ -109,7 +109,7 @@ class Cell:
 
     model: str
     source: str  # "none" (baseline), "self", "random", or another model's name
-    intervention: str  # "baseline", "ablation", "addition"
+    intervention: str  # "baseline", "ablation", "orthogonalization", "addition"
     coefficient: float | None = None
 
     @property
@@ -132,6 +132,7 @@ class Experiment:
     sources: list[str]
     random_seed: int
     ablation: bool
+    orthogonalization: bool
     coefficients: list[float]
     normalize: bool
     scorer: ScorerSpec
@@ -164,6 +165,8 @@ class Experiment:
             for source in self.direction_sources(model):
                 if self.ablation:
                     cells.append(Cell(model, source, "ablation"))
+                if self.orthogonalization:
+                    cells.append(Cell(model, source, "orthogonalization"))
                 for c in self.coefficients:
                     cells.append(Cell(model, source, "addition", c))
         return cells
@@ -284,6 +287,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     iv_file, iv = _load_group(conf_dir, "intervention", iv_name, exp_file, "interventions")
     coefficients = [float(c) for c in ((iv.get("addition") or {}).get("coefficients") or [])]
     ablation = bool(iv.get("ablation", True))
+    orthogonalization = bool(iv.get("orthogonalization", False))
     normalize = bool((iv.get("addition") or {}).get("normalize", False))
 
     sc_name = _require(e, "scoring", exp_file, str)
@@ -309,7 +313,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
         name=name, file=exp_file, results_dir=results_dir, models=models, pairs=pairs,
         datasets=datasets, split=split, activations=act, sources=sources,
         random_seed=int(direction.get("random_seed", 0)), ablation=ablation,
-        coefficients=coefficients, normalize=normalize, scorer=scorer, generation=gen, device=device,
+        coefficients=coefficients, orthogonalization=orthogonalization, normalize=normalize, scorer=scorer, generation=gen, device=device,
         threads=int(e.get("threads", 2)), raw=e,
     )
     _check_pairs_hidden_size(exp)

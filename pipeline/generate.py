@@ -7,6 +7,7 @@ harmless test prompts, batched, with the KV cache, on CUDA when present.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import polars as pl
@@ -18,6 +19,7 @@ from .config import ModelSpec
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight, check_direction
 from .models import LoadedModel, stop_token_ids
+from .orthogonalize import orthogonalize
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 from .templates import encode_batch
 
@@ -53,23 +55,25 @@ def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new
     check_direction(iv, lm.rmap)
     stops = stop_token_ids(lm.hf, lm.tok)
     steer = iv.kind != "baseline"
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
-        eos_token_id=sorted(stops) or None,
-        # Pin the length while steering so the per-step edit loop is bounded; greedy text
-        # before the first stop token is unchanged, and we cut there below.
-        min_new_tokens=max_new_tokens if steer else None,
-    )
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
+                               eos_token_id=sorted(stops) or None)
     out = []
     for start in tqdm(range(0, len(instructions), batch_size), desc=f"generate {iv.kind}", leave=False):
         batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
         kwargs = lm.inputs(batch)
         kwargs.pop("position_ids")  # generate derives positions from the attention mask
-        with lm.nn.generate(**kwargs, generation_config=gen_cfg) as tracer:
-            if steer:
-                for _ in tracer.iter[:max_new_tokens]:
-                    apply_nnsight(lm.nn, lm.rmap, iv)
-            ids = tracer.result.save()
+        with warnings.catch_warnings():
+            # The open-ended step loop ends when generation stops, by design; nnsight warns about it.
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            with lm.nn.generate(generation_config=gen_cfg) as tracer:
+                with tracer.invoke(**kwargs):
+                    if steer:
+                        # Every step, until the model stops on its own: pinning the length instead
+                        # (min_new_tokens) would mask EOS and change what the model says.
+                        for _ in tracer.iter[:]:
+                            apply_nnsight(lm.nn, lm.rmap, iv)
+                with tracer.invoke():  # after the loop, in its own invoke, so it always runs
+                    ids = tracer.result.save()
         new_tokens = ids[:, batch.input_ids.shape[1]:].tolist()
         out.extend(decode_until_stop(lm.tok, row, stops) for row in new_tokens)
     return out
@@ -93,10 +97,18 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
         if hidden is not None and hidden != direction.shape[0]:
             raise ConfigError(exp_file, "pairs", f"direction from {direction_model} has size {direction.shape[0]}, "
                               f"model {spec.name} has hidden size {hidden}")
-    iv = Intervention(kind=intervention, direction=direction, layer=layer,
-                      coefficient=float(coefficient or 0.0), normalize=normalize)
     prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
     lm = LoadedModel(spec, prepared_dir, device, threads)
+    if intervention == "orthogonalization":
+        # The same ablation, baked into the weights: generate from the edited model with no hooks.
+        try:
+            orthogonalize(lm.hf, direction.to(lm.device))
+        except ValueError as err:
+            raise ConfigError(exp_file, "interventions", f"orthogonalization of {spec.name}: {err}") from None
+        iv = Intervention("baseline")
+    else:
+        iv = Intervention(kind=intervention, direction=direction, layer=layer,
+                          coefficient=float(coefficient or 0.0), normalize=normalize)
     completions = generate(lm, prompts["instruction"].to_list(), iv, max_new_tokens, batch_size)
     n = len(completions)
     table = pa.table({

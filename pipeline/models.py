@@ -118,9 +118,10 @@ def _prepare_random(spec: ModelSpec, tmp: Path) -> None:
     import transformers
 
     ri = spec.source["random_init"]
+    # Each refusal token as training text too, so BPE learns it as one token ("As" is in no prompt).
     tok = build_tokenizer(ri["special_tokens"], ri.get("bos"), ri.get("eos"), ri.get("pad"),
                           vocab_size=int(ri.get("vocab_size", 512)),
-                          extra_text=[spec.template.text])
+                          extra_text=[spec.template.text] + [t for t in spec.refusal_tokens for _ in range(64)])
     arch = getattr(transformers, ri["architecture"], None)
     if arch is None:
         raise ConfigError(spec.file, "source.random_init.architecture", f"transformers has no {ri['architecture']}")

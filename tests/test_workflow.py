@@ -22,8 +22,8 @@ def test_dry_run_with_profile(tmp_path, profile):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "generate" in out and "aggregate" in out
-    # 2 models x (baseline + 3 sources x (ablation + 1 coefficient)) cells
-    assert any(line.split()[:2] == ["generate", "14"] for line in out.splitlines())
+    # 2 models x (baseline + 3 sources x (ablation + orthogonalization + 1 coefficient)) cells
+    assert any(line.split()[:2] == ["generate", "20"] for line in out.splitlines())
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_whole_dag_on_tiny_models(tmp_path):
     assert acts.height == 16 * 4 * n_post and acts["position"].max() == -1
 
     summary = pl.read_parquet(out / "summary.parquet")
-    assert summary.height == 14 * 2
+    assert summary.height == 20 * 2
     assert set(summary["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
@@ -58,6 +58,18 @@ def test_whole_dag_on_tiny_models(tmp_path):
                           & (pl.col("intervention") == "addition")).sort("prompt_id")
     assert base["prompt_id"].to_list() == steered["prompt_id"].to_list()
     assert base["completion"].to_list() != steered["completion"].to_list()
+
+    # weight orthogonalisation generates exactly what activation ablation generates
+    for model in ("tiny-chat", "tiny-base"):
+        pick = lambda kind: gens.filter((pl.col("model") == model) & (pl.col("source") == "self")  # noqa: E731
+                                        & (pl.col("intervention") == kind)).sort("prompt_id")["completion"]
+        assert pick("orthogonalization").to_list() == pick("ablation").to_list()
+
+    # the report shows the selection of each model
+    report = (out / "report.md").read_text()
+    assert "## Direction selection" in report and "directions/tiny-chat/selection.png" in report
+    sel = pl.read_parquet(out / "directions" / "tiny-chat" / "selection.parquet")
+    assert sel["chosen"].sum() == 1 and sel.filter(pl.col("chosen"))["discarded"].is_null().all()
 
     # a second run has nothing to do: outputs are complete and up to date
     again = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny")
