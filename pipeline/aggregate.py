@@ -32,12 +32,19 @@ def summarize(scores: pl.DataFrame) -> pl.DataFrame:
         ["model", "_o", "source", "coefficient", "label"], nulls_last=False).drop("_o")
 
 
-def wide_table(summary: pl.DataFrame) -> pl.DataFrame:
-    """One row per model x condition, harmful and harmless refusal rates side by side."""
-    return (summary.select("model", "condition", "layer", "label", "refusal_rate", "n")
+def wide_table(summary: pl.DataFrame, capability: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per model x condition: harmful and harmless refusal rates, then capability metrics."""
+    wide = (summary.select("model", "condition", "layer", "label", "refusal_rate", "n")
             .pivot(on="label", index=["model", "condition", "layer"], values="refusal_rate",
                    maintain_order=True)
             .select("model", "condition", "layer", pl.col("harmful").round(3), pl.col("harmless").round(3)))
+    if capability is None or capability.height == 0:
+        return wide
+    metrics = (capability.with_columns(condition=pl.struct("intervention", "source", "coefficient").map_elements(
+                   lambda r: condition_name(r["intervention"], r["source"], r["coefficient"]), return_dtype=pl.String))
+               .pivot(on="metric", index=["model", "condition"], values="value")
+               .with_columns(pl.exclude("model", "condition").round(3)))
+    return wide.join(metrics, on=["model", "condition"], how="left", maintain_order="left")
 
 
 def markdown(df: pl.DataFrame) -> str:
@@ -104,12 +111,19 @@ def selection_section(model: str, selection_path: str, heatmap_path: str, out: P
 
 
 def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str],
-        selections: dict[str, tuple[str, str]] | None = None) -> None:
+        selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = ()) -> None:
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
+    capability = pl.concat([pl.from_arrow(read_parquet(p)) for p in capability_paths], how="vertical") \
+        if capability_paths else None
     summary = summarize(scores)
+    if capability is not None and capability.height:
+        per_cell = capability.pivot(on="metric", index=["model", "source", "intervention", "coefficient"],
+                                    values="value")
+        summary = summary.join(per_cell, on=["model", "source", "intervention", "coefficient"], how="left",
+                               nulls_equal=True, maintain_order="left")
     out = Path(out_dir)
     write_parquet(summary.to_arrow(), out / "summary.parquet")
-    wide = wide_table(summary)
+    wide = wide_table(summary, capability)
     buf = io.StringIO()
     wide.write_csv(buf)
     write_text(buf.getvalue(), out / "summary.csv")
@@ -121,7 +135,10 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
         chart_links.append(f"![{model}]({Path(path).relative_to(out)})")
     report = [f"# Refusal-direction experiment: {experiment}", "",
               f"Scorer: `{scores['scorer'][0]}`. Refusal rate on the held-out test prompts "
-              "(harmful and harmless) per model and condition.", "", table_md, *chart_links, "",
+              "(harmful and harmless) per model and condition. Capability side effects, on harmless prompts: "
+              "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
+              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution.",
+              "", table_md, *chart_links, "",
               "## Direction selection", "",
               *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items()),
               "## Example completions", "", examples(scores)]

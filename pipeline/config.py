@@ -139,6 +139,7 @@ class Experiment:
     generation: dict
     device: str
     threads: int
+    capability: dict
     raw: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -305,6 +306,10 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     if act["dtype"] not in ("float16", "float32"):
         raise ConfigError(exp_file, "activations.dtype", f"'{act['dtype']}' is not float16 or float32")
 
+    capability = {"enabled": True, "n": 16, "reference": "pkg:harmless_reference.jsonl", **(e.get("capability") or {})}
+    if capability["enabled"] and not resolve_data_path(capability["reference"]).exists():
+        raise ConfigError(exp_file, "capability.reference", f"file not found: {capability['reference']}")
+
     device = e.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(exp_file, "device", f"'{device}' is not auto, cpu or cuda")
@@ -314,7 +319,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
         datasets=datasets, split=split, activations=act, sources=sources,
         random_seed=int(direction.get("random_seed", 0)), ablation=ablation,
         coefficients=coefficients, orthogonalization=orthogonalization, normalize=normalize, scorer=scorer, generation=gen, device=device,
-        threads=int(e.get("threads", 2)), raw=e,
+        threads=int(e.get("threads", 2)), capability=capability, raw=e,
     )
     _check_pairs_hidden_size(exp)
     auto = [m for m in models if not exp.direction_choice(m)[2]]

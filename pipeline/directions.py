@@ -18,7 +18,7 @@ from .schemas import (CANDIDATE_EXTRA, SELECTED_EXTRA, column_matrix, direction_
                       vectors_column, write_parquet)
 
 
-def filter_by_refusal(table: pa.Table, file: str) -> pa.Table:
+def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
     """Keep harmful rows scored > 0 and harmless rows scored < 0."""
     df = pl.from_arrow(table.select(["label", "refusal_score"]))
     keep = ((pl.col("label") == "harmful") & (pl.col("refusal_score") > 0)) | (
@@ -28,7 +28,7 @@ def filter_by_refusal(table: pa.Table, file: str) -> pa.Table:
     for label in ("harmful", "harmless"):
         if kept.filter(pl.col("label") == label).height == 0:
             raise ConfigError(file, "direction.filter",
-                              f"filtering by the logit refusal score leaves no {label} train prompt; "
+                              f"filtering by the logit refusal score leaves no {label} train prompt of {model}; "
                               "check the model's refusal_tokens and template, or set direction.filter: false")
     return table.filter(pa.array(mask.to_numpy()))
 
@@ -85,5 +85,5 @@ def selected_table(model: str, diffs: dict, layer: int, position: int, random_se
 def run(model: str, activations_path: str, candidates_out: str, *, filter_prompts: bool, exp_file: str) -> None:
     table = read_parquet(activations_path)
     if filter_prompts:
-        table = filter_by_refusal(table, exp_file)
+        table = filter_by_refusal(table, exp_file, model)
     write_parquet(candidates_table(model, mean_differences(table)), candidates_out, vector_columns=("direction",))

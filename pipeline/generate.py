@@ -15,11 +15,13 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .config import ModelSpec
+from . import capability
+from .config import ModelSpec, resolve_data_path
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight, check_direction
 from .models import LoadedModel, stop_token_ids
 from .orthogonalize import orthogonalize
+from .select import last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 from .templates import encode_batch
 
@@ -89,7 +91,9 @@ def decode_until_stop(tok, ids: list[int], stops: set[int]) -> str:
 
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: str | None, output: str, *,
         source: str, intervention: str, coefficient: float | None, normalize: bool,
-        max_new_tokens: int, batch_size: int, device: str, threads: int, exp_file: str) -> None:
+        max_new_tokens: int, batch_size: int, device: str, threads: int, exp_file: str,
+        capability_out: str | None = None, capability_cfg: dict | None = None,
+        baseline_path: str | None = None) -> None:
     direction, layer, position, direction_model = None, None, None, None
     if intervention != "baseline":
         direction, layer, position, direction_model = load_direction(selected_path, source)
@@ -98,7 +102,13 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
             raise ConfigError(exp_file, "pairs", f"direction from {direction_model} has size {direction.shape[0]}, "
                               f"model {spec.name} has hidden size {hidden}")
     prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
+    cap = dict(capability_cfg or {})
+    measure_capability = capability_out is not None and cap.get("enabled", False)
     lm = LoadedModel(spec, prepared_dir, device, threads)
+    if measure_capability:
+        harmless = prompts.filter(pl.col("label") == "harmless")["instruction"].to_list()[:int(cap["n"])]
+        # before any weight edit: the unsteered next-token distribution the KL is taken against
+        baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size)
     if intervention == "orthogonalization":
         # The same ablation, baked into the weights: generate from the edited model with no hooks.
         try:
@@ -121,4 +131,15 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
         "category": prompts["category"].to_list(), "prompt": prompts["instruction"].to_list(),
         "completion": completions,
     }, schema=GENERATIONS)
+    if capability_out is not None:
+        metrics = {}
+        if measure_capability:
+            own_source = table if intervention == "baseline" else read_parquet(baseline_path)
+            own_df = pl.from_arrow(own_source).filter(pl.col("label") == "harmless").head(int(cap["n"]))
+            own = list(zip(own_df["prompt"].to_list(), own_df["completion"].to_list()))
+            reference = capability.load_pairs(str(resolve_data_path(cap["reference"])), int(cap["n"]))
+            metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
+        write_parquet(capability.to_table(spec.name, source, intervention,
+                                          coefficient if intervention == "addition" else None, metrics),
+                      capability_out)
     write_parquet(table, output)

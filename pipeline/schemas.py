@@ -21,6 +21,9 @@ generations/...            test prompt: model, template, source, direction_model
                            layer, position, intervention, coefficient, normalized,
                            prompt_id, label, category, prompt, completion
 scores/...                 the generation row plus scorer and refused (bool)
+capability/...             metric: model, source, intervention, coefficient, metric
+                           (ce_reference | ce_own | first_token_kl), value, n
+                           (schema in `capability`)
 """
 
 from __future__ import annotations

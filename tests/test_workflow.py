@@ -80,3 +80,22 @@ def test_whole_dag_on_tiny_models(tmp_path):
                         "overrides=experiment=tiny experiment.generation.max_new_tokens=3")
     text = changed.stdout + changed.stderr
     assert "rule generate" in text and "rule activations" not in text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(name):
+    from pipeline.config import load_experiment
+
+    exp = load_experiment([f"experiment={name}"])
+    cells = exp.cells()
+    assert cells and {c.model for c in cells} == set(exp.models)
+    for base, chat in exp.pairs:  # each side of a pair is steered with the other's direction
+        assert any(c.model == base and c.source == chat for c in cells)
+        assert any(c.model == chat and c.source == base for c in cells)
+
+
+def test_paper_experiment_dry_run(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--cores", "4", "--config", "overrides=experiment=single_direction")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "rule select" in out and "orthogonalization" in out

@@ -2,6 +2,7 @@ rule aggregate:
     """Summary Parquet, CSV and Markdown tables, bar charts, selection heatmaps and a report."""
     input:
         scores=grid_files("scores"),
+        capability=grid_files("capability"),
         selections=expand(OUT + "/directions/{model}/selection.parquet", model=list(EXP.models)),
         heatmaps=expand(OUT + "/directions/{model}/selection.png", model=list(EXP.models)),
     output:

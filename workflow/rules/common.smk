@@ -15,3 +15,10 @@ def direction_file(wildcards):
         return []
     owner = wildcards.model if wildcards.source in ("self", "random") else wildcards.source
     return [f"{OUT}/directions/{owner}/selected.parquet"]
+
+
+def baseline_file(wildcards):
+    """Steered cells measure loss on the model's own baseline completions, so they need them first."""
+    if wildcards.intervention == "baseline" or not EXP.capability["enabled"]:
+        return []
+    return [f"{OUT}/generations/{wildcards.model}/none/baseline.parquet"]

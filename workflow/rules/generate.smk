@@ -4,12 +4,15 @@ rule generate:
         model=MODELS + "/{model}",
         prompts=OUT + "/prompts.parquet",
         direction=direction_file,
+        baseline=baseline_file,
     output:
-        OUT + "/generations/{model}/{source}/{intervention}.parquet",
+        generations=OUT + "/generations/{model}/{source}/{intervention}.parquet",
+        capability=OUT + "/capability/{model}/{source}/{intervention}.parquet",
     params:
         model=lambda w: EXP.models[w.model].as_params(),
         cell=lambda w: {"source": w.source, "intervention": w.intervention, "normalize": EXP.normalize},
         generation=EXP.generation,
+        capability=EXP.capability,
     threads: EXP.threads
     resources:
         gpu=GPU,

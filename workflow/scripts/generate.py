@@ -5,8 +5,9 @@ exp = experiment_from_snakemake(snakemake)
 w = snakemake.wildcards
 cell = cell_for(exp, w.model, w.source, w.intervention)
 generate.run(exp.models[w.model], snakemake.input.model, snakemake.input.prompts,
-             snakemake.input.direction[0] if snakemake.input.direction else None, snakemake.output[0],
+             snakemake.input.direction[0] if snakemake.input.direction else None, snakemake.output.generations,
              source=cell.source, intervention=cell.intervention, coefficient=cell.coefficient,
              normalize=exp.normalize, max_new_tokens=int(exp.generation["max_new_tokens"]),
              batch_size=int(exp.generation["batch_size"]), device=exp.device, threads=snakemake.threads,
-             exp_file=exp.file)
+             exp_file=exp.file, capability_out=snakemake.output.capability, capability_cfg=exp.capability,
+             baseline_path=snakemake.input.baseline[0] if snakemake.input.baseline else None)
