@@ -110,6 +110,27 @@ def selection_section(model: str, selection_path: str, heatmap_path: str, out: P
     return "\n".join(lines)
 
 
+def transfer_table(summary: pl.DataFrame) -> pl.DataFrame:
+    """Base <-> chat transfer: each model's refusal rate with its own vs its pair partner's direction."""
+    key = ["model", "intervention", "coefficient", "label"]
+    rate = summary.select(*key, "source", "refusal_rate")
+    partner = rate.filter(~pl.col("source").is_in(["none", "self", "random"])).rename(
+        {"source": "partner", "refusal_rate": "partner_direction"})
+    if partner.height == 0:
+        return partner
+    own = rate.filter(pl.col("source") == "self").drop("source").rename({"refusal_rate": "own_direction"})
+    base = (rate.filter(pl.col("intervention") == "baseline").select("model", "label", "refusal_rate")
+            .rename({"refusal_rate": "baseline"}))
+    table = (partner.join(own, on=key, how="left", nulls_equal=True)
+             .join(base, on=["model", "label"], how="left")
+             .with_columns(condition=pl.struct("intervention", "coefficient").map_elements(
+                 lambda r: condition_name(r["intervention"], "", r["coefficient"]).replace(" ()", ""),
+                 return_dtype=pl.String)))
+    return (table.sort("model", "intervention", "coefficient", "label")
+            .select("model", "partner", "condition", "label", pl.col("baseline").round(3),
+                    pl.col("own_direction").round(3), pl.col("partner_direction").round(3)))
+
+
 def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str],
         selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = ()) -> None:
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
@@ -138,8 +159,13 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
               "(harmful and harmless) per model and condition. Capability side effects, on harmless prompts: "
               "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
               "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution.",
-              "", table_md, *chart_links, "",
-              "## Direction selection", "",
+              "", table_md, *chart_links, ""]
+    transfer = transfer_table(summary)
+    if transfer.height:
+        report += ["## Base ↔ chat transfer", "",
+                   "Refusal rate of each model of a declared pair with its own direction and with its partner's, "
+                   "under the same intervention.", "", markdown(transfer), ""]
+    report += ["## Direction selection", "",
               *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items()),
               "## Example completions", "", examples(scores)]
     write_text("\n".join(report), out / "report.md")

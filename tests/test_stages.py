@@ -87,3 +87,21 @@ def test_prompt_split_is_seeded_and_disjoint(tiny_experiment):
     assert len(ids) == len(set(ids))
     counts = pl.DataFrame(a).group_by("label", "split").len().sort("label", "split")
     assert counts["len"].to_list() == [4, 8, 4] * 2  # test, train, val per label
+
+
+def test_transfer_table_puts_own_and_partner_direction_side_by_side():
+    from pipeline.aggregate import transfer_table
+
+    rows = []
+    for model, partner in (("base", "chat"), ("chat", "base")):
+        for source, iv, coef, rate in (("none", "baseline", None, 0.1), ("self", "ablation", None, 0.05),
+                                       (partner, "ablation", None, 0.2), ("random", "ablation", None, 0.1),
+                                       ("self", "addition", 2.0, 0.9), (partner, "addition", 2.0, 0.7)):
+            rows.append({"model": model, "source": source, "intervention": iv, "coefficient": coef,
+                         "label": "harmful", "refusal_rate": rate})
+    t = transfer_table(pl.DataFrame(rows))
+    assert t.height == 4
+    row = t.filter((pl.col("model") == "base") & (pl.col("condition") == "addition +2")).row(0, named=True)
+    assert (row["partner"], row["baseline"], row["own_direction"], row["partner_direction"]) == ("chat", 0.1, 0.9, 0.7)
+    abl = t.filter((pl.col("model") == "chat") & (pl.col("condition") == "ablation")).row(0, named=True)
+    assert (abl["own_direction"], abl["partner_direction"]) == (0.05, 0.2)

@@ -68,6 +68,8 @@ def test_whole_dag_on_tiny_models(tmp_path):
     # the report shows the selection of each model
     report = (out / "report.md").read_text()
     assert "## Direction selection" in report and "directions/tiny-chat/selection.png" in report
+    assert "## Base ↔ chat transfer" in report
+    assert "ce_reference" in pl.read_parquet(out / "summary.parquet").columns
     sel = pl.read_parquet(out / "directions" / "tiny-chat" / "selection.parquet")
     assert sel["chosen"].sum() == 1 and sel.filter(pl.col("chosen"))["discarded"].is_null().all()
 
