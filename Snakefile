@@ -1,4 +1,5 @@
-# refusal-directions: prompts -> activations -> directions -> generate -> score -> aggregate.
+# refusal-directions: prompts -> activations -> directions -> select -> sweep -> generate -> score
+# -> aggregate.
 #
 # The experiment comes from Hydra (conf/config.yaml + overrides):
 #   snakemake --cores 2                                   # the default experiment
@@ -25,7 +26,7 @@ GPU = 0 if EXP.device == "cpu" else 1  # a resource, so local runs never start t
 wildcard_constraints:
     model=r"[^/]+",
     source=r"[^/]+",
-    intervention=r"baseline|ablation|orthogonalization|addition_[-+0-9.e]+",
+    intervention=r"baseline|ablation|orthogonalization|addition_[-+0-9.e]+|(best|same|spread|ablate|cell)[0-9]+",
 
 
 include: "workflow/rules/common.smk"
@@ -33,6 +34,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/prompts.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/directions.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"

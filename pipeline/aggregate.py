@@ -9,8 +9,9 @@ import polars as pl
 
 from .schemas import read_parquet, write_bytes, write_parquet, write_text
 
-GROUP = ["model", "template", "source", "direction_model", "layer", "position", "intervention",
-         "coefficient", "normalized", "scorer", "label"]
+GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
+         "intervention", "addition_layer", "coefficient", "normalized", "ablation_layers", "scorer", "label"]
+CELL = ["model", "source", "cell"]  # a generated cell: cell is the file name (baseline, addition_2, best1, ...)
 
 
 def condition_name(intervention: str, source: str, coefficient: float | None) -> str:
@@ -21,23 +22,55 @@ def condition_name(intervention: str, source: str, coefficient: float | None) ->
     return f"addition {coefficient:+g} ({source})"
 
 
-def summarize(scores: pl.DataFrame) -> pl.DataFrame:
+def cell_condition(r: dict) -> str:
+    """A readable name: sweep picks carry their layers, grid cells their direction source."""
+    if r["source"] != "sweep":
+        return condition_name(r["intervention"], r["source"], r["coefficient"])
+    if r["intervention"] == "ablation":
+        return f"{r['cell']}: ablation L{r['extraction_layer']}"
+    return f"{r['cell']}: addition {r['coefficient']:+g} L{r['extraction_layer']}→{r['addition_layer']}"
+
+
+def cell_id(source: str, intervention: str, coefficient: float | None, pick: str | None = None) -> str:
+    if source == "sweep":
+        return pick
+    return f"addition_{coefficient:g}" if intervention == "addition" else intervention
+
+
+def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFrame:
+    coherence = coherence or {"repetition_max": 0.3, "nll_increase_max": 1.5}
     summary = (scores.group_by(GROUP)
-               .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean())
-               .with_columns(condition=pl.struct("intervention", "source", "coefficient").map_elements(
-                   lambda r: condition_name(r["intervention"], r["source"], r["coefficient"]),
-                   return_dtype=pl.String)))
+               .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean(),
+                    repetition=pl.col("repetition").mean(), nll=pl.col("nll").fill_nan(None).mean())
+               .with_columns(condition=pl.struct("source", "cell", "intervention", "coefficient", "extraction_layer",
+                                                 "addition_layer").map_elements(cell_condition,
+                                                                                return_dtype=pl.String)))
+    base_nll = (summary.filter(pl.col("intervention") == "baseline")
+                .select("model", "label", pl.col("nll").alias("_base_nll")))
+    summary = summary.join(base_nll, on=["model", "label"], how="left").with_columns(
+        nll_increase=pl.col("nll") - pl.col("_base_nll")).drop("_base_nll")
+    summary = summary.with_columns(degenerate=(pl.col("repetition") > coherence["repetition_max"])
+                                   | (pl.col("nll_increase").fill_nan(0) > coherence["nll_increase_max"]))
     order = {"baseline": 0, "ablation": 1, "orthogonalization": 2, "addition": 3}
-    return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8)).sort(
-        ["model", "_o", "source", "coefficient", "label"], nulls_last=False).drop("_o")
+    return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8),
+                                _s=pl.col("source") == "sweep").sort(
+        ["model", "_s", "_o", "source", "coefficient", "cell", "label"], nulls_last=False).drop("_o", "_s")
 
 
 def wide_table(summary: pl.DataFrame, capability: pl.DataFrame | None = None) -> pl.DataFrame:
-    """One row per model x condition: harmful and harmless refusal rates, then capability metrics."""
-    wide = (summary.select("model", "condition", "layer", "label", "refusal_rate", "n")
-            .pivot(on="label", index=["model", "condition", "layer"], values="refusal_rate",
-                   maintain_order=True)
-            .select("model", "condition", "layer", pl.col("harmful").round(3), pl.col("harmless").round(3)))
+    """One row per model x generated cell: refusal rates per label, coherence, then capability metrics."""
+    index = ["model", "condition", "extraction_layer", "addition_layer"]
+    wide = (summary.select(*index, "label", "refusal_rate")
+            .pivot(on="label", index=index, values="refusal_rate", maintain_order=True))
+    for label in ("harmful", "harmless"):
+        if label not in wide.columns:
+            wide = wide.with_columns(pl.lit(None, pl.Float64).alias(label))
+    coherent = (summary.group_by("model", "condition", maintain_order=True)
+                .agg(repetition=pl.col("repetition").mean(), nll_increase=pl.col("nll_increase").mean(),
+                     degenerate=pl.col("degenerate").any()))
+    wide = (wide.select(*index, pl.col("harmful").round(3), pl.col("harmless").round(3))
+            .join(coherent.with_columns(pl.col("repetition", "nll_increase").round(3)), on=["model", "condition"],
+                  how="left", maintain_order="left"))
     if capability is None or capability.height == 0:
         return wide
     metrics = (capability.with_columns(condition=pl.struct("intervention", "source", "coefficient").map_elements(
@@ -82,9 +115,9 @@ def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
 
 def examples(scores: pl.DataFrame, per_condition: int = 2) -> str:
     lines = []
-    for (model, intervention, source, coef, label), grp in scores.group_by(
-            ["model", "intervention", "source", "coefficient", "label"], maintain_order=True):
-        name = condition_name(intervention, source, coef)
+    for (model, source, cell, label), grp in scores.group_by(["model", "source", "cell", "label"],
+                                                              maintain_order=True):
+        name = cell_condition(grp.row(0, named=True))
         for r in grp.head(per_condition).iter_rows(named=True):
             completion = r["completion"].replace("\n", " ")[:160]
             lines.append(f"- **{model} · {name} · {label}** — _{r['prompt'][:80]}_ → {completion!r}")
@@ -110,6 +143,103 @@ def selection_section(model: str, selection_path: str, heatmap_path: str, out: P
     return "\n".join(lines)
 
 
+PREDICTION_KEYS = ["model", "kind", "extraction_layer", "extraction_position", "addition_layer", "coefficient",
+                   "label"]
+
+
+def sweep_prediction(summary: pl.DataFrame, sweeps: pl.DataFrame) -> pl.DataFrame:
+    """Every generated cell the sweep also scored: its val logit score beside its test refusal rate."""
+    generated = (summary.filter(pl.col("source").is_in(["self", "sweep"])
+                                & pl.col("intervention").is_in(["addition", "ablation"]))
+                 .rename({"intervention": "kind"}))
+    scored = sweeps.filter(pl.col("kind").is_in(["addition", "ablation"])).select(*PREDICTION_KEYS, "logit_score")
+    casts = {k: pl.Int64 for k in ("extraction_layer", "extraction_position", "addition_layer")}
+    joined = generated.with_columns(pl.col(*casts).cast(pl.Int64)).join(
+        scored.with_columns(pl.col(*casts).cast(pl.Int64)), on=PREDICTION_KEYS, how="inner", nulls_equal=True)
+    return (joined.group_by(PREDICTION_KEYS, maintain_order=True)  # one point per distinct cell
+            .agg(pl.col("condition").first(), pl.col("logit_score").first(), pl.col("refusal_rate").mean(),
+                 pl.col("degenerate").any())
+            .sort("model", "kind", "logit_score"))
+
+
+def correlations(points: pl.DataFrame) -> pl.DataFrame:
+    """Pearson and Spearman correlation of val logit score vs test refusal rate, per model and kind."""
+    rows = []
+    for (model, kind), grp in points.group_by(["model", "kind"], maintain_order=True):
+        pearson = spearman = None
+        if grp.height >= 3 and grp["refusal_rate"].std() > 0 and grp["logit_score"].std() > 0:
+            pearson = grp.select(pl.corr("logit_score", "refusal_rate")).item()
+            spearman = grp.select(pl.corr("logit_score", "refusal_rate", method="spearman")).item()
+        rows.append({"model": model, "kind": kind, "cells": grp.height, "pearson": pearson, "spearman": spearman})
+    return pl.DataFrame(rows, schema={"model": pl.String, "kind": pl.String, "cells": pl.Int64,
+                                      "pearson": pl.Float64, "spearman": pl.Float64})
+
+
+def prediction_scatter(points: pl.DataFrame) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = ["addition", "ablation"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, kind in zip(axes, kinds):
+        sub = points.filter(pl.col("kind") == kind)
+        for model, grp in sub.group_by("model", maintain_order=True):
+            ok = grp.filter(~pl.col("degenerate"))
+            bad = grp.filter(pl.col("degenerate"))
+            line = ax.scatter(ok["logit_score"], ok["refusal_rate"], label=model[0])
+            if bad.height:
+                ax.scatter(bad["logit_score"], bad["refusal_rate"], marker="x", color=line.get_facecolor()[0],
+                           label=f"{model[0]} (degenerate)")
+            for r in grp.iter_rows(named=True):
+                ax.annotate(r["condition"].split(":")[0], (r["logit_score"], r["refusal_rate"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        label = "harmless" if kind == "addition" else "harmful"
+        ax.set_xlabel(f"logit refusal score ({label} val prompts)")
+        ax.set_ylabel(f"generated refusal rate ({label} test prompts)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{kind}: does the cheap score predict generation?", fontsize=9)
+        if sub.height:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def sweep_section(model: str, sweep: pl.DataFrame, picks: pl.DataFrame, heatmap_path: str, wide: pl.DataFrame,
+                  out: Path) -> str:
+    added = sweep.filter(pl.col("kind") == "addition")
+    base = {r["label"]: r["logit_score"] for r in sweep.filter(pl.col("kind") == "baseline").iter_rows(named=True)}
+    lines = [f"### {model}", "",
+             f"{added.height} addition cells and {sweep.filter(pl.col('kind') == 'ablation').height} ablation cells "
+             f"scored on the val prompts (unsteered: harmful {base.get('harmful', float('nan')):.2f}, "
+             f"harmless {base.get('harmless', float('nan')):.2f}).", "",
+             f"![{model} sweep]({Path(heatmap_path).relative_to(out)})", "",
+             "Top addition cells by logit score:", "",
+             markdown(added.sort("logit_score", descending=True).head(5)
+                      .select("extraction_layer", "addition_layer", "offset", "coefficient",
+                              pl.col("logit_score").round(2)))]
+    generated = wide.filter((pl.col("model") == model) & pl.col("condition").str.contains(":"))
+    if generated.height:
+        lines += ["Generated sweep cells (test prompts; addition cells on harmless prompts, ablation on harmful):", "",
+                  markdown(generated.with_columns(pick=pl.col("condition").str.split(":").list.first())
+                           .join(picks.select("pick", pl.col("logit_score").round(2)), on="pick", how="left")
+                           .select("condition", "logit_score", "harmful", "harmless", "repetition", "nll_increase",
+                                   "degenerate"))]
+        rates = {r["condition"].split(":")[0]: r["harmless"] for r in generated.iter_rows(named=True)}
+        best = picks.filter(pl.col("pick") == "best1")
+        if best.height and rates.get("best1") is not None and rates.get("same1") is not None:
+            b = best.row(0, named=True)
+            lines.append(f"Best cell: direction from layer {b['extraction_layer']} added at layer "
+                         f"{b['addition_layer']} (coefficient {b['coefficient']:g}) → harmless refusal "
+                         f"{rates['best1']:.2f}; the same direction added at its own layer → {rates['same1']:.2f}.")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def transfer_table(summary: pl.DataFrame) -> pl.DataFrame:
     """Base <-> chat transfer: each model's refusal rate with its own vs its pair partner's direction."""
     key = ["model", "intervention", "coefficient", "label"]
@@ -132,11 +262,13 @@ def transfer_table(summary: pl.DataFrame) -> pl.DataFrame:
 
 
 def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str],
-        selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = ()) -> None:
+        selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = (),
+        sweeps: dict[str, tuple[str, str, str]] | None = None, scatter_path: str | None = None,
+        coherence: dict | None = None) -> None:
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
     capability = pl.concat([pl.from_arrow(read_parquet(p)) for p in capability_paths], how="vertical") \
         if capability_paths else None
-    summary = summarize(scores)
+    summary = summarize(scores, coherence)
     if capability is not None and capability.height:
         per_cell = capability.pivot(on="metric", index=["model", "source", "intervention", "coefficient"],
                                     values="value")
@@ -148,15 +280,19 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
     buf = io.StringIO()
     wide.write_csv(buf)
     write_text(buf.getvalue(), out / "summary.csv")
-    table_md = markdown(wide)
-    write_text(table_md, out / "summary.md")
+    grid = wide.filter(~pl.col("condition").str.contains(":"))
+    table_md = markdown(grid)
+    write_text(markdown(wide), out / "summary.md")
     chart_links = []
     for model, path in charts.items():
-        write_bytes(bar_chart(wide, model), path)
+        write_bytes(bar_chart(grid, model), path)
         chart_links.append(f"![{model}]({Path(path).relative_to(out)})")
     report = [f"# Refusal-direction experiment: {experiment}", "",
               f"Scorer: `{scores['scorer'][0]}`. Refusal rate on the held-out test prompts "
-              "(harmful and harmless) per model and condition. Capability side effects, on harmless prompts: "
+              "(harmful and harmless) per model and condition. Coherence: `repetition` = fraction of repeated "
+              "token 3-grams, `nll_increase` = the unsteered model's loss on the completions minus its loss on "
+              "its own baseline completions (nats/token); `degenerate` flags cells past the thresholds "
+              f"({coherence or {}}). Capability side effects, on harmless prompts: "
               "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
               "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution.",
               "", table_md, *chart_links, ""]
@@ -166,6 +302,18 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
                    "Refusal rate of each model of a declared pair with its own direction and with its partner's, "
                    "under the same intervention.", "", markdown(transfer), ""]
     report += ["## Direction selection", "",
-              *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items()),
-              "## Example completions", "", examples(scores)]
+               *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items())]
+    if sweeps:
+        tables = {m: (pl.read_parquet(sp), pl.read_parquet(pp), hp) for m, (sp, pp, hp) in sweeps.items()}
+        report += ["## Sweep: where to extract, where to add, how much", "",
+                   "Logit refusal score (log-odds of the refusal tokens at the last prompt position) of each "
+                   "cell on the val prompts, then generated completions for the picked cells.", ""]
+        report += [sweep_section(m, sw, pk, hp, wide, out) for m, (sw, pk, hp) in tables.items()]
+        points = sweep_prediction(summary, pl.concat([sw for sw, _, _ in tables.values()], how="vertical"))
+        if scatter_path:
+            write_bytes(prediction_scatter(points), scatter_path)
+            report += ["### Does the logit score predict generated refusal?", "",
+                       markdown(correlations(points).with_columns(pl.col("pearson", "spearman").round(2))),
+                       f"![prediction]({Path(scatter_path).relative_to(out)})", ""]
+    report += ["## Example completions", "", examples(scores)]
     write_text("\n".join(report), out / "report.md")

@@ -37,18 +37,28 @@ def load_pairs(path: str, limit: int) -> list[tuple[str, str]]:
 @torch.no_grad()
 def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention, batch_size: int) -> float:
     """Mean cross-entropy per completion token, prompt tokens excluded, under `iv`."""
+    sums = completion_losses(lm, pairs, iv, batch_size)
+    count = sum(n for _, n in sums)
+    return sum(s for s, _ in sums) / max(count, 1)
+
+
+@torch.no_grad()
+def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention,
+                      batch_size: int) -> list[tuple[float, int]]:
+    """(summed cross-entropy, token count) of each completion given its prompt, under `iv`."""
     import nnsight
 
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     for start in range(0, len(pairs), batch_size):
-        rows, targets = [], []
-        for instruction, completion in pairs[start:start + batch_size]:
+        rows, targets, where = [], [], []
+        for j, (instruction, completion) in enumerate(pairs[start:start + batch_size]):
             prompt = encode_prompt(lm.tok, lm.spec, instruction)
             answer = lm.tok(completion, add_special_tokens=False)["input_ids"]
             if not answer:
                 continue
             rows.append(prompt + answer)
             targets.append(len(answer))
+            where.append(start + j)
         if not rows:
             continue
         width = max(len(r) for r in rows)
@@ -69,9 +79,8 @@ def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervent
             # logits at t predict token t + 1: the answer's n tokens are predicted by positions -n-1 .. -2
             pred = logits[i, width - n - 1:width - 1]
             gold = ids[i, width - n:]
-            total += torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item()
-            count += n
-    return total / max(count, 1)
+            out[where[i]] = (torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item(), n)
+    return out
 
 
 def measure(lm: LoadedModel, iv: Intervention, reference: list[tuple[str, str]], own: list[tuple[str, str]],

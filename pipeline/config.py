@@ -22,6 +22,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
 SOURCE_KINDS = ("hub", "path", "gguf_parts", "random_init")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# A generated cell is flagged degenerate when its mean repetition (fraction of repeated token
+# 3-grams) or its nll increase over the baseline cell (nats/token, unsteered model) passes these.
+COHERENCE_DEFAULTS = {"repetition_max": 0.3, "nll_increase_max": 1.5}
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,16 @@ class ScorerSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: a model, where its direction comes from, and what is done."""
+    """One grid cell: a model, where its direction comes from, and what is done.
+
+    Sweep cells (source "sweep") are picked by the sweep stage from its logit scores:
+    `intervention` is then the pick's name (best1, same1, spread1, ablate1, cell1, ...)
+    and the generate job reads the extraction and addition layers from the picks file.
+    """
 
     model: str
-    source: str  # "none" (baseline), "self", "random", or another model's name
-    intervention: str  # "baseline", "ablation", "orthogonalization", "addition"
+    source: str  # "none" (baseline), "self", "random", another model's name, or "sweep"
+    intervention: str  # "baseline", "ablation", "orthogonalization", "addition", or a sweep pick
     coefficient: float | None = None
 
     @property
@@ -117,6 +125,32 @@ class Cell:
         if self.intervention == "addition":
             return f"addition_{format_coefficient(self.coefficient)}"
         return self.intervention
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The cheap logit-score sweep (extraction layer x addition layer x coefficient) and its picks."""
+
+    models: tuple[str, ...]
+    extraction_layers: tuple[int, ...] | None  # None: every layer
+    position: int | None  # None: the selected direction's position
+    offsets: tuple[int, ...]  # addition layer = extraction layer + offset
+    coefficients: tuple[float, ...]
+    ablation: bool  # also score ablation of each extraction layer's direction
+    batch_size: int
+    top: int  # generate the best `top` addition cells (and each one's same-layer cell)
+    spread: int  # ... and `spread` cells spread over the score range, for the correlation
+    top_ablation: int
+    cells: tuple[tuple[int, int, float], ...]  # declared (extraction layer, addition layer, coefficient)
+
+    def pick_names(self) -> list[str]:
+        names = [f"best{i + 1}" for i in range(self.top)] + [f"same{i + 1}" for i in range(self.top)]
+        names += [f"spread{i + 1}" for i in range(self.spread)]
+        names += [f"ablate{i + 1}" for i in range(self.top_ablation if self.ablation else 0)]
+        return names + [f"cell{i + 1}" for i in range(len(self.cells))]
+
+    def as_params(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -140,6 +174,10 @@ class Experiment:
     device: str
     threads: int
     capability: dict
+    addition_layer: dict = field(default_factory=lambda: {"offset": 0})  # {offset: k} or {absolute: L}
+    ablation_layers: tuple[int, int] | None = None  # [start, stop) of the blocks ablated; None: all
+    sweep: SweepSpec | None = None
+    coherence: dict = field(default_factory=lambda: dict(COHERENCE_DEFAULTS))
     raw: dict = field(repr=False, default_factory=dict)
 
     @property
@@ -170,7 +208,20 @@ class Experiment:
                     cells.append(Cell(model, source, "orthogonalization"))
                 for c in self.coefficients:
                     cells.append(Cell(model, source, "addition", c))
+        if self.sweep is not None:
+            for model in self.sweep.models:
+                cells += [Cell(model, "sweep", pick) for pick in self.sweep.pick_names()]
         return cells
+
+    def addition_layer_for(self, extraction_layer: int) -> int:
+        if "absolute" in self.addition_layer:
+            return int(self.addition_layer["absolute"])
+        return extraction_layer + int(self.addition_layer.get("offset", 0))
+
+    def intervention_params(self) -> dict:
+        """Every intervention setting that changes generations, for Snakemake params."""
+        return {"normalize": self.normalize, "addition_layer": self.addition_layer,
+                "ablation_layers": self.ablation_layers}
 
     def direction_choice(self, model: str) -> tuple[int | None, int, bool]:
         """(layer, position, forced): forced by the experiment's `direction.force` or the model YAML."""
@@ -287,8 +338,12 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     iv_name = _require(e, "interventions", exp_file, str)
     iv_file, iv = _load_group(conf_dir, "intervention", iv_name, exp_file, "interventions")
     coefficients = [float(c) for c in ((iv.get("addition") or {}).get("coefficients") or [])]
-    ablation = bool(iv.get("ablation", True))
+    ablation, ablation_layers = _ablation_setting(iv.get("ablation", True), iv_file)
+    addition_layer = _addition_layer_setting((iv.get("addition") or {}).get("layer"), iv_file)
     orthogonalization = bool(iv.get("orthogonalization", False))
+    if ablation_layers is not None and orthogonalization:
+        raise ConfigError(iv_file, "orthogonalization", "weight orthogonalisation edits every layer; "
+                          "it cannot be combined with an ablation layer range")
     normalize = bool((iv.get("addition") or {}).get("normalize", False))
 
     sc_name = _require(e, "scoring", exp_file, str)
@@ -310,6 +365,13 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     if capability["enabled"] and not resolve_data_path(capability["reference"]).exists():
         raise ConfigError(exp_file, "capability.reference", f"file not found: {capability['reference']}")
 
+    coherence = {**COHERENCE_DEFAULTS, **(e.get("coherence") or {})}
+    for k, v in coherence.items():
+        if k not in COHERENCE_DEFAULTS:
+            raise ConfigError(exp_file, f"coherence.{k}", f"unknown key (use {', '.join(COHERENCE_DEFAULTS)})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(exp_file, f"coherence.{k}", f"must be a non-negative number, got {v!r}")
+
     device = e.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(exp_file, "device", f"'{device}' is not auto, cpu or cuda")
@@ -319,9 +381,13 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
         datasets=datasets, split=split, activations=act, sources=sources,
         random_seed=int(direction.get("random_seed", 0)), ablation=ablation,
         coefficients=coefficients, orthogonalization=orthogonalization, normalize=normalize, scorer=scorer, generation=gen, device=device,
-        threads=int(e.get("threads", 2)), capability=capability, raw=e,
+        threads=int(e.get("threads", 2)), capability=capability, addition_layer=addition_layer,
+        ablation_layers=ablation_layers, sweep=load_sweep(e.get("sweep"), exp_file, models),
+        coherence=coherence, raw=e,
     )
     _check_pairs_hidden_size(exp)
+    if exp.sweep is not None and split["val"] == 0:
+        raise ConfigError(exp_file, "split.val", "the sweep scores cells on val prompts; set split.val")
     auto = [m for m in models if not exp.direction_choice(m)[2]]
     if auto and split["val"] == 0:
         raise ConfigError(exp_file, "split.val", f"automatic direction selection ({', '.join(auto)}) needs val prompts; "
@@ -331,6 +397,71 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     for spec in models.values():
         check_source(spec)
     return exp
+
+
+def _ablation_setting(value, file: str) -> tuple[bool, tuple[int, int] | None]:
+    """`ablation: true|false`, or `ablation: {layers: {start: a, stop: b}}` to ablate blocks a..b-1 only."""
+    if isinstance(value, bool):
+        return value, None
+    if isinstance(value, dict) and isinstance(value.get("layers"), dict) and "stop" in value["layers"]:
+        start, stop = int(value["layers"].get("start", 0)), int(value["layers"]["stop"])
+        if not 0 <= start < stop:
+            raise ConfigError(file, "ablation.layers", f"needs 0 <= start < stop, got {start}..{stop}")
+        return True, (start, stop)
+    raise ConfigError(file, "ablation", "must be true, false or {layers: {start: A, stop: B}}")
+
+
+def _addition_layer_setting(value, file: str) -> dict:
+    """Where addition happens: `{offset: k}` from the extraction layer (default 0) or `{absolute: L}`."""
+    if value is None:
+        return {"offset": 0}
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("offset", "absolute"):
+        (k, v), = value.items()
+        if isinstance(v, bool) or not isinstance(v, int) or (k == "absolute" and v < 0):
+            raise ConfigError(file, f"addition.layer.{k}", f"must be an integer{' >= 0' if k == 'absolute' else ''}, "
+                              f"got {v!r}")
+        return {k: v}
+    raise ConfigError(file, "addition.layer", "must be {offset: K} (from the extraction layer) or {absolute: L}")
+
+
+def load_sweep(d: dict | None, file: str, models: dict) -> SweepSpec | None:
+    if not d or not d.get("enabled", True):
+        return None
+    if not isinstance(d, dict):
+        raise ConfigError(file, "sweep", "must be a mapping")
+    names = list(d.get("models") or models)
+    for i, m in enumerate(names):
+        if m not in models:
+            raise ConfigError(file, f"sweep.models[{i}]", f"model '{m}' is not in this experiment's models")
+    layers = d.get("extraction_layers")
+    if isinstance(layers, dict):
+        if "stop" not in layers:
+            raise ConfigError(file, "sweep.extraction_layers", "a range is {start: A, stop: B, step: S}")
+        layers = list(range(int(layers.get("start", 0)), int(layers["stop"]), int(layers.get("step", 1))))
+    elif layers is not None and not isinstance(layers, list):
+        raise ConfigError(file, "sweep.extraction_layers", "must be a list of layers or {start, stop, step}")
+    position = d.get("position", "selected")
+    if position != "selected" and (isinstance(position, bool) or not isinstance(position, int) or position >= 0):
+        raise ConfigError(file, "sweep.position", f"must be 'selected' or a negative position, got {position!r}")
+    offsets = sorted({int(o) for o in d.get("addition_offsets", [0])} | {0})  # 0: the same-layer comparison
+    coefficients = tuple(float(c) for c in d.get("coefficients") or [])
+    if not coefficients:
+        raise ConfigError(file, "sweep.coefficients", "lists no coefficient")
+    gen = d.get("generate") or {}
+    cells = []
+    for i, c in enumerate(gen.get("cells") or []):
+        if not isinstance(c, dict) or not {"layer", "addition_layer", "coefficient"} <= set(c):
+            raise ConfigError(file, f"sweep.generate.cells[{i}]",
+                              "a cell is {layer: L, addition_layer: A, coefficient: C}")
+        cells.append((int(c["layer"]), int(c["addition_layer"]), float(c["coefficient"])))
+    counts = {k: int(gen.get(k, v)) for k, v in (("top", 1), ("spread", 0), ("top_ablation", 1))}
+    for k, v in counts.items():
+        if v < 0:
+            raise ConfigError(file, f"sweep.generate.{k}", f"must be >= 0, got {v}")
+    return SweepSpec(models=tuple(names), extraction_layers=tuple(int(x) for x in layers) if layers else None,
+                     position=None if position == "selected" else int(position), offsets=tuple(offsets),
+                     coefficients=coefficients, ablation=bool(d.get("ablation", True)),
+                     batch_size=int(d.get("batch_size", 32)), cells=tuple(cells), **counts)
 
 
 def _check_pairs_hidden_size(exp: Experiment) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -15,7 +16,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from . import capability
+from . import capability, coherence
 from .config import ModelSpec, resolve_data_path
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight, check_direction
@@ -24,6 +25,32 @@ from .orthogonalize import orthogonalize
 from .select import last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 from .templates import encode_batch
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """Everything one generate job does, resolved from the grid cell or the sweep pick."""
+
+    source: str
+    kind: str  # baseline | ablation | orthogonalization | addition
+    cell: str = ""  # the cell's file name: baseline, ablation, addition_2, best1, ...
+    direction: torch.Tensor | None = None
+    direction_model: str | None = None
+    extraction_layer: int | None = None
+    extraction_position: int | None = None
+    addition_layer: int | None = None
+    coefficient: float | None = None
+    normalize: bool = False
+    ablation_layers: tuple[int, int] | None = None
+    labels: tuple[str, ...] = ("harmful", "harmless")  # which test prompts
+    capability: bool = True
+
+    def intervention(self) -> Intervention:
+        if self.kind in ("baseline", "orthogonalization"):
+            return Intervention("baseline")
+        return Intervention(kind=self.kind, direction=self.direction, layer=self.addition_layer,
+                            coefficient=float(self.coefficient or 0.0), normalize=self.normalize,
+                            layers=self.ablation_layers)
 
 
 def load_direction(selected_path: str, source: str) -> tuple[torch.Tensor, int, int, str]:
@@ -39,6 +66,47 @@ def load_direction(selected_path: str, source: str) -> tuple[torch.Tensor, int, 
             table.column("model")[i].as_py())
 
 
+def candidate_direction(candidates_path: str, layer: int, position: int) -> torch.Tensor:
+    table = read_parquet(candidates_path)
+    keys = list(zip(table.column("layer").to_pylist(), table.column("position").to_pylist()))
+    return torch.from_numpy(column_matrix(table, "direction")[keys.index((layer, position))].copy())
+
+
+def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str, coefficient: float | None,
+                   normalize: bool, addition_layer: dict, ablation_layers: tuple[int, int] | None) -> CellPlan:
+    name = f"addition_{coefficient:g}" if intervention == "addition" else intervention
+    if intervention == "baseline":
+        return CellPlan(source=source, kind="baseline", cell=name)
+    direction, layer, position, owner = load_direction(selected_path, source)
+    add_at = None
+    if intervention == "addition":
+        add_at = int(addition_layer["absolute"]) if "absolute" in addition_layer \
+            else layer + int(addition_layer.get("offset", 0))
+    return CellPlan(source=source, kind=intervention, cell=name, direction=direction, direction_model=owner,
+                    extraction_layer=layer, extraction_position=position, addition_layer=add_at,
+                    coefficient=coefficient if intervention == "addition" else None,
+                    normalize=normalize if intervention == "addition" else False,
+                    ablation_layers=ablation_layers if intervention in ("ablation", "orthogonalization") else None)
+
+
+def plan_sweep_cell(model: str, picks_path: str, candidates_path: str, pick: str,
+                    ablation_layers: tuple[int, int] | None) -> CellPlan:
+    """A cell the sweep picked: addition cells run on harmless prompts, ablation cells on harmful ones."""
+    picks = pl.from_arrow(read_parquet(picks_path)).filter(pl.col("pick") == pick)
+    if picks.height != 1:
+        raise ValueError(f"{picks_path}: no pick named {pick!r}")
+    r = picks.row(0, named=True)
+    direction = candidate_direction(candidates_path, r["extraction_layer"], r["extraction_position"])
+    addition = r["kind"] == "addition"
+    return CellPlan(source="sweep", kind=r["kind"], cell=pick, direction=direction, direction_model=model,
+                    extraction_layer=r["extraction_layer"], extraction_position=r["extraction_position"],
+                    addition_layer=r["addition_layer"] if addition else None,
+                    coefficient=r["coefficient"] if addition else None,
+                    normalize=bool(r["normalized"]) if addition else False,
+                    ablation_layers=None if addition else ablation_layers,
+                    labels=("harmless",) if addition else ("harmful",), capability=False)
+
+
 def hidden_size_of(prepared_dir: str) -> int | None:
     """Read the hidden size from the saved config, without loading weights."""
     cfg_path = Path(prepared_dir) / "config.json"
@@ -51,7 +119,7 @@ def hidden_size_of(prepared_dir: str) -> int | None:
 
 @torch.no_grad()
 def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new_tokens: int,
-             batch_size: int) -> list[str]:
+             batch_size: int, return_ids: bool = False) -> list[str] | tuple[list[str], list[list[int]]]:
     from transformers import GenerationConfig
 
     check_direction(iv, lm.rmap)
@@ -59,7 +127,7 @@ def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new
     steer = iv.kind != "baseline"
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
                                eos_token_id=sorted(stops) or None)
-    out = []
+    out, out_ids = [], []
     for start in tqdm(range(0, len(instructions), batch_size), desc=f"generate {iv.kind}", leave=False):
         batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
         kwargs = lm.inputs(batch)
@@ -76,70 +144,105 @@ def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new
                             apply_nnsight(lm.nn, lm.rmap, iv)
                 with tracer.invoke():  # after the loop, in its own invoke, so it always runs
                     ids = tracer.result.save()
-        new_tokens = ids[:, batch.input_ids.shape[1]:].tolist()
-        out.extend(decode_until_stop(lm.tok, row, stops) for row in new_tokens)
-    return out
+        for row in ids[:, batch.input_ids.shape[1]:].tolist():
+            kept = until_stop(row, stops)
+            out.append(lm.tok.decode(kept, skip_special_tokens=True))
+            out_ids.append(kept)
+    return (out, out_ids) if return_ids else out
+
+
+def until_stop(ids: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
 
 
 def decode_until_stop(tok, ids: list[int], stops: set[int]) -> str:
-    for i, t in enumerate(ids):
-        if t in stops:
-            ids = ids[:i]
-            break
-    return tok.decode(ids, skip_special_tokens=True)
+    return tok.decode(until_stop(ids, stops), skip_special_tokens=True)
 
 
-def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: str | None, output: str, *,
-        source: str, intervention: str, coefficient: float | None, normalize: bool,
+def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, output: str, *,
         max_new_tokens: int, batch_size: int, device: str, threads: int, exp_file: str,
         capability_out: str | None = None, capability_cfg: dict | None = None,
-        baseline_path: str | None = None) -> None:
-    direction, layer, position, direction_model = None, None, None, None
-    if intervention != "baseline":
-        direction, layer, position, direction_model = load_direction(selected_path, source)
+        baseline_path: str | None = None, coherence_nll: bool = True) -> None:
+    if plan.direction is not None:
         hidden = hidden_size_of(prepared_dir)
-        if hidden is not None and hidden != direction.shape[0]:
-            raise ConfigError(exp_file, "pairs", f"direction from {direction_model} has size {direction.shape[0]}, "
-                              f"model {spec.name} has hidden size {hidden}")
+        if hidden is not None and hidden != plan.direction.shape[0]:
+            raise ConfigError(exp_file, "pairs", f"direction from {plan.direction_model} has size "
+                              f"{plan.direction.shape[0]}, model {spec.name} has hidden size {hidden}")
     prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
     cap = dict(capability_cfg or {})
-    measure_capability = capability_out is not None and cap.get("enabled", False)
+    measure_capability = capability_out is not None and cap.get("enabled", False) and plan.capability
     lm = LoadedModel(spec, prepared_dir, device, threads)
     if measure_capability:
         harmless = prompts.filter(pl.col("label") == "harmless")["instruction"].to_list()[:int(cap["n"])]
         # before any weight edit: the unsteered next-token distribution the KL is taken against
         baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size)
-    if intervention == "orthogonalization":
-        # The same ablation, baked into the weights: generate from the edited model with no hooks.
-        try:
-            orthogonalize(lm.hf, direction.to(lm.device))
-        except ValueError as err:
-            raise ConfigError(exp_file, "interventions", f"orthogonalization of {spec.name}: {err}") from None
-        iv = Intervention("baseline")
+    prompts = prompts.filter(pl.col("label").is_in(list(plan.labels)))
+    iv = plan.intervention()
+    instructions = prompts["instruction"].to_list()
+    if plan.kind == "orthogonalization":
+        # The same ablation, baked into the weights: score coherence with the unedited model first,
+        # so it is measured by the same (unsteered) judge as every other cell.
+        edited = _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size, exp_file, spec)
+        completions, ids, nlls = edited
     else:
-        iv = Intervention(kind=intervention, direction=direction, layer=layer,
-                          coefficient=float(coefficient or 0.0), normalize=normalize)
-    completions = generate(lm, prompts["instruction"].to_list(), iv, max_new_tokens, batch_size)
+        completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
+        nlls = _unsteered_nll(lm, instructions, completions, batch_size) if coherence_nll else [None] * len(ids)
     n = len(completions)
+    addition = plan.kind == "addition"
     table = pa.table({
-        "model": [spec.name] * n, "template": [spec.template.name] * n, "source": [source] * n,
-        "direction_model": [direction_model] * n, "layer": [layer] * n, "position": [position] * n,
-        "intervention": [intervention] * n,
-        "coefficient": [coefficient if intervention == "addition" else None] * n,
-        "normalized": [normalize if intervention == "addition" else None] * n,
+        "model": [spec.name] * n, "template": [spec.template.name] * n, "source": [plan.source] * n,
+        "cell": [plan.cell] * n, "direction_model": [plan.direction_model] * n,
+        "extraction_layer": [plan.extraction_layer] * n, "extraction_position": [plan.extraction_position] * n,
+        "intervention": [plan.kind] * n,
+        "addition_layer": [plan.addition_layer] * n,
+        "coefficient": [plan.coefficient if addition else None] * n,
+        "normalized": [plan.normalize if addition else None] * n,
+        "ablation_layers": [_layers_text(plan.ablation_layers) if plan.kind in ("ablation", "orthogonalization")
+                            else None] * n,
         "prompt_id": prompts["prompt_id"].to_list(), "label": prompts["label"].to_list(),
-        "category": prompts["category"].to_list(), "prompt": prompts["instruction"].to_list(),
+        "category": prompts["category"].to_list(), "prompt": instructions,
         "completion": completions,
+        "repetition": [coherence.repetition(r) for r in ids],
+        "nll": nlls,
     }, schema=GENERATIONS)
     if capability_out is not None:
         metrics = {}
         if measure_capability:
-            own_source = table if intervention == "baseline" else read_parquet(baseline_path)
+            if plan.kind == "orthogonalization":
+                orthogonalize(lm.hf, plan.direction.to(lm.device))  # measure the edited model
+            own_source = table if plan.kind == "baseline" else read_parquet(baseline_path)
             own_df = pl.from_arrow(own_source).filter(pl.col("label") == "harmless").head(int(cap["n"]))
             own = list(zip(own_df["prompt"].to_list(), own_df["completion"].to_list()))
             reference = capability.load_pairs(str(resolve_data_path(cap["reference"])), int(cap["n"]))
             metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
-        write_parquet(capability.to_table(spec.name, source, intervention,
-                                          coefficient if intervention == "addition" else None, metrics),
-                      capability_out)
+        write_parquet(capability.to_table(spec.name, plan.source, plan.kind, plan.coefficient if addition else None,
+                                          metrics), capability_out)
     write_parquet(table, output)
+
+
+def _layers_text(layers: tuple[int, int] | None) -> str:
+    return "all" if layers is None else f"{layers[0]}-{layers[1] - 1}"
+
+
+def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[str],
+                   batch_size: int) -> list[float]:
+    sums = capability.completion_losses(lm, list(zip(instructions, completions)), Intervention("baseline"),
+                                        batch_size)
+    return [coherence.per_token(x) for x in sums]
+
+
+def _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size, exp_file, spec):
+    """Generate from orthogonalised weights; the nll is taken after restoring the original weights."""
+    original = {k: v.detach().clone() for k, v in lm.hf.state_dict().items()}
+    try:
+        orthogonalize(lm.hf, plan.direction.to(lm.device))
+    except ValueError as err:
+        raise ConfigError(exp_file, "interventions", f"orthogonalization of {spec.name}: {err}") from None
+    completions, ids = generate(lm, instructions, Intervention("baseline"), max_new_tokens, batch_size,
+                                return_ids=True)
+    lm.hf.load_state_dict(original)
+    nlls = _unsteered_nll(lm, instructions, completions, batch_size)
+    return completions, ids, nlls

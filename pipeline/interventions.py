@@ -30,6 +30,7 @@ class Intervention:
     layer: int | None = None  # addition: the block whose input is steered
     coefficient: float = 0.0
     normalize: bool = False  # addition: add a unit vector instead of the raw direction
+    layers: tuple[int, int] | None = None  # ablation: only blocks start..stop-1 (None: every block)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -38,6 +39,12 @@ class Intervention:
             raise ValueError(f"{self.kind} needs a direction")
         if self.kind == "addition" and self.layer is None:
             raise ValueError("addition needs a layer")
+
+    def ablates(self, block: int) -> bool:
+        return self.kind == "ablation" and (self.layers is None or self.layers[0] <= block < self.layers[1])
+
+    def ablation_start(self) -> int:
+        return 0 if self.layers is None else self.layers[0]
 
     def unit(self) -> torch.Tensor:
         return self.direction / self.direction.norm()
@@ -66,6 +73,8 @@ def check_direction(iv: Intervention, rmap: ResidualMap) -> None:
         raise ValueError(f"direction has size {iv.direction.shape[-1]}, the model's hidden size is {rmap.hidden_size}")
     if iv.kind == "addition" and not 0 <= iv.layer < rmap.n_layers:
         raise ValueError(f"addition layer {iv.layer} is outside 0..{rmap.n_layers - 1}")
+    if iv.kind == "ablation" and iv.layers is not None and not 0 <= iv.layers[0] < min(iv.layers[1], rmap.n_layers):
+        raise ValueError(f"ablation layers {iv.layers[0]}..{iv.layers[1] - 1} are outside 0..{rmap.n_layers - 1}")
 
 
 # ------------------------------------------------------------------ nnsight form
@@ -80,22 +89,26 @@ def apply_nnsight(model, rmap: ResidualMap, iv: Intervention, record: tuple[list
     """
     ablating = iv.kind == "ablation"
     u = iv.unit() if ablating else None
-    if ablating:
+    if ablating and iv.ablation_start() == 0:
         emb = get_path(model, rmap.embed).output
         emb[:] = ablate(emb, u)
     for i, block in enumerate(get_path(model, rmap.layers)):
         if iv.kind == "addition" and i == iv.layer:
             h = block.input
             h[:] = add(h, iv.steering_vector())
+        if ablating and i == iv.ablation_start() > 0:
+            # a limited range starts by cleaning the stream it inherits
+            h = block.input
+            h[:] = ablate(h, u)
         if record is not None:
             record[0].append(block.input.clone())
-        if ablating:
+        if iv.ablates(i):
             for name in rmap.writers:
                 h = _first(getattr(block, name).output)
                 h[:] = ablate(h, u)
         if record is not None:
             record[1].append(_first(block.output).clone())
-        elif iv.kind == "addition" and i >= iv.layer:
+        elif (iv.kind == "addition" and i >= iv.layer) or (ablating and iv.layers and i >= iv.layers[1] - 1):
             break
 
 
@@ -114,10 +127,21 @@ def torch_hooks(model: torch.nn.Module, rmap: ResidualMap, iv: Intervention):
                 h = _first(output)
                 h.copy_(ablate(h, u))
 
-            handles.append(get_path(model, rmap.embed).register_forward_hook(out_hook))
-            for block in get_path(model, rmap.layers):
-                for name in rmap.writers:
-                    handles.append(getattr(block, name).register_forward_hook(out_hook))
+            def in_hook(_module, args, kwargs):
+                if args:
+                    return (ablate(args[0], u), *args[1:]), kwargs
+                kwargs["hidden_states"] = ablate(kwargs["hidden_states"], u)
+                return args, kwargs
+
+            blocks = get_path(model, rmap.layers)
+            if iv.ablation_start() == 0:
+                handles.append(get_path(model, rmap.embed).register_forward_hook(out_hook))
+            else:
+                handles.append(blocks[iv.ablation_start()].register_forward_pre_hook(in_hook, with_kwargs=True))
+            for i, block in enumerate(blocks):
+                if iv.ablates(i):
+                    for name in rmap.writers:
+                        handles.append(getattr(block, name).register_forward_hook(out_hook))
         elif iv.kind == "addition":
             vec = iv.steering_vector()
 

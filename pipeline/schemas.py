@@ -17,9 +17,21 @@ directions/{m}/selection   candidate: model, layer, position, norm, bypass, indu
                            kl, discarded (why, or null), chosen
 directions/{m}/selected    direction source (self, random): model, source, layer,
                            position, norm, direction
-generations/...            test prompt: model, template, source, direction_model,
-                           layer, position, intervention, coefficient, normalized,
-                           prompt_id, label, category, prompt, completion
+generations/...            test prompt: model, template, source (none|self|random|
+                           <partner model>|sweep), cell (the file name: baseline,
+                           addition_2, best1, ...), direction_model, extraction_layer,
+                           extraction_position (where the direction was taken),
+                           intervention (baseline|ablation|orthogonalization|addition),
+                           addition_layer (the block whose input was steered),
+                           coefficient, normalized, ablation_layers ("all" or
+                           "a-b"), prompt_id, label, category, prompt, completion,
+                           repetition and nll (degeneration, see `coherence`)
+sweep/{m}/sweep            swept cell: model, kind (baseline|addition|ablation),
+                           extraction_layer, extraction_position, addition_layer,
+                           offset, coefficient, normalized, label, logit_score
+                           (mean logit refusal score on the val prompts), n
+sweep/{m}/picks            a cell chosen for generation: pick (best1, same1, ...),
+                           the sweep row's axes and its logit_score
 scores/...                 the generation row plus scorer and refused (bool)
 capability/...             metric: model, source, intervention, coefficient, metric
                            (ce_reference | ce_own | first_token_kl), value, n
@@ -60,11 +72,13 @@ CANDIDATE_EXTRA = [("n_harmful", pa.int32()), ("n_harmless", pa.int32())]
 SELECTED_EXTRA = [("source", pa.string())]
 
 GENERATIONS = pa.schema([
-    ("model", pa.string()), ("template", pa.string()), ("source", pa.string()),
-    ("direction_model", pa.string()), ("layer", pa.int16()), ("position", pa.int16()),
-    ("intervention", pa.string()), ("coefficient", pa.float64()), ("normalized", pa.bool_()),
+    ("model", pa.string()), ("template", pa.string()), ("source", pa.string()), ("cell", pa.string()),
+    ("direction_model", pa.string()), ("extraction_layer", pa.int16()), ("extraction_position", pa.int16()),
+    ("intervention", pa.string()), ("addition_layer", pa.int16()), ("coefficient", pa.float64()),
+    ("normalized", pa.bool_()), ("ablation_layers", pa.string()),
     ("prompt_id", pa.string()), ("label", pa.string()), ("category", pa.string()),
     ("prompt", pa.string()), ("completion", pa.string()),
+    ("repetition", pa.float64()), ("nll", pa.float64()),
 ])
 
 SCORES = GENERATIONS.append(pa.field("scorer", pa.string())).append(pa.field("refused", pa.bool_()))

@@ -45,6 +45,7 @@ class SelectionRules:
     max_layer_fraction: float = 0.8
     kl_max: float = 0.1
     induce_min: float = 0.0
+    induce_relative: bool = False  # induce_min counts from the unsteered harmless score, not from 0
     batch_size: int = 32
     layers: tuple[int, ...] | None = None  # evaluate only these layers (None: all)
     positions: tuple[int, ...] | None = None  # ... and these positions (None: all)
@@ -56,7 +57,8 @@ class SelectionRules:
         if isinstance(layers, dict):  # {start, stop, step}
             layers = range(int(layers.get("start", 0)), int(layers["stop"]), int(layers.get("step", 1)))
         return cls(max_layer_fraction=float(d.get("max_layer_fraction", 0.8)), kl_max=float(d.get("kl_max", 0.1)),
-                   induce_min=float(d.get("induce_min", 0.0)), batch_size=int(d.get("batch_size", 32)),
+                   induce_min=float(d.get("induce_min", 0.0)), induce_relative=bool(d.get("induce_relative", False)),
+                   batch_size=int(d.get("batch_size", 32)),
                    layers=tuple(int(x) for x in layers) if layers is not None else None,
                    positions=tuple(int(x) for x in d["positions"]) if d.get("positions") is not None else None)
 
@@ -93,6 +95,7 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
     ids = refusal_token_ids(lm.tok, lm.spec)
     bs = rules.batch_size
     base_harmless = last_logits(lm, harmless, Intervention("baseline"), bs)
+    induce_floor = rules.induce_min + (refusal_score(base_harmless, ids).mean().item() if rules.induce_relative else 0.0)
     vectors = column_matrix(candidates, "direction")
     layers = candidates.column("layer").to_pylist()
     positions = candidates.column("position").to_pylist()
@@ -115,18 +118,20 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
         added = last_logits(lm, harmless, Intervention("addition", direction=d, layer=layer, coefficient=1.0), bs)
         row["induce"] = refusal_score(added, ids).mean().item()
         row["kl"] = kl_divergence(base_harmless, last_logits(lm, harmless, ablation, bs)).mean().item()
-        row["discarded"] = discard_reason(row, rules)
+        row["discarded"] = discard_reason(row, rules, induce_floor)
         rows.append(row)
     return pl.DataFrame(rows, schema_overrides={"discarded": pl.String})
 
 
-def discard_reason(row: dict, rules: SelectionRules) -> str | None:
+def discard_reason(row: dict, rules: SelectionRules, induce_floor: float | None = None) -> str | None:
+    """Why a candidate is discarded, or None. `induce_floor`: the induce threshold in score units."""
+    floor = rules.induce_min if induce_floor is None else induce_floor
     if any(math.isnan(row[k]) for k in ("bypass", "induce", "kl")):
         return "NaN score"
     if row["kl"] > rules.kl_max:
         return f"kl {row['kl']:.3f} > {rules.kl_max}"
-    if row["induce"] < rules.induce_min:
-        return f"induce {row['induce']:.2f} < {rules.induce_min}"
+    if row["induce"] < floor:
+        return f"induce {row['induce']:.2f} < {floor:.2f}"
     return None
 
 

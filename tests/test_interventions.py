@@ -39,6 +39,24 @@ def test_ablation_leaves_residual_orthogonal_at_every_layer(tiny):
     assert max((h @ u)[real].abs().max().item() for h in base_ins) > 1e-3
 
 
+def test_ablation_limited_to_a_layer_range(tiny):
+    """Blocks before the range are untouched; inside it the stream is orthogonal to the direction."""
+    d = direction_for(tiny)
+    u = d / d.norm()
+    start, stop = 1, 3
+    base_ins, base_outs, base_logits, batch = residuals_under(tiny, Intervention("baseline"))
+    ins, outs, logits, _ = residuals_under(tiny, Intervention("ablation", direction=d, layers=(start, stop)))
+    real = batch.attention_mask.bool()
+    assert torch.equal(ins[0], base_ins[0]) and torch.equal(outs[0], base_outs[0])
+    for i in range(start, stop):
+        for h in (ins[i], outs[i]):
+            assert (h @ u)[real].abs().max().item() < 1e-5 * max(h[real].norm(dim=-1).max().item(), 1.0)
+    # after the range, blocks write along the direction again
+    assert (outs[-1] @ u)[real].abs().max().item() > 1e-3
+    full = residuals_under(tiny, Intervention("ablation", direction=d))[2]
+    assert not torch.allclose(logits, base_logits, atol=1e-4) and not torch.allclose(logits, full, atol=1e-4)
+
+
 def test_addition_changes_only_the_chosen_layer(tiny):
     d = direction_for(tiny)
     layer = 2
@@ -74,10 +92,13 @@ def hook_generate(lm, iv, n):
     return [decode_until_stop(lm.tok, r, stops) for r in ids[:, batch.input_ids.shape[1]:].tolist()]
 
 
-@pytest.mark.parametrize("kind", ["ablation", "addition"])
+@pytest.mark.parametrize("kind", ["ablation", "addition", "ablation_range"])
 def test_nnsight_generation_matches_plain_hooks(tiny, kind):
     d = direction_for(tiny, seed=3) * 4
-    iv = Intervention(kind, direction=d, layer=1 if kind == "addition" else None, coefficient=2.0)
+    if kind == "ablation_range":
+        iv = Intervention("ablation", direction=d, layers=(1, 3))
+    else:
+        iv = Intervention(kind, direction=d, layer=1 if kind == "addition" else None, coefficient=2.0)
     n = 8
     ours = generate(tiny, TEXTS, iv, max_new_tokens=n, batch_size=len(TEXTS))
     ref = hook_generate(tiny, iv, n)

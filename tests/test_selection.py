@@ -115,3 +115,12 @@ def test_candidate_scores_match_a_direct_computation(tiny_chat):
     assert row["bypass"] == pytest.approx(bypass, abs=1e-4)
     assert row["induce"] == pytest.approx(induce.mean().item(), abs=1e-4)
     assert row["kl"] == pytest.approx(kl.mean().item(), abs=1e-5)
+
+
+def test_relative_induce_threshold_counts_from_the_unsteered_score():
+    rules = select.SelectionRules(kl_max=0.2, induce_min=1.0, induce_relative=True)
+    row = {"bypass": -3.4, "induce": -3.0, "kl": 0.17}
+    unsteered = -4.2  # the harmless val prompts' mean score without steering
+    assert select.discard_reason(row, rules, induce_floor=unsteered + rules.induce_min) is None
+    assert select.discard_reason(row, rules, induce_floor=-2.5) == "induce -3.00 < -2.50"
+    assert select.SelectionRules.from_config({"induce_relative": True, "induce_min": 1}).induce_relative

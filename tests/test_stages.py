@@ -58,9 +58,10 @@ def test_mean_difference_matches_numpy(tmp_path):
 
 
 def test_generation_schema_round_trip(tmp_path):
-    row = {"model": "m", "template": "t", "source": "self", "direction_model": "m", "layer": 3, "position": -1,
-           "intervention": "addition", "coefficient": 2.0, "normalized": False, "prompt_id": "p", "label": "harmful",
-           "category": "c", "prompt": "Do x", "completion": "I'm sorry, I can't."}
+    row = {"model": "m", "template": "t", "source": "self", "cell": "addition_2", "direction_model": "m",
+           "extraction_layer": 3, "extraction_position": -1, "intervention": "addition", "addition_layer": 2,
+           "coefficient": 2.0, "normalized": False, "ablation_layers": None, "prompt_id": "p", "label": "harmful",
+           "category": "c", "prompt": "Do x", "completion": "I'm sorry, I can't.", "repetition": 0.0, "nll": 1.5}
     table = pa.Table.from_pylist([row], schema=GENERATIONS)
     write_parquet(table, tmp_path / "g.parquet")
     assert read_parquet(tmp_path / "g.parquet").equals(table)

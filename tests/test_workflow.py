@@ -22,8 +22,10 @@ def test_dry_run_with_profile(tmp_path, profile):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "generate" in out and "aggregate" in out
-    # 2 models x (baseline + 3 sources x (ablation + orthogonalization + 1 coefficient)) cells
-    assert any(line.split()[:2] == ["generate", "20"] for line in out.splitlines())
+    # 2 models x (baseline + 3 sources x (ablation + orthogonalization + 1 coefficient)) grid cells,
+    # plus 2 models x 5 sweep picks (best1, same1, spread1, ablate1, cell1)
+    assert any(line.split()[:2] == ["generate", "30"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["sweep", "2"] for line in out.splitlines())
 
 
 @pytest.mark.slow
@@ -42,16 +44,43 @@ def test_whole_dag_on_tiny_models(tmp_path):
     assert acts.height == 16 * 4 * n_post and acts["position"].max() == -1
 
     summary = pl.read_parquet(out / "summary.parquet")
-    assert summary.height == 20 * 2
-    assert set(summary["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
+    grid = summary.filter(pl.col("source") != "sweep")
+    assert grid.height == 20 * 2
+    assert set(grid["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
     assert summary["n"].unique().to_list() == [4]
 
     gens = pl.concat([pl.read_parquet(p) for p in (out / "scores").rglob("*.parquet")])
-    for col in ("model", "template", "source", "layer", "position", "intervention", "coefficient",
-                "prompt_id", "prompt", "completion", "refused"):
+    for col in ("model", "template", "source", "cell", "extraction_layer", "extraction_position", "intervention",
+                "addition_layer", "coefficient", "normalized", "ablation_layers", "prompt_id", "prompt",
+                "completion", "repetition", "nll", "refused"):
         assert col in gens.columns
+    # the grid's additions happen at the extraction layer (offset 0 in conf/intervention/small.yaml)
+    grid_add = gens.filter((pl.col("intervention") == "addition") & (pl.col("source") != "sweep"))
+    assert (grid_add["addition_layer"] == grid_add["extraction_layer"]).all()
+    assert set(gens.filter(pl.col("intervention") == "ablation")["ablation_layers"]) == {"all"}
+    assert gens["repetition"].is_between(0, 1).all() and (gens["nll"].drop_nans().drop_nulls() > 0).all()
+
+    # the sweep: every cell of the declared range scored, its picks generated with their own layers
+    sweep = pl.read_parquet(out / "sweep" / "tiny-chat" / "sweep.parquet")
+    added = sweep.filter(pl.col("kind") == "addition")
+    # extraction 0..3 x offsets -1, 0, 1 inside 0..3 (10 cells) x 2 coefficients
+    assert added.height == 10 * 2 and sweep.filter(pl.col("kind") == "ablation").height == 4
+    assert (added["addition_layer"] - added["extraction_layer"] == added["offset"]).all()
+    picks = pl.read_parquet(out / "sweep" / "tiny-chat" / "picks.parquet")
+    best = picks.filter(pl.col("pick") == "best1").row(0, named=True)
+    assert best["logit_score"] == added["logit_score"].max()
+    same = picks.filter(pl.col("pick") == "same1").row(0, named=True)
+    assert (same["extraction_layer"], same["addition_layer"]) == (best["extraction_layer"], best["extraction_layer"])
+    cell1 = picks.filter(pl.col("pick") == "cell1").row(0, named=True)
+    assert (cell1["extraction_layer"], cell1["addition_layer"], cell1["coefficient"]) == (2, 1, 2.0)
+    best_gens = gens.filter((pl.col("model") == "tiny-chat") & (pl.col("cell") == "best1"))
+    assert set(best_gens["label"]) == {"harmless"}  # addition picks run on harmless prompts only
+    assert best_gens["extraction_layer"].unique().to_list() == [best["extraction_layer"]]
+    assert best_gens["addition_layer"].unique().to_list() == [best["addition_layer"]]
+    assert set(gens.filter(pl.col("cell") == "ablate1")["label"]) == {"harmful"}
+    assert "degenerate" in summary.columns
     # steering really changes the text (same prompts, same model)
     base = gens.filter((pl.col("model") == "tiny-chat") & (pl.col("intervention") == "baseline")).sort("prompt_id")
     steered = gens.filter((pl.col("model") == "tiny-chat") & (pl.col("source") == "self")
@@ -69,6 +98,7 @@ def test_whole_dag_on_tiny_models(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Direction selection" in report and "directions/tiny-chat/selection.png" in report
     assert "## Base ↔ chat transfer" in report
+    assert "## Sweep" in report and "sweep/tiny-chat/sweep.png" in report and (out / "charts" / "sweep_prediction.png").exists()
     assert "ce_reference" in pl.read_parquet(out / "summary.parquet").columns
     sel = pl.read_parquet(out / "directions" / "tiny-chat" / "selection.parquet")
     assert sel["chosen"].sum() == 1 and sel.filter(pl.col("chosen"))["discarded"].is_null().all()

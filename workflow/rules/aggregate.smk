@@ -5,11 +5,17 @@ rule aggregate:
         capability=grid_files("capability"),
         selections=expand(OUT + "/directions/{model}/selection.parquet", model=list(EXP.models)),
         heatmaps=expand(OUT + "/directions/{model}/selection.png", model=list(EXP.models)),
+        sweeps=sweep_outputs("sweep.parquet"),
+        sweep_picks=sweep_outputs("picks.parquet"),
+        sweep_heatmaps=sweep_outputs("sweep.png"),
     output:
         summary=OUT + "/summary.parquet",
         csv=OUT + "/summary.csv",
         md=OUT + "/summary.md",
         report=OUT + "/report.md",
         charts=expand(OUT + "/charts/{model}.png", model=list(EXP.models)),
+        sweep_scatter=[OUT + "/charts/sweep_prediction.png"] if EXP.sweep else [],
+    params:
+        coherence=EXP.coherence,
     script:
         "../scripts/aggregate.py"

@@ -11,7 +11,7 @@ def grid_files(kind):
 
 def direction_file(wildcards):
     """Where a cell's direction comes from: its own model, or the paired model."""
-    if wildcards.source == "none":
+    if wildcards.source in ("none", "sweep"):
         return []
     owner = wildcards.model if wildcards.source in ("self", "random") else wildcards.source
     return [f"{OUT}/directions/{owner}/selected.parquet"]
@@ -19,6 +19,20 @@ def direction_file(wildcards):
 
 def baseline_file(wildcards):
     """Steered cells measure loss on the model's own baseline completions, so they need them first."""
-    if wildcards.intervention == "baseline" or not EXP.capability["enabled"]:
+    if wildcards.intervention == "baseline" or wildcards.source == "sweep" or not EXP.capability["enabled"]:
         return []
     return [f"{OUT}/generations/{wildcards.model}/none/baseline.parquet"]
+
+
+def sweep_picks_file(wildcards):
+    """Sweep cells learn their layers and coefficient from the sweep's picks."""
+    return [f"{OUT}/sweep/{wildcards.model}/picks.parquet"] if wildcards.source == "sweep" else []
+
+
+def sweep_candidates_file(wildcards):
+    return [f"{OUT}/directions/{wildcards.model}/candidates.parquet"] if wildcards.source == "sweep" else []
+
+
+def sweep_outputs(kind):
+    models = list(EXP.sweep.models) if EXP.sweep else []
+    return [f"{OUT}/sweep/{m}/{kind}" for m in models]
