@@ -244,7 +244,7 @@ def transfer_table(summary: pl.DataFrame) -> pl.DataFrame:
     """Base <-> chat transfer: each model's refusal rate with its own vs its pair partner's direction."""
     key = ["model", "intervention", "coefficient", "label"]
     rate = summary.select(*key, "source", "refusal_rate")
-    partner = rate.filter(~pl.col("source").is_in(["none", "self", "random"])).rename(
+    partner = rate.filter(~pl.col("source").is_in(["none", "self", "random", "sweep"])).rename(
         {"source": "partner", "refusal_rate": "partner_direction"})
     if partner.height == 0:
         return partner

@@ -69,15 +69,18 @@ def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Interve
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # left padding puts every answer at the end: only the last `keep` positions need logits,
+        # which matters when the vocabulary is large (the LM head dominates small models)
+        keep = max(targets) + 1
         with lm.nn.trace(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                         position_ids=positions.to(lm.device)):
+                         position_ids=positions.to(lm.device), logits_to_keep=keep):
             holder = nnsight.save([])
             apply_nnsight(lm.nn, lm.rmap, iv)
             holder.append(lm.nn.output.logits)
         logits = holder[0].float().cpu()
         for i, n in enumerate(targets):
             # logits at t predict token t + 1: the answer's n tokens are predicted by positions -n-1 .. -2
-            pred = logits[i, width - n - 1:width - 1]
+            pred = logits[i, keep - n - 1:keep - 1]
             gold = ids[i, width - n:]
             out[where[i]] = (torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item(), n)
     return out

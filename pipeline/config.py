@@ -177,6 +177,8 @@ class Experiment:
     addition_layer: dict = field(default_factory=lambda: {"offset": 0})  # {offset: k} or {absolute: L}
     ablation_layers: tuple[int, int] | None = None  # [start, stop) of the blocks ablated; None: all
     sweep: SweepSpec | None = None
+    # label -> split (train/val/test) -> dataset; by default all three splits come from `datasets[label]`
+    dataset_splits: dict = field(default_factory=dict)
     coherence: dict = field(default_factory=lambda: dict(COHERENCE_DEFAULTS))
     raw: dict = field(repr=False, default_factory=dict)
 
@@ -309,10 +311,16 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
         pairs.append((p["base"], p["chat"]))
 
     ds = _require(e, "datasets", exp_file, dict)
-    datasets = {}
+    datasets, dataset_splits = {}, {}
     for label in ("harmful", "harmless"):
-        dname = _require(ds, label, exp_file, str, prefix="datasets.")
-        datasets[label] = load_dataset_spec(dname, label, conf_dir, exp_file, f"datasets.{label}")
+        names = _split_dataset_names(_require(ds, label, exp_file, None, prefix="datasets."), exp_file, label)
+        loaded = {}
+        for split, dname in names.items():
+            key = f"datasets.{label}" if isinstance(ds[label], str) else f"datasets.{label}.{split}"
+            if dname not in loaded:
+                loaded[dname] = load_dataset_spec(dname, label, conf_dir, exp_file, key)
+        dataset_splits[label] = {split: loaded[dname] for split, dname in names.items()}
+        datasets[label] = dataset_splits[label]["train"]
 
     split = _require(e, "split", exp_file, dict)
     for k in ("train", "val", "test", "seed"):
@@ -378,7 +386,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
 
     exp = Experiment(
         name=name, file=exp_file, results_dir=results_dir, models=models, pairs=pairs,
-        datasets=datasets, split=split, activations=act, sources=sources,
+        datasets=datasets, dataset_splits=dataset_splits, split=split, activations=act, sources=sources,
         random_seed=int(direction.get("random_seed", 0)), ablation=ablation,
         coefficients=coefficients, orthogonalization=orthogonalization, normalize=normalize, scorer=scorer, generation=gen, device=device,
         threads=int(e.get("threads", 2)), capability=capability, addition_layer=addition_layer,
@@ -397,6 +405,19 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     for spec in models.values():
         check_source(spec)
     return exp
+
+
+def _split_dataset_names(value, file: str, label: str) -> dict[str, str]:
+    """`harmful: advbench` (one set, split three ways) or `harmful: {train: advbench, test: jbb-harmful}`."""
+    if isinstance(value, str):
+        return {"train": value, "val": value, "test": value}
+    if not isinstance(value, dict) or "train" not in value or not set(value) <= {"train", "val", "test"}:
+        raise ConfigError(file, f"datasets.{label}", "is a dataset name or {train: NAME, val: NAME, test: NAME} "
+                          "(val and test default to train's)")
+    for split, name in value.items():
+        if not isinstance(name, str):
+            raise ConfigError(file, f"datasets.{label}.{split}", f"must be a dataset name, got {name!r}")
+    return {"train": value["train"], "val": value.get("val", value["train"]), "test": value.get("test", value["train"])}
 
 
 def _ablation_setting(value, file: str) -> tuple[bool, tuple[int, int] | None]:

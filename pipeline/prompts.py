@@ -54,8 +54,9 @@ def split_rows(rows: list[dict], n_train: int, n_val: int, n_test: int, seed: in
                spec: DatasetSpec, exp_file: str) -> dict[str, list[dict]]:
     need = n_train + n_val + n_test
     if len(rows) < need:
-        raise ConfigError(exp_file, "split", f"{spec.label} set '{spec.name}' has {len(rows)} prompts, "
-                          f"train+val+test asks for {need}")
+        asked = "+".join(k for k, n in (("train", n_train), ("val", n_val), ("test", n_test)) if n)
+        raise ConfigError(exp_file, "split", f"{spec.label} set '{spec.name}' has {len(rows)} usable prompts, "
+                          f"{asked} asks for {need}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     picked = [rows[i] for i in order[:need]]
@@ -64,14 +65,32 @@ def split_rows(rows: list[dict], n_train: int, n_val: int, n_test: int, seed: in
 
 
 def build_prompts(exp: Experiment) -> pa.Table:
+    """Each label's splits, from one set (shuffled and cut) or from several (e.g. test on another benchmark).
+
+    A split drawn from a different set never repeats an instruction already drawn for
+    the same label, so a test benchmark that overlaps the training set cannot leak.
+    """
     records = []
     s = exp.split
-    for label, spec in exp.datasets.items():
-        parts = split_rows(load_instructions(spec), s["train"], s["val"], s["test"], s["seed"], spec, exp.file)
-        for split, rows in parts.items():
-            for r in rows:
-                records.append({**r, "label": label, "split": split, "dataset": spec.name})
+    for label, by_split in exp.dataset_splits.items():
+        groups: dict[str, tuple] = {}  # dataset name -> (spec, its splits), train's set first
+        for split in ("train", "val", "test"):
+            spec = by_split[split]
+            groups.setdefault(spec.name, (spec, []))[1].append(split)
+        seen: set[str] = set()
+        for spec, splits in groups.values():
+            rows = [r for r in load_instructions(spec) if _norm(r["instruction"]) not in seen]
+            counts = [s[k] if k in splits else 0 for k in ("train", "val", "test")]
+            parts = split_rows(rows, *counts, s["seed"], spec, exp.file)
+            for split in splits:
+                for r in parts[split]:
+                    records.append({**r, "label": label, "split": split, "dataset": spec.name})
+                    seen.add(_norm(r["instruction"]))
     return pa.Table.from_pylist(records, schema=PROMPTS)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def run(exp: Experiment, output: str) -> None:

@@ -3,7 +3,8 @@ rule prompts:
     output:
         OUT + "/prompts.parquet",
     params:
-        datasets=lambda w: {k: v.as_params() for k, v in EXP.datasets.items()},
+        datasets=lambda w: {label: {split: spec.as_params() for split, spec in splits.items()}
+                            for label, splits in EXP.dataset_splits.items()},
         split=EXP.split,
     script:
         "../scripts/prompts.py"
