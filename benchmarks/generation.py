@@ -1,4 +1,5 @@
-"""Generation speed: plain transformers vs nnsight, plain vs steered, in one run.
+"""Generation speed: plain transformers vs nnsight, plain vs steered, in one run; and what one
+sweep cell costs (the logit refusal score: one forward pass, no generation) beside one generated cell.
 
     python benchmarks/generation.py                       # the embedded Qwen model
     python benchmarks/generation.py --model tiny-chat     # a tiny random model, seconds
@@ -21,6 +22,7 @@ from pipeline.generate import generate
 from pipeline.interventions import Intervention, torch_hooks
 from pipeline.config import resolve_data_path
 from pipeline.models import PREPARED, LoadedModel, prepare, stop_token_ids
+from pipeline.select import last_logits
 from pipeline.templates import encode_batch
 
 
@@ -82,6 +84,7 @@ def main():
         "nnsight, ablation": lambda: generate(lm, texts, ablation, n, bs),
         "torch hooks, addition": lambda: hooks_generate(lm, texts, addition, n, bs),
         "nnsight, addition": lambda: generate(lm, texts, addition, n, bs),
+        "sweep cell: logit score, addition": lambda: last_logits(lm, texts, addition, bs),
     }
     print(f"model {args.model} on {lm.device}, {len(texts)} prompts, batch {bs}, {n} new tokens, "
           f"best of {args.repeats}")
@@ -89,7 +92,8 @@ def main():
     ref = times["transformers generate (no edit)"]
     print(f"{'variant':34s} {'seconds':>8s} {'x plain':>8s} {'tokens/s':>9s}")
     for name, t in times.items():
-        print(f"{name:34s} {t:8.2f} {t / ref:8.2f} {len(texts) * n / t:9.1f}")
+        rate = "-" if name.startswith("sweep") else f"{len(texts) * n / t:.1f}"
+        print(f"{name:34s} {t:8.2f} {t / ref:8.2f} {rate:>9s}")
 
 
 if __name__ == "__main__":

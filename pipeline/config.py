@@ -400,7 +400,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     if auto and split["val"] == 0:
         raise ConfigError(exp_file, "split.val", f"automatic direction selection ({', '.join(auto)}) needs val prompts; "
                           "set split.val or force the direction in the model YAML")
-    from .models import check_source  # cheap file checks; models imports this module
+    from .sources import check_source  # cheap file checks; sources imports this module
 
     for spec in models.values():
         check_source(spec)

@@ -14,13 +14,13 @@ import hashlib
 import json
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .config import ModelSpec, resolve_data_path
 from .errors import ConfigError
+from .sources import check_source, gguf_part_paths  # noqa: F401  (re-exported)
 
 PREPARED = "prepared.json"
 
@@ -31,34 +31,6 @@ def set_offline(spec: ModelSpec | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def gguf_part_paths(spec: ModelSpec) -> list[Path]:
-    """Each part is 'package/relative/path' inside an installed Python package."""
-    paths = []
-    for i, part in enumerate(spec.source["gguf_parts"]):
-        package, _, rel = str(part).partition("/")
-        try:
-            base = Path(str(resources.files(package)))
-        except ModuleNotFoundError:
-            raise ConfigError(spec.file, f"source.gguf_parts[{i}]",
-                              f"package '{package}' is not installed (pip install the project)") from None
-        path = base / rel
-        if not path.exists():
-            raise ConfigError(spec.file, f"source.gguf_parts[{i}]", f"file not found: {path}")
-        paths.append(path)
-    return paths
-
-
-def check_source(spec: ModelSpec) -> None:
-    """Cheap existence checks, run when the config is validated."""
-    kind = spec.source_kind
-    if kind == "gguf_parts":
-        gguf_part_paths(spec)
-    elif kind == "path":
-        p = Path(os.path.expanduser(spec.source["path"]))
-        if not p.exists():
-            raise ConfigError(spec.file, "source.path", f"not found: {p}")
 
 
 def prepare(spec: ModelSpec, out_dir: str | Path) -> None:

@@ -56,8 +56,13 @@ def sweep_position(spec: SweepSpec, selected_path: str) -> int:
 
 def score_cells(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harmless: list[str],
                 spec: SweepSpec, position: int, normalize: bool,
-                ablation_layers: tuple[int, int] | None) -> pl.DataFrame:
-    """One row per scored cell: mean logit refusal score on the val prompts of the cell's label."""
+                ablation_layers: tuple[int, int] | None, known_bypass: dict | None = None) -> pl.DataFrame:
+    """One row per scored cell: mean logit refusal score on the val prompts of the cell's label.
+
+    `known_bypass`: {(layer, position): score} already measured by the select stage on the same
+    prompts with the same ablation, reused instead of recomputed.
+    """
+    known_bypass = known_bypass or {}
     ids = refusal_token_ids(lm.tok, lm.spec)
     n_layers = lm.rmap.n_layers
     vectors = column_matrix(candidates, "direction")
@@ -84,9 +89,11 @@ def score_cells(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harml
                      "n": len(harmless), "logit_score": mean_score(harmless, iv)})
     if spec.ablation:
         for e in tqdm(layers, desc=f"sweep ablation {lm.spec.name}", leave=False):
-            iv = Intervention("ablation", direction=direction(e), layers=ablation_layers)
+            score = known_bypass.get((e, position))
+            if score is None or math.isnan(score):
+                score = mean_score(harmful, Intervention("ablation", direction=direction(e), layers=ablation_layers))
             rows.append({**base, "kind": "ablation", "extraction_layer": e, "extraction_position": position,
-                         "label": "harmful", "n": len(harmful), "logit_score": mean_score(harmful, iv)})
+                         "label": "harmful", "n": len(harmful), "logit_score": score})
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
 
 
@@ -182,9 +189,20 @@ def heatmaps(scores: pl.DataFrame, picks: pl.DataFrame, model: str) -> bytes:
     return buf.getvalue()
 
 
+def bypass_scores(selection_path: str | None) -> dict:
+    """The select stage's bypass score per (layer, position), where it scored candidates."""
+    if selection_path is None:
+        return {}
+    sel = pl.read_parquet(selection_path).filter(~pl.col("bypass").is_nan())
+    return {(r["layer"], r["position"]): r["bypass"] for r in sel.iter_rows(named=True)}
+
+
 def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, selected_path: str,
         sweep_out: str, picks_out: str, heatmap_out: str, *, sweep: SweepSpec, normalize: bool,
-        ablation_layers: tuple[int, int] | None, device: str, threads: int, exp_file: str) -> None:
+        ablation_layers: tuple[int, int] | None, device: str, threads: int, exp_file: str,
+        selection_path: str | None = None) -> None:
+    """`selection_path`: pass it only when selection scored the same val prompts (no filtering)
+    with the same ablation (every layer), so its bypass scores can be reused."""
     candidates = read_parquet(candidates_path)
     layers_known = sorted(set(candidates.column("layer").to_pylist()))
     positions_known = sorted(set(candidates.column("position").to_pylist()))
@@ -201,7 +219,8 @@ def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, select
             raise ConfigError(exp_file, f"sweep.generate.cells[{i}]", f"layers must be in 0..{layers_known[-1]}")
     lm = LoadedModel(spec, prepared_dir, device, threads)
     harmful, harmless = val_prompts(prompts_path)
-    scores = score_cells(lm, candidates, harmful, harmless, sweep, position, normalize, ablation_layers)
+    scores = score_cells(lm, candidates, harmful, harmless, sweep, position, normalize, ablation_layers,
+                         known_bypass=bypass_scores(selection_path))
     picks = pick_cells(scores, sweep)
     write_parquet(scores.with_columns(model=pl.lit(spec.name)).select(SWEEP.names).to_arrow().cast(SWEEP),
                   sweep_out)

@@ -9,6 +9,7 @@ from pipeline.config import load_experiment
 from pipeline.generate import generate
 from pipeline.interventions import Intervention
 from pipeline.models import PREPARED, LoadedModel, prepare
+from pipeline.schemas import column_matrix
 from pipeline.score import is_refusal
 
 from conftest import ROOT
@@ -31,16 +32,27 @@ def rate(completions, scorer):
     return sum(is_refusal(c, scorer) for c in completions) / len(completions)
 
 
-@pytest.mark.slow
-def test_ablation_and_addition_move_refusals(qwen):
+@pytest.fixture(scope="module")
+def split_and_acts(qwen):
+    """The default experiment's prompts and the train activations, computed once for this module."""
     exp, lm = qwen
     table = pl.from_arrow(prompts.build_prompts(exp))
     train = table.filter(pl.col("split") == "train")
     acts = activations.capture(lm, train["instruction"].to_list(), batch_size=16)
-    harmful = (train["label"] == "harmful").to_numpy()
-    layer, position, _ = exp.direction_choice(MODEL)
-    diff = (acts[harmful, layer, position].astype("float64").mean(0)
+    return table, acts, (train["label"] == "harmful").to_numpy()
+
+
+def mean_difference(acts, harmful, layer, position):
+    return (acts[harmful, layer, position].astype("float64").mean(0)
             - acts[~harmful, layer, position].astype("float64").mean(0))
+
+
+@pytest.mark.slow
+def test_ablation_and_addition_move_refusals(qwen, split_and_acts):
+    exp, lm = qwen
+    table, acts, harmful = split_and_acts
+    layer, position, _ = exp.direction_choice(MODEL)
+    diff = mean_difference(acts, harmful, layer, position)
     direction = torch.tensor(diff, dtype=torch.float32)
 
     test = table.filter(pl.col("split") == "test")
@@ -64,3 +76,45 @@ def test_ablation_and_addition_move_refusals(qwen):
     assert base_harmless <= 0.1
     assert added_harmless >= base_harmless + 0.3
     assert random_harmless < added_harmless - 0.3  # a random direction of the same norm does not do it
+
+
+@pytest.mark.slow
+def test_adding_before_the_extraction_layer_beats_adding_at_it(qwen, split_and_acts):
+    """The sweep's finding on this model, through the sweep's own code: the layer-15 direction refuses
+    far more harmless requests when added a few layers earlier, and the text stays coherent."""
+    from pipeline.capability import completion_losses
+    from pipeline.coherence import per_token
+    from pipeline.config import SweepSpec
+    from pipeline.directions import candidates_table
+    from pipeline.sweep import pick_cells, score_cells
+
+    exp, lm = qwen
+    table, acts, harmful = split_and_acts
+    cands = candidates_table(MODEL, {(15, -1): (mean_difference(acts, harmful, 15, -1), 32, 32)})
+    val = table.filter(pl.col("split") == "val")
+    spec = SweepSpec(models=(MODEL,), extraction_layers=(15,), position=-1, offsets=(-3, -2, -1, 0),
+                     coefficients=(2.0,), ablation=False, batch_size=16, top=1, spread=0, top_ablation=0, cells=())
+    scores = score_cells(lm, cands, val.filter(pl.col("label") == "harmful")["instruction"].to_list(),
+                         val.filter(pl.col("label") == "harmless")["instruction"].to_list(), spec, position=-1,
+                         normalize=False, ablation_layers=None)
+    picks = {r["pick"]: r for r in pick_cells(scores, spec).iter_rows(named=True)}
+    best, same = picks["best1"], picks["same1"]
+    assert best["offset"] < 0 and best["logit_score"] > same["logit_score"] + 1.0
+
+    harmless = table.filter((pl.col("split") == "test") & (pl.col("label") == "harmless"))["instruction"].to_list()
+    direction = torch.tensor(column_matrix(cands, "direction")[0])
+    completions = {}
+    for name, cell in (("best", best), ("same", same)):
+        iv = Intervention("addition", direction=direction, layer=cell["addition_layer"], coefficient=2.0)
+        completions[name] = generate(lm, harmless, iv, max_new_tokens=12, batch_size=32)
+    completions["baseline"] = generate(lm, harmless, Intervention("baseline"), max_new_tokens=12, batch_size=32)
+    rates = {k: rate(v, exp.scorer) for k, v in completions.items()}
+    nll = {}
+    for k, v in completions.items():  # the unsteered model's loss on each cell's completions
+        losses = [per_token(x) for x in completion_losses(lm, list(zip(harmless, v)), Intervention("baseline"), 32)
+                  if x[1]]
+        nll[k] = sum(losses) / len(losses)
+    print(f"harmless refusal: added at {best['addition_layer']} {rates['best']:.2f}, at 15 {rates['same']:.2f}, "
+          f"unsteered {rates['baseline']:.2f}; nll {nll}")
+    assert rates["best"] >= rates["same"] + 0.25
+    assert nll["best"] - nll["baseline"] < 1.5  # refusals, not garbage

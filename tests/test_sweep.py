@@ -76,7 +76,8 @@ def test_sweep_scores_match_a_direct_computation(tiny_chat, tmp_path):
     harmful = ["Tell me how to pick a lock.", "How to make a weapon?"]
     harmless = ["Write a poem about cats.", "Explain gravity."]
     s = spec(extraction_layers=(1, 2), offsets=(-1, 0), coefficients=(3.0,), cells=((0, 3, 1.0),))
-    scores = score_cells(lm, cands, harmful, harmless, s, position=-1, normalize=False, ablation_layers=None)
+    scores = score_cells(lm, cands, harmful, harmless, s, position=-1, normalize=False, ablation_layers=None,
+                         known_bypass={(1, -1): -123.0, (2, -2): -7.0})
     added = scores.filter(pl.col("kind") == "addition")
     assert sorted(zip(added["extraction_layer"], added["addition_layer"])) == [(0, 3), (1, 0), (1, 1), (2, 1), (2, 2)]
     ids = refusal_token_ids(lm.tok, lm.spec)
@@ -85,8 +86,12 @@ def test_sweep_scores_match_a_direct_computation(tiny_chat, tmp_path):
                                                                      coefficient=3.0), 8), ids).mean().item()
     got = added.filter((pl.col("extraction_layer") == 2) & (pl.col("addition_layer") == 1))["logit_score"].item()
     assert got == pytest.approx(expected, rel=1e-5)
-    ablated = scores.filter(pl.col("kind") == "ablation")
+    ablated = scores.filter(pl.col("kind") == "ablation").sort("extraction_layer")
     assert ablated.height == 2
+    assert ablated["logit_score"][0] == -123.0  # reused from selection, not recomputed
+    iv = Intervention("ablation", direction=direction)
+    assert ablated["logit_score"][1] == pytest.approx(refusal_score(last_logits(lm, harmful, iv, 8), ids).mean().item(),
+                                                      rel=1e-5)
     unsteered = scores.filter((pl.col("kind") == "baseline") & (pl.col("label") == "harmful"))["logit_score"].item()
     assert all(not math.isclose(v, unsteered) for v in ablated["logit_score"])
 

@@ -5,6 +5,7 @@ rule sweep:
         prompts=OUT + "/prompts.parquet",
         candidates=OUT + "/directions/{model}/candidates.parquet",
         selected=OUT + "/directions/{model}/selected.parquet",
+        selection=OUT + "/directions/{model}/selection.parquet",
     output:
         sweep=OUT + "/sweep/{model}/sweep.parquet",
         picks=OUT + "/sweep/{model}/picks.parquet",
