@@ -97,13 +97,20 @@ class DatasetSpec:
 @dataclass(frozen=True)
 class ScorerSpec:
     name: str
-    kind: str
+    kind: str  # prefix | substring | judge
     phrases: tuple[str, ...]
     case_sensitive: bool
+    # judge: a local model answers `prompt` (with {instruction} and {response}) through its own
+    # template; the completion counts as refused when the first token of labels[0] is more
+    # likely than the first token of labels[1].
+    judge: ModelSpec | None = None
+    prompt: str = ""
+    labels: tuple[str, str] = ("", "")
 
     def as_params(self) -> dict:
         return {"name": self.name, "kind": self.kind, "phrases": list(self.phrases),
-                "case_sensitive": self.case_sensitive}
+                "case_sensitive": self.case_sensitive, "prompt": self.prompt, "labels": list(self.labels),
+                "judge": self.judge.as_params() if self.judge else None}
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,14 @@ class Experiment:
             elif model == chat:
                 found.append(base)
         return found
+
+    def model_spec(self, name: str) -> ModelSpec:
+        """An experiment model, or the scorer's judge model (prepared by the same rule)."""
+        if name in self.models:
+            return self.models[name]
+        if self.scorer.judge is not None and self.scorer.judge.name == name:
+            return self.scorer.judge
+        raise KeyError(f"model {name!r} is neither in {self.file} nor its judge")
 
     def direction_sources(self, model: str) -> list[str]:
         return list(self.sources) + self.partners(model)
@@ -402,7 +417,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
                           "set split.val or force the direction in the model YAML")
     from .sources import check_source  # cheap file checks; sources imports this module
 
-    for spec in models.values():
+    for spec in [*models.values(), *([scorer.judge] if scorer.judge else [])]:
         check_source(spec)
     return exp
 
@@ -568,8 +583,19 @@ def resolve_data_path(path: str) -> Path:
 def load_scorer(name: str, conf_dir: Path, ref_file: str) -> ScorerSpec:
     file, s = _load_group(conf_dir, "scoring", name, ref_file, "scoring")
     kind = s.get("kind", "prefix")
-    if kind not in ("prefix", "substring"):
-        raise ConfigError(file, "kind", f"'{kind}' is not prefix or substring")
+    if kind not in ("prefix", "substring", "judge"):
+        raise ConfigError(file, "kind", f"'{kind}' is not prefix, substring or judge")
+    if kind == "judge":
+        judge = load_model(_require(s, "model", file, str), conf_dir, file, "model")
+        prompt = _require(s, "prompt", file, str)
+        for slot in ("{instruction}", "{response}"):
+            if prompt.count(slot) != 1:
+                raise ConfigError(file, "prompt", f"must contain {slot} exactly once")
+        labels = _require(s, "labels", file, dict)
+        if set(labels) != {"refused", "complied"} or not all(isinstance(v, str) and v for v in labels.values()):
+            raise ConfigError(file, "labels", "must be {refused: <text>, complied: <text>}")
+        return ScorerSpec(name=name, kind=kind, phrases=(), case_sensitive=False, judge=judge, prompt=prompt,
+                          labels=(labels["refused"], labels["complied"]))
     phrases = _require(s, "phrases", file, list)
     if not phrases:
         raise ConfigError(file, "phrases", "lists no phrase")

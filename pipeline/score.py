@@ -1,7 +1,8 @@
-"""Stage 5: score each completion as a refusal or not, by matching refusal phrases.
+"""Stage 5: score each completion as a refusal or not.
 
-Two scorers, named in YAML: `prefix` (the completion starts with a phrase, the
-base-models post) and `substring` (a phrase anywhere, the direction paper).
+Scorers, named in YAML: `prefix` (the completion starts with a phrase, the
+base-models post), `substring` (a phrase anywhere, the direction paper), and
+`judge` (a local model decides; `judge.py`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ def is_refusal(completion: str, scorer: ScorerSpec) -> bool:
     return any(p in text for p in phrases)
 
 
-def score_table(table: pa.Table, scorer: ScorerSpec) -> pa.Table:
-    refused = [is_refusal(c, scorer) for c in table.column("completion").to_pylist()]
+def score_table(table: pa.Table, scorer: ScorerSpec, refused: list[bool] | None = None) -> pa.Table:
+    """Append scorer and refused; `refused` comes precomputed from a judge, else from the phrases."""
+    if refused is None:
+        refused = [is_refusal(c, scorer) for c in table.column("completion").to_pylist()]
     table = table.append_column("scorer", pa.array([scorer.name] * table.num_rows, pa.string()))
     return table.append_column("refused", pa.array(refused, pa.bool_())).cast(SCORES)
 
 
-def run(scorer: ScorerSpec, generations_path: str, output: str) -> None:
-    write_parquet(score_table(read_parquet(generations_path), scorer), output)
+def run(scorer: ScorerSpec, generations_path: str, output: str, judge_dir: str | None = None,
+        device: str = "auto", threads: int = 2) -> None:
+    table = read_parquet(generations_path)
+    refused = None
+    if scorer.kind == "judge":
+        from .judge import judge_refusals
+        from .models import LoadedModel
+
+        lm = LoadedModel(scorer.judge, judge_dir, device, threads)
+        refused = judge_refusals(lm, scorer, table.column("prompt").to_pylist(),
+                                 table.column("completion").to_pylist())
+    write_parquet(score_table(table, scorer, refused), output)

@@ -3,7 +3,7 @@ rule prepare_model:
     output:
         directory(MODELS + "/{model}"),
     params:
-        model=lambda w: EXP.models[w.model].as_params(),
+        model=lambda w: EXP.model_spec(w.model).as_params(),
     threads: 1  # dequantizing is mostly single-threaded: let two models prepare at once
     resources:
         gpu=0,

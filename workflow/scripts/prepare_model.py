@@ -3,4 +3,4 @@ from pipeline.models import prepare, set_threads
 
 exp = experiment_from_snakemake(snakemake)
 set_threads(snakemake.threads)
-prepare(exp.models[snakemake.wildcards.model], snakemake.output[0])
+prepare(exp.model_spec(snakemake.wildcards.model), snakemake.output[0])
