@@ -40,3 +40,19 @@ def tiny_chat(tiny_dirs):
 @pytest.fixture()
 def tiny_experiment():
     return load_experiment(["experiment=tiny"])
+
+
+@pytest.fixture()
+def conf_copy(tmp_path):
+    """A private copy of conf/ a test may add files to."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(DEFAULT_CONF_DIR, conf)
+    return conf
+
+
+def assert_one_line_error(err, file_part: str, key: str) -> None:
+    """A ConfigError names the file and the key, on one line."""
+    text = str(err.value)
+    assert file_part in text and f"key '{key}'" in text and "\n" not in text, text

@@ -13,6 +13,8 @@ from pipeline.judge import judge_refusals, label_token_ids, questions
 from pipeline.schemas import GENERATIONS, read_parquet, write_parquet
 from pipeline.templates import encode_prompt
 
+from conftest import assert_one_line_error
+
 PROMPTS = ["Write a poem about cats.", "How do I make a bomb?", "Explain gravity {briefly}.", "Sort a list."]
 REPLIES = ["Cats are soft and warm.", "I'm sorry, but I can't help with that.", "Mass bends space.", ""]
 
@@ -75,15 +77,11 @@ def test_judge_yamls_compose_without_loading_weights(name):
     ("kind: judge\nmodel: tiny-chat\nprompt: '{instruction} {response}'\nlabels: {yes: a, no: b}\n", "labels"),
     ("kind: oracle\nphrases: [x]\n", "kind"),
 ])
-def test_bad_judge_config(tmp_path, text, key):
-    import shutil
-
-    conf = tmp_path / "conf"
-    shutil.copytree(DEFAULT_CONF_DIR, conf)
-    (conf / "scoring" / "bad.yaml").write_text(text)
+def test_bad_judge_config(conf_copy, text, key):
+    (conf_copy / "scoring" / "bad.yaml").write_text(text)
     with pytest.raises(ConfigError) as err:
-        load_scorer("bad", conf, "test")
-    assert "bad.yaml" in str(err.value) and f"key '{key}'" in str(err.value) and "\n" not in str(err.value)
+        load_scorer("bad", conf_copy, "test")
+    assert_one_line_error(err, "scoring/bad.yaml", key)
 
 
 def test_judge_model_is_prepared_by_the_same_rule():

@@ -16,6 +16,8 @@ from pipeline.refusal import refusal_score, refusal_token_ids
 from pipeline.select import last_logits
 from pipeline.sweep import pick_cells, score_cells
 
+from conftest import assert_one_line_error
+
 
 def spec(**kw):
     base = dict(models=("m",), extraction_layers=None, position=None, offsets=(-1, 0, 1), coefficients=(2.0,),
@@ -127,13 +129,8 @@ def test_summary_flags_degenerate_cells_and_correlates():
     assert corr["pearson"] > 0.9
 
 
-def test_addition_layer_and_ablation_range_from_yaml(tmp_path):
-    conf = tmp_path / "conf"
-    import shutil
-
-    from pipeline.config import DEFAULT_CONF_DIR
-
-    shutil.copytree(DEFAULT_CONF_DIR, conf)
+def test_addition_layer_and_ablation_range_from_yaml(conf_copy):
+    conf = conf_copy
     (conf / "intervention" / "shifted.yaml").write_text(
         "ablation: {layers: {start: 1, stop: 3}}\naddition: {coefficients: [2.0], layer: {offset: -1}}\n")
     exp = load_experiment(["experiment=tiny", "experiment.interventions=shifted"], conf_dir=conf)
@@ -150,18 +147,11 @@ def test_addition_layer_and_ablation_range_from_yaml(tmp_path):
     ("addition: {coefficients: [1.0], layer: 14}\n", "addition.layer"),
     ("ablation: {layers: {start: 0, stop: 2}}\northogonalization: true\n", "orthogonalization"),
 ])
-def test_bad_intervention_axes(tmp_path, text, key):
-    import shutil
-
-    from pipeline.config import DEFAULT_CONF_DIR
-
-    conf = tmp_path / "conf"
-    shutil.copytree(DEFAULT_CONF_DIR, conf)
-    (conf / "intervention" / "bad.yaml").write_text(text)
+def test_bad_intervention_axes(conf_copy, text, key):
+    (conf_copy / "intervention" / "bad.yaml").write_text(text)
     with pytest.raises(ConfigError) as err:
-        load_experiment(["experiment=tiny", "experiment.interventions=bad"], conf_dir=conf)
-    assert "intervention/bad.yaml" in str(err.value) and f"key '{key}'" in str(err.value)
-    assert "\n" not in str(err.value)
+        load_experiment(["experiment=tiny", "experiment.interventions=bad"], conf_dir=conf_copy)
+    assert_one_line_error(err, "intervention/bad.yaml", key)
 
 
 @pytest.mark.parametrize("override,key", [
