@@ -106,11 +106,12 @@ class ScorerSpec:
     judge: ModelSpec | None = None
     prompt: str = ""
     labels: tuple[str, str] = ("", "")
+    margin: float = 0.0  # refused when logit(refused) - logit(complied) > margin (calibrates a biased judge)
 
     def as_params(self) -> dict:
         return {"name": self.name, "kind": self.kind, "phrases": list(self.phrases),
                 "case_sensitive": self.case_sensitive, "prompt": self.prompt, "labels": list(self.labels),
-                "judge": self.judge.as_params() if self.judge else None}
+                "margin": self.margin, "judge": self.judge.as_params() if self.judge else None}
 
 
 @dataclass(frozen=True)
@@ -530,6 +531,8 @@ def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelS
     dtype = m.get("dtype", "auto")
     if dtype not in DTYPES:
         raise ConfigError(file, "dtype", f"'{dtype}' is not one of {', '.join(DTYPES)}")
+    if m.get("role", "chat") not in ("chat", "base", "judge"):
+        raise ConfigError(file, "role", f"'{m.get('role')}' is not chat, base or judge")
     direction = m.get("direction") or {}
     refusal_tokens = m.get("refusal_tokens") or []
     if not isinstance(refusal_tokens, list) or not all(isinstance(t, str) for t in refusal_tokens):
@@ -594,8 +597,11 @@ def load_scorer(name: str, conf_dir: Path, ref_file: str) -> ScorerSpec:
         labels = _require(s, "labels", file, dict)
         if set(labels) != {"refused", "complied"} or not all(isinstance(v, str) and v for v in labels.values()):
             raise ConfigError(file, "labels", "must be {refused: <text>, complied: <text>}")
+        margin = s.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise ConfigError(file, "margin", f"must be a number, got {margin!r}")
         return ScorerSpec(name=name, kind=kind, phrases=(), case_sensitive=False, judge=judge, prompt=prompt,
-                          labels=(labels["refused"], labels["complied"]))
+                          labels=(labels["refused"], labels["complied"]), margin=float(margin))
     phrases = _require(s, "phrases", file, list)
     if not phrases:
         raise ConfigError(file, "phrases", "lists no phrase")

@@ -91,3 +91,9 @@ def test_judge_model_is_prepared_by_the_same_rule():
     assert exp.model_spec("qwen2.5-coder-0.5b-instruct").name == "qwen2.5-coder-0.5b-instruct"
     assert exp.scorer.as_params()["judge"]["name"] == "qwen2.5-coder-0.5b-instruct"
     assert dataclasses.is_dataclass(exp.scorer)
+
+
+def test_margin_moves_the_decision(tiny_chat):
+    spec = judge_spec(tiny_chat)
+    assert judge_refusals(tiny_chat, dataclasses.replace(spec, margin=1e9), PROMPTS, REPLIES) == [False] * 4
+    assert judge_refusals(tiny_chat, dataclasses.replace(spec, margin=-1e9), PROMPTS, REPLIES) == [True] * 4

@@ -23,13 +23,15 @@ from pipeline.refusal import refusal_token_ids
 from pipeline.templates import encode_batch, encode_prompt, post_instruction_ids
 
 MODEL_DIR = DEFAULT_CONF_DIR / "model"
-ALL_MODELS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+YAMLS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 
 
 def _spec(name):
     return load_model(name, DEFAULT_CONF_DIR, "test", "model")
 
 
+ALL_MODELS = [name for name in YAMLS if _spec(name).role != "judge"]  # judges classify, nothing steers them
+JUDGES = [name for name in YAMLS if _spec(name).role == "judge"]
 HUB_MODELS = [name for name in ALL_MODELS if "hub" in _spec(name).source]
 
 HIDDEN = 64
@@ -106,6 +108,12 @@ def test_every_model_yaml_loads(name):
     assert spec.template.suffix  # post-instruction tokens exist
     assert spec.refusal_tokens and spec.direction_position < 0
     assert spec.role in ("chat", "base")
+
+
+@pytest.mark.parametrize("name", JUDGES)
+def test_judge_model_yaml_loads(name):
+    spec = _spec(name)
+    assert spec.template.suffix and spec.source_kind in ("hub", "path")
 
 
 def test_zoo_covers_both_papers():
