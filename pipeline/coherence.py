@@ -7,6 +7,8 @@ Two measures per completion, written beside it by the generate job:
   sentences near 0. Needs no model.
 * nll: the unsteered model's cross-entropy (nats per token) on the completion given
   its prompt. Fluent text the model could have written scores low; token soup high.
+  It costs a forward pass, so it is taken on the first `nll_prompts` test prompts of
+  each label (the same prompts in every cell); other rows have none.
 
 The report flags a cell whose mean repetition or whose nll increase over the
 baseline cell passes the thresholds in the experiment's `coherence` block.

@@ -23,8 +23,9 @@ DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
 SOURCE_KINDS = ("hub", "path", "gguf_parts", "random_init")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A generated cell is flagged degenerate when its mean repetition (fraction of repeated token
-# 3-grams) or its nll increase over the baseline cell (nats/token, unsteered model) passes these.
-COHERENCE_DEFAULTS = {"repetition_max": 0.3, "nll_increase_max": 1.5}
+# 3-grams) or its nll increase over the baseline cell (nats/token, unsteered model) passes these;
+# the nll is measured on the first `nll_prompts` test prompts of each label (0: not at all).
+COHERENCE_DEFAULTS = {"repetition_max": 0.3, "nll_increase_max": 1.5, "nll_prompts": 16}
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,7 @@ def build_experiment(e: dict, exp_file: str, conf_dir: Path, results_dir: Path) 
     for k, v in coherence.items():
         if k not in COHERENCE_DEFAULTS:
             raise ConfigError(exp_file, f"coherence.{k}", f"unknown key (use {', '.join(COHERENCE_DEFAULTS)})")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "nll_prompts" and v != int(v)):
             raise ConfigError(exp_file, f"coherence.{k}", f"must be a non-negative number, got {v!r}")
 
     device = e.get("device", "auto")

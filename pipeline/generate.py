@@ -165,7 +165,8 @@ def decode_until_stop(tok, ids: list[int], stops: set[int]) -> str:
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, output: str, *,
         max_new_tokens: int, batch_size: int, device: str, threads: int, exp_file: str,
         capability_out: str | None = None, capability_cfg: dict | None = None,
-        baseline_path: str | None = None, coherence_nll: bool = True) -> None:
+        baseline_path: str | None = None, nll_prompts: int = 16) -> None:
+    """`nll_prompts`: how many prompts per label get the unsteered-model nll (0: none)."""
     if plan.direction is not None:
         hidden = hidden_size_of(prepared_dir)
         if hidden is not None and hidden != plan.direction.shape[0]:
@@ -182,14 +183,18 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
     prompts = prompts.filter(pl.col("label").is_in(list(plan.labels)))
     iv = plan.intervention()
     instructions = prompts["instruction"].to_list()
+    # the nll costs a forward pass over prompt + completion: the first `nll_prompts` of each label
+    # (the same prompts in every cell) keep it affordable
+    rank = prompts.with_row_index("_i").select(pl.col("_i").rank("ordinal").over("label"))["_i"].to_list()
+    measured = [r <= nll_prompts for r in rank]
     if plan.kind == "orthogonalization":
-        # The same ablation, baked into the weights: score coherence with the unedited model first,
-        # so it is measured by the same (unsteered) judge as every other cell.
-        edited = _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size, exp_file, spec)
-        completions, ids, nlls = edited
+        # The same ablation, baked into the weights: generate edited, then score coherence with the
+        # unedited model, the same (unsteered) judge as every other cell.
+        completions, ids, nlls = _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size,
+                                                             exp_file, spec, measured)
     else:
         completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
-        nlls = _unsteered_nll(lm, instructions, completions, batch_size) if coherence_nll else [None] * len(ids)
+        nlls = _unsteered_nll(lm, instructions, completions, batch_size, measured)
     n = len(completions)
     addition = plan.kind == "addition"
     table = pa.table({
@@ -227,14 +232,15 @@ def _layers_text(layers: tuple[int, int] | None) -> str:
     return "all" if layers is None else f"{layers[0]}-{layers[1] - 1}"
 
 
-def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[str],
-                   batch_size: int) -> list[float]:
-    sums = capability.completion_losses(lm, list(zip(instructions, completions)), Intervention("baseline"),
-                                        batch_size)
-    return [coherence.per_token(x) for x in sums]
+def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[str], batch_size: int,
+                   measured: list[bool]) -> list[float | None]:
+    """Per-token loss of the unsteered model on each measured completion (None where not measured)."""
+    pairs = [(p, c) for p, c, m in zip(instructions, completions, measured) if m]
+    sums = iter(capability.completion_losses(lm, pairs, Intervention("baseline"), batch_size))
+    return [coherence.per_token(next(sums)) if m else None for m in measured]
 
 
-def _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size, exp_file, spec):
+def _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size, exp_file, spec, measured):
     """Generate from orthogonalised weights; the nll is taken after restoring the original weights."""
     original = {k: v.detach().clone() for k, v in lm.hf.state_dict().items()}
     try:
@@ -244,5 +250,5 @@ def _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_si
     completions, ids = generate(lm, instructions, Intervention("baseline"), max_new_tokens, batch_size,
                                 return_ids=True)
     lm.hf.load_state_dict(original)
-    nlls = _unsteered_nll(lm, instructions, completions, batch_size)
+    nlls = _unsteered_nll(lm, instructions, completions, batch_size, measured)
     return completions, ids, nlls

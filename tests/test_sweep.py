@@ -165,3 +165,21 @@ def test_bad_sweep_config(override, key):
     with pytest.raises(ConfigError) as err:
         load_experiment(["experiment=tiny", override])
     assert "experiment/tiny.yaml" in str(err.value) and f"key '{key}'" in str(err.value)
+
+
+def test_nll_is_measured_on_the_first_prompts_of_each_label(tiny_dirs, tmp_path):
+    from pipeline import generate, prompts
+    from pipeline.config import load_experiment
+    from pipeline.schemas import write_parquet
+
+    exp = load_experiment(["experiment=tiny"])
+    write_parquet(prompts.build_prompts(exp), tmp_path / "prompts.parquet")
+    plan = generate.CellPlan(source="none", kind="baseline", cell="baseline")
+    generate.run(exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"), plan,
+                 str(tmp_path / "g.parquet"), max_new_tokens=4, batch_size=8, device="cpu", threads=1,
+                 exp_file=exp.file, nll_prompts=2)
+    g = pl.read_parquet(tmp_path / "g.parquet")
+    assert g.height == 8
+    for label in ("harmful", "harmless"):
+        nll = g.filter(pl.col("label") == label)["nll"].to_list()
+        assert [v is not None for v in nll] == [True, True, False, False]

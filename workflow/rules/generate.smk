@@ -15,6 +15,7 @@ rule generate:
         cell=lambda w: {"source": w.source, "intervention": w.intervention, **EXP.intervention_params()},
         generation=EXP.generation,
         capability=EXP.capability,
+        nll_prompts=EXP.coherence["nll_prompts"],
     threads: EXP.threads
     resources:
         gpu=GPU,

@@ -17,4 +17,4 @@ generate.run(exp.models[w.model], snakemake.input.model, snakemake.input.prompts
              device=exp.device, threads=snakemake.threads, exp_file=exp.file,
              capability_out=snakemake.output.capability, capability_cfg=exp.capability,
              baseline_path=snakemake.input.baseline[0] if snakemake.input.baseline else None,
-             coherence_nll=bool(exp.generation.get("coherence_nll", True)))
+             nll_prompts=int(exp.coherence["nll_prompts"]))
