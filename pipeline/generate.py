@@ -187,14 +187,19 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
     # (the same prompts in every cell) keep it affordable
     rank = prompts.with_row_index("_i").select(pl.col("_i").rank("ordinal").over("label"))["_i"].to_list()
     measured = [r <= nll_prompts for r in rank]
-    if plan.kind == "orthogonalization":
-        # The same ablation, baked into the weights: generate edited, then score coherence with the
-        # unedited model, the same (unsteered) judge as every other cell.
-        completions, ids, nlls = _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size,
-                                                             exp_file, spec, measured)
-    else:
-        completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
-        nlls = _unsteered_nll(lm, instructions, completions, batch_size, measured)
+    original = _orthogonalize(lm, plan, exp_file, spec) if plan.kind == "orthogonalization" else None
+    completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
+    metrics = {}
+    if measure_capability:  # on the steered (or edited) model
+        own_source = pl.DataFrame({"label": prompts["label"], "prompt": instructions, "completion": completions}) \
+            if plan.kind == "baseline" else pl.from_arrow(read_parquet(baseline_path))
+        own_df = own_source.filter(pl.col("label") == "harmless").head(int(cap["n"]))
+        own = list(zip(own_df["prompt"].to_list(), own_df["completion"].to_list()))
+        reference = capability.load_pairs(str(resolve_data_path(cap["reference"])), int(cap["n"]))
+        metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
+    if original is not None:
+        lm.hf.load_state_dict(original)  # coherence is judged by the unedited model, as in every cell
+    nlls = _unsteered_nll(lm, instructions, completions, batch_size, measured)
     n = len(completions)
     addition = plan.kind == "addition"
     table = pa.table({
@@ -214,15 +219,6 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
         "nll": nlls,
     }, schema=GENERATIONS)
     if capability_out is not None:
-        metrics = {}
-        if measure_capability:
-            if plan.kind == "orthogonalization":
-                orthogonalize(lm.hf, plan.direction.to(lm.device))  # measure the edited model
-            own_source = table if plan.kind == "baseline" else read_parquet(baseline_path)
-            own_df = pl.from_arrow(own_source).filter(pl.col("label") == "harmless").head(int(cap["n"]))
-            own = list(zip(own_df["prompt"].to_list(), own_df["completion"].to_list()))
-            reference = capability.load_pairs(str(resolve_data_path(cap["reference"])), int(cap["n"]))
-            metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
         write_parquet(capability.to_table(spec.name, plan.source, plan.kind, plan.coefficient if addition else None,
                                           metrics), capability_out)
     write_parquet(table, output)
@@ -240,15 +236,11 @@ def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[s
     return [coherence.per_token(next(sums)) if m else None for m in measured]
 
 
-def _orthogonalized_generations(lm, plan, instructions, max_new_tokens, batch_size, exp_file, spec, measured):
-    """Generate from orthogonalised weights; the nll is taken after restoring the original weights."""
+def _orthogonalize(lm: LoadedModel, plan: CellPlan, exp_file: str, spec: ModelSpec) -> dict:
+    """Bake the ablation into the weights (generation then needs no hooks); return the original weights."""
     original = {k: v.detach().clone() for k, v in lm.hf.state_dict().items()}
     try:
         orthogonalize(lm.hf, plan.direction.to(lm.device))
     except ValueError as err:
         raise ConfigError(exp_file, "interventions", f"orthogonalization of {spec.name}: {err}") from None
-    completions, ids = generate(lm, instructions, Intervention("baseline"), max_new_tokens, batch_size,
-                                return_ids=True)
-    lm.hf.load_state_dict(original)
-    nlls = _unsteered_nll(lm, instructions, completions, batch_size, measured)
-    return completions, ids, nlls
+    return original

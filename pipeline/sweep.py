@@ -210,7 +210,7 @@ def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, select
     if position not in positions_known:
         raise ConfigError(exp_file, "sweep.position", f"{position} is not a post-instruction position of "
                           f"{spec.name} ({positions_known[0]}..-1)")
-    for i, layer in enumerate(sweep.extraction_layers or []):
+    for layer in sweep.extraction_layers or []:
         if layer not in layers_known:
             raise ConfigError(exp_file, "sweep.extraction_layers", f"layer {layer} is outside "
                               f"0..{layers_known[-1]} for {spec.name}")
