@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .architecture import get_path
-from .config import ModelSpec
+from .specs import ModelSpec
 from .models import LoadedModel
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import activations_schema, read_parquet, vectors_column, write_parquet

@@ -6,6 +6,7 @@ harmless test prompts, batched, with the KV cache, on CUDA when present.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -17,13 +18,14 @@ import torch
 from tqdm import tqdm
 
 from . import capability, coherence
-from .config import ModelSpec, resolve_data_path
+from .config import Capability, resolve_data_path
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight, check_direction
 from .models import LoadedModel, stop_token_ids
-from .orthogonalize import orthogonalize
+from .orthogonalize import orthogonalized
 from .select import last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
+from .specs import Cell, Kind, ModelSpec, Source, cell_name
 from .templates import encode_batch
 
 
@@ -72,21 +74,34 @@ def candidate_direction(candidates_path: str, layer: int, position: int) -> torc
     return torch.from_numpy(column_matrix(table, "direction")[keys.index((layer, position))].copy())
 
 
-def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str, coefficient: float | None,
-                   normalize: bool, addition_layer: dict, ablation_layers: tuple[int, int] | None) -> CellPlan:
-    name = f"addition_{coefficient:g}" if intervention == "addition" else intervention
-    if intervention == "baseline":
-        return CellPlan(source=source, kind="baseline", cell=name)
+def plan_cell(cell: Cell, intervention: dict, *, selected_path: str | None = None, picks_path: str | None = None,
+              candidates_path: str | None = None) -> CellPlan:
+    """A grid cell's or a sweep pick's plan; `intervention`: the settings the cell reads (its rule's params)."""
+    if cell.source == Source.SWEEP:
+        layers = intervention.get("ablation_layers")
+        return plan_sweep_cell(cell.model, picks_path, candidates_path, cell.pick,
+                               tuple(layers) if layers else None)
+    return plan_grid_cell(selected_path, source=cell.source, intervention=cell.kind, coefficient=cell.coefficient,
+                          **intervention)
+
+
+def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str, coefficient: float | None = None,
+                   normalize: bool = False, addition_offset: int | None = 0, addition_absolute: int | None = None,
+                   ablation_layers: tuple[int, int] | None = None) -> CellPlan:
+    kind = Kind(intervention)
+    name = cell_name(kind, coefficient)
+    if kind is Kind.BASELINE:
+        return CellPlan(source=source, kind=kind, cell=name)
     direction, layer, position, owner = load_direction(selected_path, source)
     add_at = None
-    if intervention == "addition":
-        add_at = int(addition_layer["absolute"]) if "absolute" in addition_layer \
-            else layer + int(addition_layer.get("offset", 0))
-    return CellPlan(source=source, kind=intervention, cell=name, direction=direction, direction_model=owner,
+    if kind is Kind.ADDITION:
+        add_at = addition_absolute if addition_absolute is not None else layer + (addition_offset or 0)
+    ablates = kind in (Kind.ABLATION, Kind.ORTHOGONALIZATION)
+    return CellPlan(source=source, kind=kind, cell=name, direction=direction, direction_model=owner,
                     extraction_layer=layer, extraction_position=position, addition_layer=add_at,
-                    coefficient=coefficient if intervention == "addition" else None,
-                    normalize=normalize if intervention == "addition" else False,
-                    ablation_layers=ablation_layers if intervention in ("ablation", "orthogonalization") else None)
+                    coefficient=coefficient if kind is Kind.ADDITION else None,
+                    normalize=normalize if kind is Kind.ADDITION else False,
+                    ablation_layers=tuple(ablation_layers) if ablates and ablation_layers else None)
 
 
 def plan_sweep_cell(model: str, picks_path: str, candidates_path: str, pick: str,
@@ -164,64 +179,96 @@ def decode_until_stop(tok, ids: list[int], stops: set[int]) -> str:
 
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, output: str, *,
         max_new_tokens: int, batch_size: int, device: str, threads: int, exp_file: str,
-        capability_out: str | None = None, capability_cfg: dict | None = None,
+        capability_out: str | None = None, capability_cfg: Capability | None = None,
         baseline_path: str | None = None, nll_prompts: int = 16) -> None:
-    """`nll_prompts`: how many prompts per label get the unsteered-model nll (0: none)."""
-    if plan.direction is not None:
-        hidden = hidden_size_of(prepared_dir)
-        if hidden is not None and hidden != plan.direction.shape[0]:
-            raise ConfigError(exp_file, "pairs", f"direction from {plan.direction_model} has size "
-                              f"{plan.direction.shape[0]}, model {spec.name} has hidden size {hidden}")
-    prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
-    cap = dict(capability_cfg or {})
-    measure_capability = capability_out is not None and cap.get("enabled", False) and plan.capability
+    """plan -> generate -> capability -> coherence -> write.
+
+    `nll_prompts`: how many prompts per label get the unsteered-model nll (0: none).
+    """
+    check_direction_size(plan, prepared_dir, spec, exp_file)
+    test = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
+    prompts = test.filter(pl.col("label").is_in(list(plan.labels)))
+    cap = capability_cfg or Capability(enabled=False)
+    measure_capability = capability_out is not None and cap.enabled and plan.capability
     lm = LoadedModel(spec, prepared_dir, device, threads)
-    if measure_capability:
-        harmless = prompts.filter(pl.col("label") == "harmless")["instruction"].to_list()[:int(cap["n"])]
-        # before any weight edit: the unsteered next-token distribution the KL is taken against
-        baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size)
-    prompts = prompts.filter(pl.col("label").is_in(list(plan.labels)))
     iv = plan.intervention()
     instructions = prompts["instruction"].to_list()
-    # the nll costs a forward pass over prompt + completion: the first `nll_prompts` of each label
-    # (the same prompts in every cell) keep it affordable
-    rank = prompts.with_row_index("_i").select(pl.col("_i").rank("ordinal").over("label"))["_i"].to_list()
-    measured = [r <= nll_prompts for r in rank]
-    original = _orthogonalize(lm, plan, exp_file, spec) if plan.kind == "orthogonalization" else None
-    completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
+    harmless = test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:cap.n]
+    # before any weight edit: the unsteered next-token distribution the KL is taken against
+    baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size) if measure_capability else None
     metrics = {}
-    if measure_capability:  # on the steered (or edited) model
-        own_source = pl.DataFrame({"label": prompts["label"], "prompt": instructions, "completion": completions}) \
-            if plan.kind == "baseline" else pl.from_arrow(read_parquet(baseline_path))
-        own_df = own_source.filter(pl.col("label") == "harmless").head(int(cap["n"]))
-        own = list(zip(own_df["prompt"].to_list(), own_df["completion"].to_list()))
-        reference = capability.load_pairs(str(resolve_data_path(cap["reference"])), int(cap["n"]))
-        metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
-    if original is not None:
-        lm.hf.load_state_dict(original)  # coherence is judged by the unedited model, as in every cell
-    nlls = _unsteered_nll(lm, instructions, completions, batch_size, measured)
+    with edited_weights(lm, plan, exp_file):
+        completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
+        if measure_capability:  # on the steered (or edited) model
+            own = own_answers(plan, prompts, completions, baseline_path, cap.n)
+            reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
+            metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
+    # coherence is judged by the unedited, unsteered model, as in every cell
+    nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
+    if capability_out is not None:
+        coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
+        write_parquet(capability.to_table(spec.name, str(plan.source), str(plan.kind), coefficient, metrics), capability_out)
+    write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls), output)
+
+
+def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
+    if plan.direction is None:
+        return
+    hidden = hidden_size_of(prepared_dir)
+    if hidden is not None and hidden != plan.direction.shape[0]:
+        raise ConfigError(exp_file, "pairs", f"direction from {plan.direction_model} has size "
+                          f"{plan.direction.shape[0]}, model {spec.name} has hidden size {hidden}")
+
+
+def nll_measured(prompts: pl.DataFrame, nll_prompts: int) -> list[bool]:
+    """The nll costs a forward pass over prompt + completion: only the first `nll_prompts` of each
+    label (the same prompts in every cell) get it."""
+    rank = prompts.with_row_index("_i").select(pl.col("_i").rank("ordinal").over("label"))["_i"].to_list()
+    return [r <= nll_prompts for r in rank]
+
+
+def own_answers(plan: CellPlan, prompts: pl.DataFrame, completions: list[str], baseline_path: str | None,
+                n: int) -> list[tuple[str, str]]:
+    """The model's own unsteered answers to harmless prompts: this cell's when it is the baseline."""
+    source = pl.DataFrame({"label": prompts["label"], "prompt": prompts["instruction"], "completion": completions}) \
+        if plan.kind == Kind.BASELINE else pl.from_arrow(read_parquet(baseline_path))
+    df = source.filter(pl.col("label") == "harmless").head(n)
+    return list(zip(df["prompt"].to_list(), df["completion"].to_list()))
+
+
+@contextlib.contextmanager
+def edited_weights(lm: LoadedModel, plan: CellPlan, exp_file: str):
+    """Weight orthogonalisation bakes the ablation into the weights for the block (no hooks needed);
+    only the edited matrices are saved and restored."""
+    with contextlib.ExitStack() as stack:
+        if plan.kind == Kind.ORTHOGONALIZATION:
+            try:
+                stack.enter_context(orthogonalized(lm.hf, plan.direction.to(lm.device)))
+            except ValueError as err:
+                raise ConfigError(exp_file, "interventions", f"orthogonalization of {lm.spec.name}: {err}") from None
+        yield
+
+
+def generations_table(spec: ModelSpec, plan: CellPlan, prompts: pl.DataFrame, completions: list[str],
+                      ids: list[list[int]], nlls: list[float | None]) -> pa.Table:
     n = len(completions)
-    addition = plan.kind == "addition"
-    table = pa.table({
-        "model": [spec.name] * n, "template": [spec.template.name] * n, "source": [plan.source] * n,
+    addition = plan.kind == Kind.ADDITION
+    ablates = plan.kind in (Kind.ABLATION, Kind.ORTHOGONALIZATION)
+    return pa.table({
+        "model": [spec.name] * n, "template": [spec.template.name] * n, "source": [str(plan.source)] * n,
         "cell": [plan.cell] * n, "direction_model": [plan.direction_model] * n,
         "extraction_layer": [plan.extraction_layer] * n, "extraction_position": [plan.extraction_position] * n,
-        "intervention": [plan.kind] * n,
+        "intervention": [str(plan.kind)] * n,
         "addition_layer": [plan.addition_layer] * n,
         "coefficient": [plan.coefficient if addition else None] * n,
         "normalized": [plan.normalize if addition else None] * n,
-        "ablation_layers": [_layers_text(plan.ablation_layers) if plan.kind in ("ablation", "orthogonalization")
-                            else None] * n,
+        "ablation_layers": [_layers_text(plan.ablation_layers) if ablates else None] * n,
         "prompt_id": prompts["prompt_id"].to_list(), "label": prompts["label"].to_list(),
-        "category": prompts["category"].to_list(), "prompt": instructions,
+        "category": prompts["category"].to_list(), "prompt": prompts["instruction"].to_list(),
         "completion": completions,
         "repetition": [coherence.repetition(r) for r in ids],
         "nll": nlls,
     }, schema=GENERATIONS)
-    if capability_out is not None:
-        write_parquet(capability.to_table(spec.name, plan.source, plan.kind, plan.coefficient if addition else None,
-                                          metrics), capability_out)
-    write_parquet(table, output)
 
 
 def _layers_text(layers: tuple[int, int] | None) -> str:
@@ -234,13 +281,3 @@ def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[s
     pairs = [(p, c) for p, c, m in zip(instructions, completions, measured) if m]
     sums = iter(capability.completion_losses(lm, pairs, Intervention("baseline"), batch_size))
     return [coherence.per_token(next(sums)) if m else None for m in measured]
-
-
-def _orthogonalize(lm: LoadedModel, plan: CellPlan, exp_file: str, spec: ModelSpec) -> dict:
-    """Bake the ablation into the weights (generation then needs no hooks); return the original weights."""
-    original = {k: v.detach().clone() for k, v in lm.hf.state_dict().items()}
-    try:
-        orthogonalize(lm.hf, plan.direction.to(lm.device))
-    except ValueError as err:
-        raise ConfigError(exp_file, "interventions", f"orthogonalization of {spec.name}: {err}") from None
-    return original

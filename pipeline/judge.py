@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ScorerSpec
+from .specs import ScorerSpec
 from .errors import ConfigError
 from .models import LoadedModel
 from .templates import encode_batch

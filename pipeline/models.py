@@ -4,15 +4,19 @@
 that every later job loads in seconds: for GGUF sources it assembles the parts,
 verifies the SHA-256, dequantizes once (about a minute on a laptop CPU) and saves
 safetensors; for `random_init` it trains a small tokenizer on the project's own
-prompts and saves a seeded randomly initialised model; for hub ids and paths it
-only records where to load from.
+prompts and saves a seeded randomly initialised model; for hub ids it downloads a
+snapshot (only what loading needs) into the hub cache and records its folder and
+exact commit; for paths it records where to load from. Every later job loads from
+local files with the hub libraries offline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,19 +27,21 @@ from .errors import ConfigError
 from .sources import check_source, gguf_part_paths  # noqa: F401  (re-exported)
 
 PREPARED = "prepared.json"
+log = logging.getLogger(__name__)
 
 
-def set_offline(spec: ModelSpec | None = None) -> None:
-    """Keep the hub libraries offline unless a model must come from the hub."""
-    if spec is None or spec.source_kind != "hub":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+def set_offline(spec: ModelSpec | None = None, fetch: bool = False) -> None:
+    """Telemetry off in every job; the hub libraries offline except while preparing (fetching) a hub model."""
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    if not (fetch and spec is not None and spec.source_kind == "hub"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def prepare(spec: ModelSpec, out_dir: str | Path) -> None:
     """Materialise the model into `out_dir`, atomically (built beside it, then renamed)."""
-    set_offline(spec)
+    set_offline(spec, fetch=True)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -50,7 +56,7 @@ def prepare(spec: ModelSpec, out_dir: str | Path) -> None:
             _prepare_random(spec, tmp)
             info["load_from"] = "."
         elif kind == "hub":
-            info["load_from"] = spec.source["hub"]
+            info.update(_prepare_hub(spec))
         else:
             info["load_from"] = str(Path(os.path.expanduser(spec.source["path"])).resolve())
         (tmp / PREPARED).write_text(json.dumps(info, indent=2))
@@ -59,6 +65,165 @@ def prepare(spec: ModelSpec, out_dir: str | Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------ hub snapshots
+
+# What loading needs besides the weights: config, tokenizer files, chat template.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+             "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.*"]
+SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
+TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# Subfolders (original/, onnx/, gguf/) and other formats are never loaded by transformers.
+HUB_SKIP = ["*/*", "*.gguf", "*.onnx", "*.onnx_data", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.ot",
+            "consolidated*"]
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    env = os.environ
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(os.path.expandvars(os.path.expanduser(env[var])))
+    if env.get("HF_HOME"):
+        return Path(os.path.expandvars(os.path.expanduser(env["HF_HOME"]))) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """Offline if the environment says so now, or said so when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return _true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")) \
+        or constants.HF_HUB_OFFLINE
+
+
+def hub_patterns(files: list[str] | None, trust_remote_code: bool) -> tuple[list[str], list[str]]:
+    """allow/ignore patterns for snapshot_download: one weight format, safetensors when the repo has it.
+
+    `files` is the repo's listing, or None when unknown (offline with no cached listing, where the
+    cache checks nothing against the patterns): then both formats are allowed."""
+    allow = list(HUB_FILES) + (["*.py"] if trust_remote_code else [])
+    top = set(files or ())
+    if files is None:
+        allow += SAFETENSORS + TORCH_BIN
+    elif {"model.safetensors", "model.safetensors.index.json"} & top:
+        allow += SAFETENSORS
+    else:
+        allow += TORCH_BIN
+    return allow, list(HUB_SKIP)
+
+
+def _prepare_hub(spec: ModelSpec) -> dict:
+    """Download (or find in the cache) the pinned snapshot; record its folder and exact commit."""
+    repo, wanted = spec.source["hub"], spec.source.get("revision")
+    cache = hub_cache_dir()
+    commit, files, online = _hub_listing(spec, repo, wanted, cache)
+    allow, ignore = hub_patterns(files, spec.trust_remote_code)
+    folder = _hub_snapshot(spec, repo, commit or wanted, cache, online, allow, ignore)
+    _check_snapshot(spec, repo, folder)
+    commit = folder.name  # the cache names each snapshot folder by its commit hash
+    if wanted is None:
+        log.warning("%s: source.hub %s has no revision, so it is unpinned; using commit %s "
+                    "(add `revision: %s` to pin it)", spec.file, repo, commit, commit)
+    return {"hub": repo, "load_from": str(folder), "revision": commit}
+
+
+def _hub_listing(spec: ModelSpec, repo: str, revision: str | None, cache: Path):
+    """(commit, file names, online): from the hub when reachable, else from the cache's listing."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not hub_offline():
+        try:
+            info = HfApi().repo_info(repo, revision=revision)
+            return info.sha, [s.rfilename for s in info.siblings or []], True
+        except HfHubHTTPError as err:
+            # Unknown repo/revision, gated or private: say so; a hub outage (5xx) falls back to the cache.
+            if (mapped := _hub_error(spec, repo, revision, cache, err)) is not None:
+                raise mapped from None
+        except _unreachable_errors():
+            pass
+    return None, _cached_listing(repo, revision, cache), False
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning 'no connection', for whichever HTTP client this huggingface_hub uses."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors = [ConnectionError, TimeoutError, OfflineModeIsEnabled]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(client).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _cached_listing(repo: str, revision: str | None, cache: Path) -> list[str] | None:
+    """The repo's file names as cached by an earlier download, so offline uses the same patterns."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        return [f.path for f in get_cached_repo_tree(repo, revision=revision, cache_dir=cache)]
+    except Exception:  # no cached listing (or an older huggingface_hub): patterns then filter nothing
+        return None
+
+
+def _hub_snapshot(spec: ModelSpec, repo: str, revision: str | None, cache: Path, online: bool,
+                  allow: list[str], ignore: list[str]) -> Path:
+    import huggingface_hub
+
+    try:
+        folder = huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache,
+                                                   local_files_only=not online,
+                                                   allow_patterns=allow, ignore_patterns=ignore)
+    except Exception as err:
+        if (mapped := _hub_error(spec, repo, revision, cache, err)) is not None:
+            raise mapped from None
+        raise
+    return Path(folder)
+
+
+def _hub_error(spec: ModelSpec, repo: str, revision: str | None, cache: Path, err: Exception):
+    """The one-line ConfigError for a hub failure the user can fix, or None."""
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    rev = revision or "main"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, GatedRepoError):
+        problem = f"{repo} is gated on the hub: accept its terms on huggingface.co, then log in (hf auth login)"
+    elif isinstance(err, RepositoryNotFoundError):
+        problem = f"the hub has no model {repo} (or it is private: log in with hf auth login)"
+    elif isinstance(err, RevisionNotFoundError):
+        problem = f"{repo} has no revision {rev} on the hub"
+    elif isinstance(err, LocalEntryNotFoundError):
+        problem = (f"{repo} at revision {rev} is not (fully) in the local hub cache {cache} and the hub cannot be "
+                   f"reached; run once with network access (HF_HUB_OFFLINE unset), or fetch it with "
+                   f"`hf download {repo} --revision {rev}`, or point HF_HUB_CACHE at a cache that has it")
+    elif isinstance(err, HfHubHTTPError) and status in (401, 403):
+        problem = f"the hub refused access to {repo} (HTTP {status}): log in with hf auth login"
+    else:
+        return None
+    return ConfigError(spec.file, "source.hub", problem)
+
+
+def _check_snapshot(spec: ModelSpec, repo: str, folder: Path) -> None:
+    """A cached snapshot can be partial (interrupted download, no listing to check it against)."""
+    names = {p.name for p in folder.iterdir()}
+    weights = any(n.endswith((".safetensors", ".bin")) for n in names)
+    if not COMMIT.fullmatch(folder.name) or "config.json" not in names or not weights:
+        raise ConfigError(spec.file, "source.hub",
+                          f"the snapshot of {repo} at {folder} has no config.json or no weights; "
+                          f"delete it and prepare again with network access")
 
 
 def _prepare_gguf(spec: ModelSpec, tmp: Path) -> None:
@@ -142,11 +307,10 @@ def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto"):
 
     set_offline(spec)
     prepared_dir = Path(prepared_dir)
-    info = json.loads((prepared_dir / PREPARED).read_text())
-    where = info["load_from"]
-    where = str(prepared_dir) if where == "." else where
+    where = _load_from(spec, prepared_dir)
     dev = pick_device(device)
-    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    # local_files_only as well as the environment: huggingface_hub reads HF_HUB_OFFLINE only at import.
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(where, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(spec, dev), **kwargs)
     model.to(dev).eval()
@@ -154,6 +318,19 @@ def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto"):
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model, tok
+
+
+def _load_from(spec: ModelSpec, prepared_dir: Path) -> str:
+    """The local folder recorded by prepare; a hub snapshot must still be there (caches get cleaned)."""
+    info = json.loads((prepared_dir / PREPARED).read_text())
+    where = info["load_from"]
+    if where == ".":
+        return str(prepared_dir)
+    if spec.source_kind == "hub" and not Path(where).is_dir():
+        raise ConfigError(spec.file, "source.hub",
+                          f"the prepared snapshot {where} is gone (hub cache cleaned, or prepared by an older "
+                          f"version); delete {prepared_dir} and prepare the model again")
+    return where
 
 
 def stop_token_ids(model, tok) -> set[int]:

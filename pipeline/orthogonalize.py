@@ -13,9 +13,16 @@ post_feedforward_layernorm) before adding it to the residual. The norm's element
 scale g maps a vector orthogonal to u to one that in general is not (g * x . u != 0),
 so there the weight form is not exact; `orthogonalize` refuses such models unless
 told `allow_inexact=True`.
+
+`orthogonalize` edits for good; `with orthogonalized(model, direction):` edits for the
+duration of a block and restores the model exactly, copying only the edited parameters.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -24,10 +31,63 @@ from transformers.pytorch_utils import Conv1D
 from .architecture import _ATTN_NAMES, _MLP_NAMES, get_path, residual_map
 
 POST_NORM_WRITERS = ("post_attention_layernorm", "post_feedforward_layernorm")
+_BLOCK_ELEMENTS = 2**22  # per float64 temporary: 32 MiB
 
 
 def orthogonalize(model: torch.nn.Module, direction: torch.Tensor, *, allow_inexact: bool = False) -> None:
-    """Project the unit direction out of every weight that writes into the residual stream, in place."""
+    """Project the unit direction out of every weight that writes into the residual stream, in place.
+
+    Permanent: also unties a tied lm_head for good. To edit temporarily, use `orthogonalized`.
+    """
+    edit = _plan(model, direction, allow_inexact)
+    _untie_output_embeddings(model, edit.embed)
+    _apply(edit)
+
+
+@contextmanager
+def orthogonalized(model: torch.nn.Module, direction: torch.Tensor, *,
+                   allow_inexact: bool = False) -> Iterator[torch.nn.Module]:
+    """Orthogonalise the model's weights for the duration of a with-block, then restore them exactly.
+
+        with orthogonalized(model, direction):
+            ...  # model computes as under activation ablation, with no hooks
+
+    Same edit and same errors (raised before anything changes) as `orthogonalize`. Only the
+    edited parameters are copied (input embedding, attention output and MLP down projection
+    weights and biases), not the whole state dict. On exit, also when the block raises, every
+    parameter is restored bit for bit, a tied lm_head is tied to the embedding again (the same
+    Parameter object) and the tie flags in the configs are as before. Yields the model.
+    """
+    edit = _plan(model, direction, allow_inexact)
+    saved = [(p, p.detach().clone()) for p in edit.parameters()]
+    # A tied head must keep the original embedding: reuse the saved copy instead of cloning it again.
+    retie = _untie_output_embeddings(model, edit.embed, head_weight=saved[0][1])
+    try:
+        _apply(edit)
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
+        retie()
+
+
+@dataclass
+class _Edit:
+    u: torch.Tensor  # unit direction, float64
+    embed: torch.nn.Module
+    projections: list[torch.nn.Module]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the edit writes, each once (the embedding weight first)."""
+        params = [self.embed.weight]
+        for proj in self.projections:
+            params += [proj.weight] + ([proj.bias] if proj.bias is not None else [])
+        return list({id(p): p for p in params}.values())
+
+
+def _plan(model: torch.nn.Module, direction: torch.Tensor, allow_inexact: bool) -> _Edit:
+    """Validate the direction and find every module to edit, changing nothing."""
     rmap = residual_map(model)
     direction = torch.as_tensor(direction).detach()
     if direction.shape != (rmap.hidden_size,):
@@ -37,57 +97,54 @@ def orthogonalize(model: torch.nn.Module, direction: torch.Tensor, *, allow_inex
     norm = u.norm()
     if not torch.isfinite(norm) or norm == 0:
         raise ValueError("direction must be finite and non-zero")
-    u = u / norm
+    writer_names = _writer_names(model, rmap, allow_inexact)
+    return _Edit(u=u / norm, embed=get_path(model, rmap.embed),
+                 projections=_output_projections(model, rmap, writer_names))
 
-    if tuple(rmap.writers) == POST_NORM_WRITERS:
-        if not allow_inexact:
-            raise ValueError(
-                f"{type(model).__name__}: weight orthogonalisation is not exact for this model: each sub-layer "
-                f"output passes through a norm ({', '.join(POST_NORM_WRITERS)}) before it is added to the "
-                "residual stream, and the norm's elementwise scale re-introduces the direction. Use activation "
-                "ablation (pipeline.interventions), or pass allow_inexact=True to orthogonalise the attention "
-                "output and MLP down projections anyway.")
-        # The projections feeding the post-sub-layer norms: inside the attention and MLP modules.
-        block = get_path(model, rmap.layers)[0]
-        children = dict(block.named_children())
-        attn = next((n for n in _ATTN_NAMES if n in children), None)
-        mlp = next((n for n in _MLP_NAMES if n in children), None)
-        if attn is None or mlp is None:
-            raise ValueError(f"{type(block).__name__}: cannot find attention and MLP sub-modules")
-        writer_names = (attn, mlp)
-    else:
-        writer_names = tuple(rmap.writers)
 
-    # Find every projection before editing anything, so a model we cannot handle is left untouched.
-    projections = _output_projections(model, rmap, writer_names)
+def _writer_names(model, rmap, allow_inexact: bool) -> tuple[str, ...]:
+    if tuple(rmap.writers) != POST_NORM_WRITERS:
+        return tuple(rmap.writers)
+    if not allow_inexact:
+        raise ValueError(
+            f"{type(model).__name__}: weight orthogonalisation is not exact for this model: each sub-layer "
+            f"output passes through a norm ({', '.join(POST_NORM_WRITERS)}) before it is added to the "
+            "residual stream, and the norm's elementwise scale re-introduces the direction. Use activation "
+            "ablation (pipeline.interventions), or pass allow_inexact=True to orthogonalise the attention "
+            "output and MLP down projections anyway.")
+    # The projections feeding the post-sub-layer norms: inside the attention and MLP modules.
+    block = get_path(model, rmap.layers)[0]
+    children = dict(block.named_children())
+    attn = next((n for n in _ATTN_NAMES if n in children), None)
+    mlp = next((n for n in _MLP_NAMES if n in children), None)
+    if attn is None or mlp is None:
+        raise ValueError(f"{type(block).__name__}: cannot find attention and MLP sub-modules")
+    return attn, mlp
 
-    embed = get_path(model, rmap.embed)
-    # The unembedding reads the stream; it must keep the direction. Untie before editing the embedding.
-    _untie_output_embeddings(model, embed)
 
+def _apply(edit: _Edit) -> None:
     with torch.no_grad():
-        w = embed.weight
-        w64 = w.to(torch.float64)
-        uu = u.to(w.device)
-        w.copy_((w64 - torch.outer(w64 @ uu, uu)).to(w.dtype))  # each row e <- e - (e . u) u
-        for proj in projections:
-            _orthogonalize_projection(proj, u)
+        _project_out_of_rows(edit.embed.weight, edit.u)  # each embedding row e <- e - (e . u) u
+        for proj in edit.projections:
+            _orthogonalize_projection(proj, edit.u)
 
 
 def _orthogonalize_projection(proj: torch.nn.Module, u: torch.Tensor) -> None:
-    w = proj.weight
-    w64 = w.to(torch.float64)
-    uu = u.to(w.device)
-    if isinstance(proj, Conv1D):
-        # Conv1D computes x @ W + b with W stored [in, out]: W <- W (I - u u^T).
-        w.copy_((w64 - torch.outer(w64 @ uu, uu)).to(w.dtype))
-    else:
-        # nn.Linear computes x @ W^T + b with W stored [out, in]: W <- (I - u u^T) W.
-        w.copy_((w64 - torch.outer(uu, uu @ w64)).to(w.dtype))
+    # Conv1D computes x @ W + b with W stored [in, out]: W <- W (I - u u^T), i.e. each row.
+    # nn.Linear computes x @ W^T + b with W stored [out, in]: W <- (I - u u^T) W, i.e. each column.
+    _project_out_of_rows(proj.weight if isinstance(proj, Conv1D) else proj.weight.T, u)
     if proj.bias is not None:
-        b = proj.bias
-        b64 = b.to(torch.float64)
-        b.copy_((b64 - (b64 @ uu) * uu).to(b.dtype))
+        _project_out_of_rows(proj.bias.unsqueeze(0), u)
+
+
+def _project_out_of_rows(w: torch.Tensor, u: torch.Tensor) -> None:
+    """Each row r of the 2-D view w <- r - (r . u) u, computed in float64, written back in place."""
+    uu = u.to(w.device)
+    # A block of rows at a time: the float64 temporaries of a whole embedding would be
+    # several times the size of the weight itself (~3 x 4 GB for an 8B model's).
+    for rows in w.split(max(1, _BLOCK_ELEMENTS // w.shape[1])):
+        r64 = rows.to(torch.float64)
+        rows.copy_((r64 - torch.outer(r64 @ uu, uu)).to(rows.dtype))
 
 
 def _out_features(module: torch.nn.Module) -> int | None:
@@ -159,10 +216,15 @@ def _output_projections(model, rmap, writer_names) -> list[torch.nn.Module]:
     return found
 
 
-def _untie_output_embeddings(model, embed) -> None:
+def _untie_output_embeddings(model, embed, head_weight: torch.Tensor | None = None) -> Callable[[], None]:
+    """Give the output embedding its own weight (`head_weight`, else a clone); return a function that re-ties them.
+
+    The unembedding reads the stream; it must keep the direction, so untie before editing the embedding.
+    """
     head = model.get_output_embeddings()
     shared = head is not None and (head.weight is embed.weight
                                    or head.weight.data_ptr() == embed.weight.data_ptr())
+    flags, mappings = [], []
     # Forget the tie everywhere transformers records it, so that neither tie_weights()
     # (recomputing from the config or reusing the cached mapping) nor save/load re-ties them.
     for m in model.modules():
@@ -170,13 +232,27 @@ def _untie_output_embeddings(model, embed) -> None:
             continue
         for cfg in (m.config, m.config.get_text_config()):
             if getattr(cfg, "tie_word_embeddings", False):
+                flags.append((cfg, cfg.tie_word_embeddings))
                 cfg.tie_word_embeddings = False
         tied = getattr(m, "all_tied_weights_keys", None)
         if tied:
+            mappings.append((m, tied))
             m.all_tied_weights_keys = {k: v for k, v in tied.items()
                                        if not (_is_param(m, k, embed.weight) or _is_param(m, v, embed.weight))}
+    original_head = head.weight if shared else None
     if shared:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        own = head.weight.detach().clone() if head_weight is None else head_weight
+        head.weight = torch.nn.Parameter(own, requires_grad=original_head.requires_grad)
+
+    def retie() -> None:
+        for cfg, value in flags:
+            cfg.tie_word_embeddings = value
+        for m, tied in mappings:
+            m.all_tied_weights_keys = tied
+        if shared:
+            head.weight = original_head
+
+    return retie
 
 
 def _is_param(module, name: str, param) -> bool:

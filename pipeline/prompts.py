@@ -11,9 +11,10 @@ import random
 
 import pyarrow as pa
 
-from .config import DatasetSpec, Experiment
+from .config import Split
 from .errors import ConfigError
 from .schemas import PROMPTS, write_parquet
+from .specs import DatasetSpec
 
 
 def load_instructions(spec: DatasetSpec) -> list[dict]:
@@ -64,27 +65,26 @@ def split_rows(rows: list[dict], n_train: int, n_val: int, n_test: int, seed: in
             "test": picked[n_train + n_val:]}
 
 
-def build_prompts(exp: Experiment) -> pa.Table:
+def build_prompts(dataset_splits: dict[str, dict[str, DatasetSpec]], split: Split, exp_file: str) -> pa.Table:
     """Each label's splits, from one set (shuffled and cut) or from several (e.g. test on another benchmark).
 
     A split drawn from a different set never repeats an instruction already drawn for
     the same label, so a test benchmark that overlaps the training set cannot leak.
     """
     records = []
-    s = exp.split
-    for label, by_split in exp.dataset_splits.items():
+    for label, by_split in dataset_splits.items():
         groups: dict[str, tuple] = {}  # dataset name -> (spec, its splits), train's set first
-        for split in ("train", "val", "test"):
-            spec = by_split[split]
-            groups.setdefault(spec.name, (spec, []))[1].append(split)
+        for part in ("train", "val", "test"):
+            spec = by_split[part]
+            groups.setdefault(spec.name, (spec, []))[1].append(part)
         seen: set[str] = set()
         for spec, splits in groups.values():
             rows = [r for r in load_instructions(spec) if _norm(r["instruction"]) not in seen]
-            counts = [s[k] if k in splits else 0 for k in ("train", "val", "test")]
-            parts = split_rows(rows, *counts, s["seed"], spec, exp.file)
-            for split in splits:
-                for r in parts[split]:
-                    records.append({**r, "label": label, "split": split, "dataset": spec.name})
+            counts = [getattr(split, k) if k in splits else 0 for k in ("train", "val", "test")]
+            parts = split_rows(rows, *counts, split.seed, spec, exp_file)
+            for part in splits:
+                for r in parts[part]:
+                    records.append({**r, "label": label, "split": part, "dataset": spec.name})
                     seen.add(_norm(r["instruction"]))
     return pa.Table.from_pylist(records, schema=PROMPTS)
 
@@ -93,5 +93,5 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def run(exp: Experiment, output: str) -> None:
-    write_parquet(build_prompts(exp), output)
+def run(dataset_splits: dict[str, dict[str, DatasetSpec]], split: Split, output: str, *, exp_file: str) -> None:
+    write_parquet(build_prompts(dataset_splits, split, exp_file), output)

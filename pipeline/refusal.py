@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelSpec
+from .specs import ModelSpec
 from .errors import ConfigError
 
 EPS = 1e-8

@@ -40,13 +40,11 @@ capability/...             metric: model, source, intervention, coefficient, met
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+# Stages import the atomic readers and writers from here.
+from .atomic import read_parquet, write_bytes, write_parquet, write_text  # noqa: F401
 
 PROMPTS = pa.schema([
     ("prompt_id", pa.string()), ("label", pa.string()), ("split", pa.string()),
@@ -95,45 +93,3 @@ def column_matrix(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name).combine_chunks()
     width = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def write_parquet(table: pa.Table, path: str | Path, vector_columns: tuple[str, ...] = ()) -> None:
-    """Write atomically (temp file then rename) with zstd.
-
-    Vector columns skip dictionary encoding (it inflates floats) and use
-    BYTE_STREAM_SPLIT, which must name the leaf column to take effect.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    leaves = [f"{c}.list.element" for c in vector_columns]
-    dictionary = [c for c in table.column_names if c not in vector_columns]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary or False,
-                       column_encoding={leaf: "BYTE_STREAM_SPLIT" for leaf in leaves} or None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(text: str, path: str | Path) -> None:
-    write_bytes(text.encode(), path)
-
-
-def write_bytes(data: bytes, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_parquet(path: str | Path) -> pa.Table:
-    return pq.read_table(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .config import ScorerSpec
+from .specs import ScorerSpec
 from .schemas import SCORES, read_parquet, write_parquet
 
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'"})

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from .config import Selection
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight
 from .models import LoadedModel
@@ -38,33 +37,6 @@ SELECTION = pa.schema([
     ("bypass", pa.float64()), ("induce", pa.float64()), ("kl", pa.float64()),
     ("discarded", pa.string()), ("chosen", pa.bool_()),
 ])
-
-
-@dataclass(frozen=True)
-class SelectionRules:
-    max_layer_fraction: float = 0.8
-    kl_max: float = 0.1
-    induce_min: float = 0.0
-    induce_relative: bool = False  # induce_min counts from the unsteered harmless score, not from 0
-    batch_size: int = 32
-    layers: tuple[int, ...] | None = None  # evaluate only these layers (None: all)
-    positions: tuple[int, ...] | None = None  # ... and these positions (None: all)
-
-    @classmethod
-    def from_config(cls, d: dict) -> "SelectionRules":
-        d = dict(d or {})
-        layers = d.get("layers")
-        if isinstance(layers, dict):  # {start, stop, step}
-            layers = range(int(layers.get("start", 0)), int(layers["stop"]), int(layers.get("step", 1)))
-        return cls(max_layer_fraction=float(d.get("max_layer_fraction", 0.8)), kl_max=float(d.get("kl_max", 0.1)),
-                   induce_min=float(d.get("induce_min", 0.0)), induce_relative=bool(d.get("induce_relative", False)),
-                   batch_size=int(d.get("batch_size", 32)),
-                   layers=tuple(int(x) for x in layers) if layers is not None else None,
-                   positions=tuple(int(x) for x in d["positions"]) if d.get("positions") is not None else None)
-
-    def evaluates(self, layer: int, position: int) -> bool:
-        return ((self.layers is None or layer in self.layers)
-                and (self.positions is None or position in self.positions))
 
 
 @torch.no_grad()
@@ -91,7 +63,7 @@ def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torc
 
 
 def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harmless: list[str],
-                     rules: SelectionRules) -> pl.DataFrame:
+                     rules: Selection) -> pl.DataFrame:
     ids = refusal_token_ids(lm.tok, lm.spec)
     bs = rules.batch_size
     base_harmless = last_logits(lm, harmless, Intervention("baseline"), bs)
@@ -123,7 +95,7 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
     return pl.DataFrame(rows, schema_overrides={"discarded": pl.String})
 
 
-def discard_reason(row: dict, rules: SelectionRules, induce_floor: float | None = None) -> str | None:
+def discard_reason(row: dict, rules: Selection, induce_floor: float | None = None) -> str | None:
     """Why a candidate is discarded, or None. `induce_floor`: the induce threshold in score units."""
     floor = rules.induce_min if induce_floor is None else induce_floor
     if any(math.isnan(row[k]) for k in ("bypass", "induce", "kl")):
@@ -216,8 +188,8 @@ def placeholder_png(text: str) -> bytes:
 
 
 def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, selection_out: str,
-        selected_out: str, heatmap_out: str, *, forced: tuple[int, int] | None, settings: dict,
-        random_seed: int, device: str, threads: int, exp_file: str) -> None:
+        selected_out: str, heatmap_out: str, *, forced: tuple[int, int] | None, rules: Selection,
+        filter_prompts: bool, random_seed: int, device: str, threads: int, exp_file: str) -> None:
     candidates = read_parquet(candidates_path)
     keys = list(zip(candidates.column("layer").to_pylist(), candidates.column("position").to_pylist()))
     if forced is not None:
@@ -234,10 +206,9 @@ def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, select
         chosen = forced
         png = placeholder_png(f"{spec.name}: direction forced at layer {forced[0]}, position {forced[1]}")
     else:
-        rules = SelectionRules.from_config(settings)
         lm = LoadedModel(spec, prepared_dir, device, threads)
         harmful, harmless = val_prompts(prompts_path)
-        if settings.get("filter", True):
+        if filter_prompts:
             harmful, harmless = filter_by_score(lm, harmful, harmless, rules.batch_size)
         for label, texts in (("harmful", harmful), ("harmless", harmless)):
             if not texts:

@@ -1,17 +1,22 @@
-"""Cheap checks that a model's source exists, without importing torch.
+"""Cheap facts about a model's source, without importing torch or loading weights.
 
-Run while the config is validated, so a missing GGUF part or local path is
-reported in one line before any job starts (and light jobs stay light).
+Run while the config is validated, so a missing GGUF part or local path, or a layer
+the model does not have, is reported in one line before any job starts (and light
+jobs stay light). The metadata (layer count, hidden size, context length) comes
+from the prepared model's config.json, a local or cached config.json, the GGUF
+header, or the tiny model's config in its YAML.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from importlib import resources
 from pathlib import Path
 
-from .config import ModelSpec
 from .errors import ConfigError
+from .specs import ModelSpec
 
 
 def gguf_part_paths(spec: ModelSpec) -> list[Path]:
@@ -25,7 +30,7 @@ def gguf_part_paths(spec: ModelSpec) -> list[Path]:
             raise ConfigError(spec.file, f"source.gguf_parts[{i}]",
                               f"package '{package}' is not installed (pip install the project)") from None
         path = base / rel
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(spec.file, f"source.gguf_parts[{i}]", f"file not found: {path}")
         paths.append(path)
     return paths
@@ -40,3 +45,129 @@ def check_source(spec: ModelSpec) -> None:
         p = Path(os.path.expanduser(spec.source["path"]))
         if not p.exists():
             raise ConfigError(spec.file, "source.path", f"not found: {p}")
+
+
+def model_metadata(spec: ModelSpec, prepared_dir: Path | None = None) -> dict | None:
+    """{n_layers, hidden_size, context} where known without weights, else None (e.g. an uncached hub model)."""
+    config = _config_json(spec, prepared_dir)
+    if config is not None:
+        return _from_config(config)
+    if spec.source_kind == "gguf_parts":
+        return gguf_metadata(gguf_part_paths(spec))
+    return None
+
+
+def _config_json(spec: ModelSpec, prepared_dir: Path | None) -> dict | None:
+    candidates = []
+    if prepared_dir is not None:
+        candidates.append(Path(prepared_dir) / "config.json")
+    kind = spec.source_kind
+    if kind == "random_init":
+        ri = spec.source["random_init"]
+        return {**ri["config"], "architectures": [ri["architecture"]]}
+    if kind == "path":
+        candidates.append(Path(os.path.expanduser(spec.source["path"])) / "config.json")
+    if kind == "hub":
+        cached = _hub_cached_config(spec)
+        if cached:
+            candidates.append(Path(cached))
+    for path in candidates:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _hub_cached_config(spec: ModelSpec) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(spec.source["hub"], "config.json", revision=spec.source.get("revision"))
+    return found if isinstance(found, str) else None
+
+
+def _from_config(cfg: dict) -> dict:
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    return {"n_layers": cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers"),
+            "hidden_size": cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model"),
+            "context": cfg.get("max_position_embeddings") or cfg.get("n_positions")}
+
+
+# GGUF metadata value types (the GGUF spec): fixed-size scalars by struct code, 8 = string, 9 = array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+class _Stream:
+    """Sequential reads across the GGUF's parts, as if they were one file."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.file = list(paths), None
+
+    def read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            if self.file is None:
+                if not self.paths:
+                    raise EOFError("GGUF header ends early")
+                self.file = open(self.paths.pop(0), "rb")
+            chunk = self.file.read(n - len(out))
+            if not chunk:
+                self.file.close()
+                self.file = None
+            out += chunk
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def gguf_metadata(paths: list[Path]) -> dict | None:
+    """Layer count, hidden size and context length from a GGUF header (read up to those keys only)."""
+    stream = _Stream(paths)
+    try:
+        if stream.read(4) != b"GGUF":
+            return None
+        _version, _tensors, n_kv = struct.unpack("<IQQ", stream.read(20))
+        found, arch = {}, None
+        for _ in range(n_kv):
+            key = _gguf_string(stream)
+            value = _gguf_value(stream, struct.unpack("<I", stream.read(4))[0])
+            if key == "general.architecture":
+                arch = value
+            found[key] = value
+            if arch and all(f"{arch}.{k}" in found for k in ("block_count", "embedding_length", "context_length")):
+                break
+        if arch is None:
+            return None
+        return {"n_layers": found.get(f"{arch}.block_count"), "hidden_size": found.get(f"{arch}.embedding_length"),
+                "context": found.get(f"{arch}.context_length")}
+    except (EOFError, struct.error, UnicodeDecodeError):
+        return None
+    finally:
+        stream.close()
+
+
+def _gguf_string(stream: _Stream) -> str:
+    (n,) = struct.unpack("<Q", stream.read(8))
+    return stream.read(n).decode("utf-8")
+
+
+def _gguf_value(stream: _Stream, kind: int):
+    if kind in _GGUF_SCALARS:
+        code = _GGUF_SCALARS[kind]
+        return struct.unpack("<" + code, stream.read(struct.calcsize(code)))[0]
+    if kind == 8:
+        return _gguf_string(stream)
+    if kind == 9:
+        item, count = struct.unpack("<IQ", stream.read(12))
+        if item in _GGUF_SCALARS:  # skip fixed-size arrays in one read
+            stream.read(struct.calcsize(_GGUF_SCALARS[item]) * count)
+        else:
+            for _ in range(count):
+                _gguf_value(stream, item)
+        return None
+    raise struct.error(f"unknown GGUF value type {kind}")

@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .config import SweepSpec
+from .specs import SweepSpec
 from .errors import ConfigError
 from .interventions import Intervention
 from .models import LoadedModel

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelSpec, TemplateSpec
+from .specs import ModelSpec, TemplateSpec
 from .errors import ConfigError
 
 

@@ -8,7 +8,8 @@ import transformers as T
 
 from pipeline.architecture import get_path, residual_map
 from pipeline.interventions import Intervention, torch_hooks
-from pipeline.orthogonalize import orthogonalize
+import pipeline.orthogonalize as orthogonalize_module
+from pipeline.orthogonalize import orthogonalize, orthogonalized
 
 VOCAB, HIDDEN, LAYERS = 128, 64, 3
 TOL = 1e-4  # max |logit difference|, float32
@@ -18,6 +19,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_h
 CONFIGS = {
     "qwen2-tied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, num_key_value_heads=2,
                                                            tie_word_embeddings=True)),
+    "qwen2-untied": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, num_key_value_heads=2,
+                                                             tie_word_embeddings=False)),
     # biases on o_proj and down_proj exercise b <- b - (b.u)u
     "llama-bias": lambda: T.LlamaForCausalLM(T.LlamaConfig(**COMMON, num_key_value_heads=2, attention_bias=True,
                                                            mlp_bias=True)),
@@ -185,3 +188,92 @@ def test_direction_of_wrong_size_is_refused():
         orthogonalize(model, torch.ones(HIDDEN + 1))
     with pytest.raises(ValueError, match="non-zero"):
         orthogonalize(model, torch.zeros(HIDDEN))
+
+
+def snapshot(model):
+    """Everything `orthogonalized` must put back: values, Parameter objects, the tie and its records."""
+    return dict(state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                params=dict(model.named_parameters(remove_duplicate=False)),
+                tied=model.lm_head.weight is model.get_input_embeddings().weight,
+                flag=model.config.tie_word_embeddings,
+                mapping=dict(model.all_tied_weights_keys))
+
+
+def assert_restored(model, before, same_model=True):
+    state = model.state_dict()
+    assert state.keys() == before["state"].keys()
+    for k, v in state.items():
+        assert v.dtype == before["state"][k].dtype and torch.equal(v, before["state"][k]), k
+    if same_model:  # the very Parameter objects, so references held elsewhere stay valid
+        params = dict(model.named_parameters(remove_duplicate=False))
+        assert params.keys() == before["params"].keys()
+        assert all(params[k] is p for k, p in before["params"].items())
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == before["tied"]
+    assert model.config.tie_word_embeddings == before["flag"]
+    assert model.all_tied_weights_keys == before["mapping"]
+
+
+@pytest.mark.parametrize("name", ["qwen2-tied", "qwen2-untied"])
+def test_context_restores_every_tensor_and_the_tie(name, tmp_path):
+    model = build(name)
+    before = snapshot(model)
+    assert before["tied"] == (name == "qwen2-tied")
+    with orthogonalized(model, unit_direction()[0]) as edited:
+        assert edited is model
+        assert model.lm_head.weight is not model.get_input_embeddings().weight
+        assert not torch.equal(model.get_input_embeddings().weight, before["state"]["model.embed_tokens.weight"])
+        assert torch.equal(model.lm_head.weight, before["state"]["lm_head.weight"])
+    assert_restored(model, before)
+    # the tie transformers would (re)build is the original one too
+    model.tie_weights()
+    assert_restored(model, before)
+    model.save_pretrained(tmp_path)
+    assert_restored(T.Qwen2ForCausalLM.from_pretrained(tmp_path).eval(), before, same_model=False)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_context_matches_activation_ablation_inside_and_plain_model_after(name):
+    model = build(name)
+    d, _ = unit_direction()
+    ids, mask = batch()
+    real = mask.bool()
+    plain, _ = run(model, ids, mask)
+    with torch_hooks(model, residual_map(model), Intervention("ablation", direction=d)):
+        hooked, _ = run(model, ids, mask)
+    with orthogonalized(model, d):
+        ortho, _ = run(model, ids, mask)
+    after, _ = run(model, ids, mask)
+    assert (ortho - hooked)[real].abs().max() < TOL
+    assert (plain - hooked)[real].abs().max() > 100 * TOL
+    assert torch.equal(after, plain)
+
+
+def test_context_restores_when_the_block_raises():
+    model = build("qwen2-tied")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with orthogonalized(model, unit_direction()[0]):
+            raise RuntimeError("inside")
+    assert_restored(model, before)
+
+
+def test_context_refusal_changes_nothing():
+    model = build("gemma2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not exact"):
+        with orthogonalized(model, unit_direction()[0]):
+            pytest.fail("the block must not run")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_blockwise_edit_matches_whole_tensor_edit(monkeypatch):
+    # The tiny models fit in one block; force several rows' worth of blocks (and ragged last ones).
+    model = build("llama-bias")
+    d, _ = unit_direction()
+    whole = copy.deepcopy(model)
+    orthogonalize(whole, d)
+    monkeypatch.setattr(orthogonalize_module, "_BLOCK_ELEMENTS", 3 * HIDDEN + 5)
+    orthogonalize(model, d)
+    expected = whole.state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, expected[k], msg=k)

@@ -6,9 +6,14 @@ rule activations:
     output:
         OUT + "/activations/{model}.parquet",
     params:
-        model=lambda w: EXP.models[w.model].as_params(),
-        settings=EXP.activations,
+        model=model_params,
+        settings=to_params(EXP.activations),
+        device=EXP.device,
         schema=2,  # bump when the activations Parquet layout changes, so old caches are rebuilt
+    log:
+        LOGS + "/activations/{model}.log",
+    benchmark:
+        LOGS + "/activations/{model}.benchmark.tsv"
     threads: EXP.threads
     resources:
         gpu=GPU,

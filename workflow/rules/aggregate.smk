@@ -16,6 +16,11 @@ rule aggregate:
         charts=expand(OUT + "/charts/{model}.png", model=list(EXP.models)),
         sweep_scatter=[OUT + "/charts/sweep_prediction.png"] if EXP.sweep else [],
     params:
-        coherence=EXP.coherence,
+        name=EXP.name,
+        models=list(EXP.models),
+        swept=list(EXP.sweep.models) if EXP.sweep else [],
+        coherence=to_params(EXP.coherence),
+    log:
+        LOGS + "/aggregate.log",
     script:
         "../scripts/aggregate.py"

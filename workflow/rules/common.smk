@@ -1,12 +1,16 @@
-# Helpers shared by the rules: the grid and the files each cell needs.
+# Helpers shared by the rules: the grid, the files each cell needs, and each rule's params.
 
 
 def cell_path(kind, cell):
-    return f"{OUT}/{kind}/{cell.model}/{cell.source}/{cell.intervention_id}.parquet"
+    return f"{OUT}/{kind}/{cell.model}/{cell.source}/{cell.name}.parquet"
 
 
 def grid_files(kind):
     return [cell_path(kind, c) for c in EXP.cells()]
+
+
+def model_params(wildcards):
+    return to_params(EXP.models[wildcards.model])
 
 
 def direction_file(wildcards):
@@ -19,7 +23,7 @@ def direction_file(wildcards):
 
 def baseline_file(wildcards):
     """Steered cells measure loss on the model's own baseline completions, so they need them first."""
-    if wildcards.intervention == "baseline" or wildcards.source == "sweep" or not EXP.capability["enabled"]:
+    if wildcards.cell == "baseline" or wildcards.source == "sweep" or not EXP.capability.enabled:
         return []
     return [f"{OUT}/generations/{wildcards.model}/none/baseline.parquet"]
 
@@ -36,3 +40,15 @@ def sweep_candidates_file(wildcards):
 def sweep_outputs(kind):
     models = list(EXP.sweep.models) if EXP.sweep else []
     return [f"{OUT}/sweep/{m}/{kind}" for m in models]
+
+
+def cell_intervention(wildcards):
+    """The intervention settings one cell reads, so editing another cell's settings leaves it alone."""
+    cell = EXP.cell(wildcards.model, wildcards.source, wildcards.cell)
+    iv = EXP.intervention
+    if cell.kind == "addition":
+        return {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
+                "addition_absolute": iv.addition_absolute}
+    if cell.kind in ("ablation", "orthogonalization") or cell.pick is not None:
+        return {"ablation_layers": iv.ablation_layers}
+    return {}

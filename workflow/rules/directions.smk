@@ -5,7 +5,10 @@ rule directions:
     output:
         OUT + "/directions/{model}/candidates.parquet",
     params:
-        filter=lambda w: EXP.selection_settings()["filter"],
+        filter=EXP.direction.filter,
+        file=EXP.file,
+    log:
+        LOGS + "/directions/{model}.log",
     script:
         "../scripts/directions.py"
 
@@ -21,10 +24,17 @@ rule select:
         selected=OUT + "/directions/{model}/selected.parquet",
         heatmap=OUT + "/directions/{model}/selection.png",
     params:
-        model=lambda w: EXP.models[w.model].as_params(),
+        model=model_params,
         choice=lambda w: EXP.direction_choice(w.model),
-        settings=EXP.selection_settings(),
-        random_seed=EXP.random_seed,
+        selection=to_params(EXP.direction.selection),
+        filter=EXP.direction.filter,
+        random_seed=EXP.direction.random_seed,
+        device=EXP.device,
+        file=EXP.file,
+    log:
+        LOGS + "/select/{model}.log",
+    benchmark:
+        LOGS + "/select/{model}.benchmark.tsv"
     threads: EXP.threads
     resources:
         gpu=lambda w: 0 if EXP.direction_choice(w.model)[2] else GPU,

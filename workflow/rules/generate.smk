@@ -8,14 +8,21 @@ rule generate:
         picks=sweep_picks_file,
         candidates=sweep_candidates_file,
     output:
-        generations=OUT + "/generations/{model}/{source}/{intervention}.parquet",
-        capability=OUT + "/capability/{model}/{source}/{intervention}.parquet",
+        generations=OUT + "/generations/{model}/{source}/{cell}.parquet",
+        capability=OUT + "/capability/{model}/{source}/{cell}.parquet",
     params:
-        model=lambda w: EXP.models[w.model].as_params(),
-        cell=lambda w: {"source": w.source, "intervention": w.intervention, **EXP.intervention_params()},
-        generation=EXP.generation,
-        capability=EXP.capability,
-        nll_prompts=EXP.coherence["nll_prompts"],
+        model=model_params,
+        cell=lambda w: to_params(EXP.cell(w.model, w.source, w.cell)),
+        intervention=cell_intervention,
+        generation=to_params(EXP.generation),
+        capability=to_params(EXP.capability),
+        nll_prompts=EXP.coherence.nll_prompts,
+        device=EXP.device,
+        file=EXP.file,
+    log:
+        LOGS + "/generate/{model}/{source}/{cell}.log",
+    benchmark:
+        LOGS + "/generate/{model}/{source}/{cell}.benchmark.tsv"
     threads: EXP.threads
     resources:
         gpu=GPU,

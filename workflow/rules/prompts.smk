@@ -3,8 +3,11 @@ rule prompts:
     output:
         OUT + "/prompts.parquet",
     params:
-        datasets=lambda w: {label: {split: spec.as_params() for split, spec in splits.items()}
-                            for label, splits in EXP.dataset_splits.items()},
-        split=EXP.split,
+        datasets={label: {split: to_params(spec) for split, spec in splits.items()}
+                  for label, splits in EXP.dataset_splits.items()},
+        split=to_params(EXP.split),
+        file=EXP.file,
+    log:
+        LOGS + "/prompts.log",
     script:
         "../scripts/prompts.py"

@@ -6,12 +6,15 @@ def judge_model(wildcards):
 rule score:
     """Mark each completion refused or not with the experiment's scorer."""
     input:
-        generations=OUT + "/generations/{model}/{source}/{intervention}.parquet",
+        generations=OUT + "/generations/{model}/{source}/{cell}.parquet",
         judge=judge_model,
     output:
-        OUT + "/scores/{model}/{source}/{intervention}.parquet",
+        OUT + "/scores/{model}/{source}/{cell}.parquet",
     params:
-        scorer=EXP.scorer.as_params(),
+        scorer=to_params(EXP.scorer),
+        device=EXP.device,
+    log:
+        LOGS + "/score/{model}/{source}/{cell}.log",
     threads: EXP.threads if EXP.scorer.judge else 1
     resources:
         gpu=GPU if EXP.scorer.judge else 0,

@@ -11,9 +11,17 @@ rule sweep:
         picks=OUT + "/sweep/{model}/picks.parquet",
         heatmap=OUT + "/sweep/{model}/sweep.png",
     params:
-        model=lambda w: EXP.models[w.model].as_params(),
-        sweep=EXP.sweep.as_params() if EXP.sweep else None,
-        interventions=EXP.intervention_params(),
+        model=model_params,
+        sweep=to_params(EXP.sweep),
+        normalize=EXP.intervention.normalize,
+        ablation_layers=EXP.intervention.ablation_layers,
+        reuse_selection=EXP.reuse_selection_bypass(),
+        device=EXP.device,
+        file=EXP.file,
+    log:
+        LOGS + "/sweep/{model}.log",
+    benchmark:
+        LOGS + "/sweep/{model}.benchmark.tsv"
     threads: EXP.threads
     resources:
         gpu=GPU,

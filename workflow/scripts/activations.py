@@ -1,7 +1,10 @@
 from pipeline import activations
-from pipeline.config import experiment_from_snakemake
+from pipeline.config import Activations
+from pipeline.job import job
+from pipeline.specs import ModelSpec, from_params
 
-exp = experiment_from_snakemake(snakemake)
-activations.run(exp.models[snakemake.wildcards.model], snakemake.input.model, snakemake.input.prompts,
-                snakemake.output[0], batch_size=exp.activations["batch_size"], dtype=exp.activations["dtype"],
-                device=exp.device, threads=snakemake.threads)
+with job(snakemake) as p:
+    settings = from_params(Activations, p.settings)
+    activations.run(from_params(ModelSpec, p.model), snakemake.input.model, snakemake.input.prompts,
+                    snakemake.output[0], batch_size=settings.batch_size, dtype=settings.dtype, device=p.device,
+                    threads=snakemake.threads)

@@ -1,16 +1,11 @@
 from pathlib import Path
 
 from pipeline import aggregate
-from pipeline.config import experiment_from_snakemake
+from pipeline.job import job
 
-exp = experiment_from_snakemake(snakemake)
-charts = {model: str(Path(exp.out) / "charts" / f"{model}.png") for model in exp.models}
-selections = {model: (sel, png) for model, sel, png in
-              zip(exp.models, snakemake.input.selections, snakemake.input.heatmaps)}
-swept = list(exp.sweep.models) if exp.sweep else []
-sweeps = {model: files for model, files in
-          zip(swept, zip(snakemake.input.sweeps, snakemake.input.sweep_picks, snakemake.input.sweep_heatmaps))}
-aggregate.run(exp.name, list(snakemake.input.scores), str(exp.out), charts, selections,
-              list(snakemake.input.capability), sweeps=sweeps,
-              scatter_path=snakemake.output.sweep_scatter[0] if snakemake.output.sweep_scatter else None,
-              coherence=exp.coherence)
+with job(snakemake) as p:
+    inp, out = snakemake.input, snakemake.output
+    sweeps = dict(zip(p.swept, zip(inp.sweeps, inp.sweep_picks, inp.sweep_heatmaps)))
+    aggregate.run(p.name, list(inp.scores), str(Path(out.summary).parent), dict(zip(p.models, out.charts)),
+                  dict(zip(p.models, zip(inp.selections, inp.heatmaps))), list(inp.capability), sweeps=sweeps,
+                  scatter_path=out.sweep_scatter[0] if out.sweep_scatter else None, coherence=p.coherence)

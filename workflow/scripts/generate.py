@@ -1,20 +1,17 @@
 from pipeline import generate
-from pipeline.config import cell_for, experiment_from_snakemake
+from pipeline.config import Capability, Generation
+from pipeline.job import job
+from pipeline.specs import Cell, ModelSpec, from_params
 
-exp = experiment_from_snakemake(snakemake)
-w = snakemake.wildcards
-cell = cell_for(exp, w.model, w.source, w.intervention)
-if cell.source == "sweep":
-    plan = generate.plan_sweep_cell(w.model, snakemake.input.picks, snakemake.input.candidates, cell.intervention,
-                                    exp.ablation_layers)
-else:
-    plan = generate.plan_grid_cell(snakemake.input.direction[0] if snakemake.input.direction else None,
-                                   source=cell.source, intervention=cell.intervention, coefficient=cell.coefficient,
-                                   normalize=exp.normalize, addition_layer=exp.addition_layer,
-                                   ablation_layers=exp.ablation_layers)
-generate.run(exp.models[w.model], snakemake.input.model, snakemake.input.prompts, plan, snakemake.output.generations,
-             max_new_tokens=int(exp.generation["max_new_tokens"]), batch_size=int(exp.generation["batch_size"]),
-             device=exp.device, threads=snakemake.threads, exp_file=exp.file,
-             capability_out=snakemake.output.capability, capability_cfg=exp.capability,
-             baseline_path=snakemake.input.baseline[0] if snakemake.input.baseline else None,
-             nll_prompts=int(exp.coherence["nll_prompts"]))
+with job(snakemake) as p:
+    cell = from_params(Cell, p.cell)
+    inp = snakemake.input
+    plan = generate.plan_cell(cell, p.intervention, selected_path=inp.direction[0] if inp.direction else None,
+                              picks_path=inp.picks[0] if inp.picks else None,
+                              candidates_path=inp.candidates[0] if inp.candidates else None)
+    gen = from_params(Generation, p.generation)
+    generate.run(from_params(ModelSpec, p.model), inp.model, inp.prompts, plan, snakemake.output.generations,
+                 max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, device=p.device,
+                 threads=snakemake.threads, exp_file=p.file, capability_out=snakemake.output.capability,
+                 capability_cfg=from_params(Capability, p.capability),
+                 baseline_path=inp.baseline[0] if inp.baseline else None, nll_prompts=p.nll_prompts)

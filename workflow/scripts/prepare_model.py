@@ -1,6 +1,7 @@
-from pipeline.config import experiment_from_snakemake
+from pipeline.job import job
 from pipeline.models import prepare, set_threads
+from pipeline.specs import ModelSpec, from_params
 
-exp = experiment_from_snakemake(snakemake)
-set_threads(snakemake.threads)
-prepare(exp.model_spec(snakemake.wildcards.model), snakemake.output[0])
+with job(snakemake) as p:
+    set_threads(snakemake.threads)
+    prepare(from_params(ModelSpec, p.model), snakemake.output[0])

@@ -1,4 +1,9 @@
 from pipeline import prompts
-from pipeline.config import experiment_from_snakemake
+from pipeline.config import Split
+from pipeline.job import job
+from pipeline.specs import DatasetSpec, from_params
 
-prompts.run(experiment_from_snakemake(snakemake), snakemake.output[0])
+with job(snakemake) as p:
+    splits = {label: {split: from_params(DatasetSpec, d) for split, d in by_split.items()}
+              for label, by_split in p.datasets.items()}
+    prompts.run(splits, from_params(Split, p.split), snakemake.output[0], exp_file=p.file)

@@ -1,7 +1,8 @@
 from pipeline import score
-from pipeline.config import experiment_from_snakemake
+from pipeline.job import job
+from pipeline.specs import ScorerSpec, from_params
 
-exp = experiment_from_snakemake(snakemake)
-judge = list(getattr(snakemake.input, "judge", []))
-score.run(exp.scorer, snakemake.input[0], snakemake.output[0], judge_dir=judge[0] if judge else None,
-          device=exp.device, threads=snakemake.threads)
+with job(snakemake) as p:
+    judge = list(snakemake.input.judge)
+    score.run(from_params(ScorerSpec, p.scorer), snakemake.input.generations, snakemake.output[0],
+              judge_dir=judge[0] if judge else None, device=p.device, threads=snakemake.threads)

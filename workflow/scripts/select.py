@@ -1,10 +1,13 @@
 from pipeline import select
-from pipeline.config import experiment_from_snakemake
+from pipeline.config import Selection
+from pipeline.job import job
+from pipeline.specs import ModelSpec, from_params
 
-exp = experiment_from_snakemake(snakemake)
-model = snakemake.wildcards.model
-layer, position, forced = exp.direction_choice(model)
-select.run(exp.models[model], snakemake.input.model, snakemake.input.prompts, snakemake.input.candidates,
-           snakemake.output.selection, snakemake.output.selected, snakemake.output.heatmap,
-           forced=(layer, position) if forced else None, settings=exp.selection_settings(),
-           random_seed=exp.random_seed, device=exp.device, threads=snakemake.threads, exp_file=exp.file)
+with job(snakemake) as p:
+    layer, position, forced = p.choice
+    out = snakemake.output
+    select.run(from_params(ModelSpec, p.model), snakemake.input.model, snakemake.input.prompts,
+               snakemake.input.candidates, out.selection, out.selected, out.heatmap,
+               forced=(layer, position) if forced else None, rules=from_params(Selection, p.selection),
+               filter_prompts=p.filter, random_seed=p.random_seed, device=p.device, threads=snakemake.threads,
+               exp_file=p.file)

@@ -1,0 +1,49 @@
+"""What every Snakemake job does around its stage: offline hubs, a log, clean temps, one-line errors.
+
+Each workflow script is `with job(snakemake) as p: <stage>.run(...)`: the stage gets
+the rule's params (the typed specs, rebuilt with `specs.from_params`), its stderr
+and progress bars go to the rule's log, leftovers of a killed earlier attempt are
+removed, SIGTERM (a SLURM time limit) still cleans up the temp files, and bad
+input found inside the job is one line on the terminal, not a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from .atomic import start_job
+from .errors import ConfigError
+
+# No job talks to a hub unless it must fetch a model (prepare_model unsets these for hub sources).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "DO_NOT_TRACK": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def set_offline() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def job(smk):
+    """Run a stage inside a Snakemake job; yields the rule's params."""
+    set_offline()
+    outputs = [str(o) for o in smk.output]
+    start_job(outputs)
+    terminal = sys.stderr
+    log = Path(smk.log[0]) if len(smk.log) else None
+    with contextlib.ExitStack() as stack:
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            sys.stderr = stack.enter_context(open(log, "a", buffering=1))
+        try:
+            yield smk.params
+        except ConfigError as err:
+            print(f"refusal-directions: config error: {err}", file=terminal)
+            print(f"refusal-directions: config error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            sys.stderr = terminal

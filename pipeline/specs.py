@@ -1,0 +1,214 @@
+"""The typed specs that flow from the config to the stages, and the vocabulary of grid cells.
+
+A spec is what one stage reads. The Snakefile passes it to a rule as `params`
+(`to_params`: plain lists and dicts, so Snakemake can compare it between runs and
+rerun exactly the jobs whose inputs changed) and the rule's script rebuilds it with
+`from_params`; no job re-reads the YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter
+
+T = TypeVar("T")
+
+SOURCE_KINDS = ("hub", "path", "gguf_parts", "random_init")
+
+
+class Kind(enum.StrEnum):
+    """What a cell does to the model."""
+
+    BASELINE = "baseline"
+    ABLATION = "ablation"
+    ORTHOGONALIZATION = "orthogonalization"
+    ADDITION = "addition"
+
+
+class Source(enum.StrEnum):
+    """Where a cell's direction comes from (a paired model's name is a source too)."""
+
+    NONE = "none"  # the baseline: no direction
+    SELF = "self"
+    RANDOM = "random"  # random, with the norm of the model's own direction
+    SWEEP = "sweep"  # a cell the sweep picked
+
+
+# Sweep picks are named <prefix><i>: best1, same1, spread1, ablate1, cell1.
+PICK_PREFIXES = ("best", "same", "spread", "ablate", "cell")
+# Every cell file name, as the Snakefile's wildcard constraint: one definition for config, jobs and DAG.
+CELL_NAME_PATTERN = (r"baseline|ablation|orthogonalization|addition_[-+0-9.e]+|"
+                     rf"({'|'.join(PICK_PREFIXES)})[0-9]+")
+
+
+def format_coefficient(c: float) -> str:
+    return f"{c:g}"
+
+
+def cell_name(kind: Kind | str, coefficient: float | None = None) -> str:
+    """A grid cell's file name: `addition_<c>` for additions, the kind otherwise."""
+    if Kind(kind) is Kind.ADDITION:
+        return f"addition_{format_coefficient(coefficient)}"
+    return str(Kind(kind))
+
+
+def to_params(spec: Any) -> Any:
+    """A spec as plain data, for Snakemake params."""
+    if isinstance(spec, BaseModel):
+        return spec.model_dump(mode="python")
+    if dataclasses.is_dataclass(spec):
+        return dataclasses.asdict(spec)
+    return spec
+
+
+def from_params(cls: type[T], data: Any) -> T:
+    """The inverse of `to_params`, in a job."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return cls.model_validate(data)
+    return TypeAdapter(cls).validate_python(data)
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str
+    text: str
+
+    @property
+    def prefix(self) -> str:
+        return self.text.split("{instruction}")[0]
+
+    @property
+    def suffix(self) -> str:
+        """The post-instruction part: where refusal is decided."""
+        return self.text.split("{instruction}")[1]
+
+    def format(self, instruction: str) -> str:
+        return self.prefix + instruction + self.suffix
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    file: str  # the model YAML, for error messages
+    source: dict
+    template: TemplateSpec
+    add_bos: bool
+    dtype: str
+    trust_remote_code: bool
+    role: str
+    refusal_tokens: tuple[str, ...]
+    direction_layer: int | None
+    direction_position: int
+    direction_force: bool = False
+
+    @property
+    def source_kind(self) -> str:
+        return next(k for k in SOURCE_KINDS if self.source.get(k) is not None)
+
+    def for_preparation(self) -> "ModelSpec":
+        """This spec with what `prepare_model` does not read blanked, so editing it does not re-prepare.
+
+        A tiny random model's tokenizer is trained on its template and refusal tokens, so
+        it keeps them; other sources only need where the weights come from.
+        """
+        if self.source_kind == "random_init":
+            return self
+        return dataclasses.replace(self, template=TemplateSpec("-", "{instruction}-"), add_bos=False, role="-",
+                                   refusal_tokens=(), direction_layer=None, direction_position=-1,
+                                   direction_force=False)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    file: str
+    label: str
+    path: str | None = None
+    hub_id: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    field: str = "instruction"
+    id_field: str | None = None
+    category_field: str | None = None
+    filter_empty: str | None = None
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    name: str
+    kind: str  # prefix | substring | judge
+    phrases: tuple[str, ...]
+    case_sensitive: bool
+    # judge: a local model answers `prompt` (with {instruction} and {response}) through its own
+    # template; the completion counts as refused when the first token of labels[0] is more
+    # likely than the first token of labels[1] by more than `margin` (calibrates a biased judge).
+    judge: ModelSpec | None = None
+    prompt: str = ""
+    labels: tuple[str, str] = ("", "")
+    margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class InterventionSpec:
+    """The intervention settings shared by every cell of an experiment (one intervention YAML)."""
+
+    file: str
+    ablation: bool
+    orthogonalization: bool
+    coefficients: tuple[float, ...]
+    normalize: bool
+    addition_offset: int | None  # addition layer = extraction layer + offset ...
+    addition_absolute: int | None  # ... or this block, for every direction
+    ablation_layers: tuple[int, int] | None  # [start, stop) of the blocks ablated; None: all
+
+    def addition_layer_for(self, extraction_layer: int) -> int:
+        if self.addition_absolute is not None:
+            return self.addition_absolute
+        return extraction_layer + (self.addition_offset or 0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a model, where its direction comes from, and what is done.
+
+    Sweep cells (source "sweep") are picked by the sweep stage from its logit scores:
+    `pick` is then the pick's name (best1, same1, ...) and the generate job reads the
+    extraction and addition layers from the picks file.
+    """
+
+    model: str
+    source: str  # a `Source`, or a paired model's name
+    kind: Kind | None = None  # None for sweep picks (the picks file says)
+    coefficient: float | None = None
+    pick: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.pick if self.pick is not None else cell_name(self.kind, self.coefficient)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The cheap logit-score sweep (extraction layer x addition layer x coefficient) and its picks."""
+
+    models: tuple[str, ...]
+    extraction_layers: tuple[int, ...] | None  # None: every layer
+    position: int | None  # None: the selected direction's position
+    offsets: tuple[int, ...]  # addition layer = extraction layer + offset
+    coefficients: tuple[float, ...]
+    ablation: bool  # also score ablation of each extraction layer's direction
+    batch_size: int
+    top: int  # generate the best `top` addition cells (and each one's same-layer cell)
+    spread: int  # ... and `spread` cells spread over the score range, for the correlation
+    top_ablation: int
+    cells: tuple[tuple[int, int, float], ...]  # declared (extraction layer, addition layer, coefficient)
+
+    def pick_names(self) -> list[str]:
+        names = [f"best{i + 1}" for i in range(self.top)] + [f"same{i + 1}" for i in range(self.top)]
+        names += [f"spread{i + 1}" for i in range(self.spread)]
+        names += [f"ablate{i + 1}" for i in range(self.top_ablation if self.ablation else 0)]
+        return names + [f"cell{i + 1}" for i in range(len(self.cells))]
