@@ -66,16 +66,14 @@ def test_empty_prompt_set(conf, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     (conf / "dataset" / "own-harmful.yaml").write_text(f"path: {empty}\n")
-    exp = load_experiment(["experiment=tiny"], conf_dir=conf)
-    with pytest.raises(ConfigError) as info:
-        prompts.build_prompts(exp)
-    assert "dataset/own-harmful.yaml" in str(info.value) and "empty" in str(info.value)
+    msg = error_of(["experiment=tiny"], conf)  # found while the DAG is built
+    assert "dataset/own-harmful.yaml" in msg and "empty" in msg
 
 
 def test_too_few_prompts_for_the_split(conf):
     exp = load_experiment(["experiment=tiny", "experiment.split.train=500"], conf_dir=conf)
     with pytest.raises(ConfigError, match="split"):
-        prompts.build_prompts(exp)
+        prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
 
 
 def test_pair_with_different_hidden_sizes(conf):
@@ -89,7 +87,7 @@ def test_hub_dataset_offline_is_one_clear_line(conf, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful=advbench"], conf_dir=conf)
     with pytest.raises(ConfigError) as info:
-        prompts.build_prompts(exp)
+        prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
     msg = str(info.value)
     assert "dataset/advbench.yaml" in msg and "hub_id" in msg and "\n" not in msg
 

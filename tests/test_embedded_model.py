@@ -36,7 +36,7 @@ def rate(completions, scorer):
 def split_and_acts(qwen):
     """The default experiment's prompts and the train activations, computed once for this module."""
     exp, lm = qwen
-    table = pl.from_arrow(prompts.build_prompts(exp))
+    table = pl.from_arrow(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file))
     train = table.filter(pl.col("split") == "train")
     acts = activations.capture(lm, train["instruction"].to_list(), batch_size=16)
     return table, acts, (train["label"] == "harmful").to_numpy()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline import score
-from pipeline.config import DEFAULT_CONF_DIR, ScorerSpec, load_scorer
+from pipeline.config import DEFAULT_CONF_DIR, load_scorer
+from pipeline.specs import ScorerSpec, to_params
 from pipeline.errors import ConfigError
 from pipeline.judge import judge_refusals, label_token_ids, questions
 from pipeline.models import LoadedModel
@@ -112,7 +113,7 @@ def test_judge_yamls_compose_without_loading_weights(name):
 @pytest.mark.parametrize("text,key", [
     ("kind: judge\nmodel: tiny-chat\nprompt: 'only {instruction}'\nlabels: {refused: a, complied: b}\n", "prompt"),
     ("kind: judge\nmodel: nope\nprompt: '{instruction} {response}'\nlabels: {refused: a, complied: b}\n", "model"),
-    ("kind: judge\nmodel: tiny-chat\nprompt: '{instruction} {response}'\nlabels: {yes: a, no: b}\n", "labels"),
+    ("kind: judge\nmodel: tiny-chat\nprompt: '{instruction} {response}'\nlabels: {yes: a, no: b}\n", "labels.True"),  # YAML 1.1 reads yes as true
     ("kind: oracle\nphrases: [x]\n", "kind"),
 ])
 def test_bad_judge_config(conf_copy, text, key):
@@ -127,7 +128,7 @@ def test_judge_model_is_prepared_by_the_same_rule():
 
     exp = load_experiment(["experiment=tiny", "experiment.scoring=judge-qwen"])
     assert exp.model_spec("qwen2.5-coder-0.5b-instruct").name == "qwen2.5-coder-0.5b-instruct"
-    assert exp.scorer.as_params()["judge"]["name"] == "qwen2.5-coder-0.5b-instruct"
+    assert to_params(exp.scorer)["judge"]["name"] == "qwen2.5-coder-0.5b-instruct"
     assert dataclasses.is_dataclass(exp.scorer)
 
 

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipeline.config import Selection
 from pipeline import activations, directions, select
 from pipeline.errors import ConfigError
 from pipeline.interventions import Intervention, torch_hooks
@@ -48,7 +49,7 @@ def scores_frame(rows):
 
 
 def test_discard_rules_and_choice():
-    rules = select.SelectionRules(kl_max=0.1, induce_min=0.0)
+    rules = Selection(kl_max=0.1, induce_min=0.0)
     rows = [
         {"layer": 3, "position": -1, "norm": 1.0, "bypass": -5.0, "induce": 1.0, "kl": 0.5},  # KL too high
         {"layer": 4, "position": -2, "norm": 1.0, "bypass": -3.0, "induce": -0.2, "kl": 0.01},  # induce < 0
@@ -92,7 +93,7 @@ def test_candidate_scores_match_a_direct_computation(tiny_chat):
     df = pl.DataFrame({"prompt_id": ["a", "b", "c", "d"], "label": ["harmful"] * 2 + ["harmless"] * 2})
     cands = directions.candidates_table("tiny-chat", directions.mean_differences(
         activations.to_table(lm.spec, df, acts, "float32")))
-    rules = select.SelectionRules(kl_max=1e9, induce_min=-1e9, batch_size=2, layers=(1, 2), positions=(-1,))
+    rules = Selection(kl_max=1e9, induce_min=-1e9, batch_size=2, layers=[1, 2], positions=[-1])
     scores = select.score_candidates(lm, cands, texts_h, texts_s, rules)
     evaluated = scores.filter(pl.col("discarded").is_null())
     assert sorted(evaluated["layer"].to_list()) == [1, 2] and set(evaluated["position"]) == {-1}
@@ -118,9 +119,9 @@ def test_candidate_scores_match_a_direct_computation(tiny_chat):
 
 
 def test_relative_induce_threshold_counts_from_the_unsteered_score():
-    rules = select.SelectionRules(kl_max=0.2, induce_min=1.0, induce_relative=True)
+    rules = Selection(kl_max=0.2, induce_min=1.0, induce_relative=True)
     row = {"bypass": -3.4, "induce": -3.0, "kl": 0.17}
     unsteered = -4.2  # the harmless val prompts' mean score without steering
     assert select.discard_reason(row, rules, induce_floor=unsteered + rules.induce_min) is None
     assert select.discard_reason(row, rules, induce_floor=-2.5) == "induce -3.00 < -2.50"
-    assert select.SelectionRules.from_config({"induce_relative": True, "induce_min": 1}).induce_relative
+    assert Selection.model_validate({"induce_relative": True, "induce_min": 1}).induce_relative

@@ -81,9 +81,13 @@ def test_scorers(kind, text, expected):
     assert score.is_refusal(text, ScorerSpec("s", kind, ("I'm sorry", "I cannot"), False)) is expected
 
 
+def build(exp):
+    return prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
+
+
 def test_prompt_split_is_seeded_and_disjoint(tiny_experiment):
-    a = prompts.build_prompts(tiny_experiment).to_pylist()
-    b = prompts.build_prompts(tiny_experiment).to_pylist()
+    a = build(tiny_experiment).to_pylist()
+    b = build(tiny_experiment).to_pylist()
     assert a == b
     ids = [r["prompt_id"] for r in a]
     assert len(ids) == len(set(ids))
@@ -127,7 +131,7 @@ def test_test_split_from_another_set_never_repeats_a_training_prompt(tmp_path):
     exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:own-harmful,test:bench}",
                            "experiment.split.train=100", "experiment.split.val=50", "experiment.split.test=6"],
                           conf_dir=conf)
-    rows = pl.DataFrame(prompts.build_prompts(exp).to_pylist()).filter(pl.col("label") == "harmful")
+    rows = pl.DataFrame(build(exp).to_pylist()).filter(pl.col("label") == "harmful")
     test = rows.filter(pl.col("split") == "test")
     assert set(test["dataset"]) == {"bench"} and test.height == 6
     assert set(rows.filter(pl.col("split") != "test")["dataset"]) == {"own-harmful"}
@@ -135,9 +139,10 @@ def test_test_split_from_another_set_never_repeats_a_training_prompt(tmp_path):
     assert not drawn & {t.lower() for t in test["instruction"]}
     # 150 drawn from own-harmful; of bench's 160 only 10 are new + the 10 own prompts not drawn
     with pytest.raises(ConfigError) as err:
-        prompts.build_prompts(load_experiment(
-            ["experiment=tiny", "experiment.datasets.harmful={train:own-harmful,test:bench}",
-             "experiment.split.train=100", "experiment.split.val=50", "experiment.split.test=30"], conf_dir=conf))
+        exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:own-harmful,test:bench}",
+                               "experiment.split.train=100", "experiment.split.val=50", "experiment.split.test=30"],
+                              conf_dir=conf)
+        prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
     assert "'bench'" in str(err.value) and "usable prompts" in str(err.value)
 
 
@@ -146,4 +151,4 @@ def test_bad_dataset_split_mapping():
 
     with pytest.raises(ConfigError) as err:
         load_experiment(["experiment=tiny", "experiment.datasets.harmful={test:own-harmful}"])
-    assert "key 'datasets.harmful'" in str(err.value)
+    assert "key 'datasets.harmful.train': missing" in str(err.value)

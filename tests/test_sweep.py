@@ -134,10 +134,10 @@ def test_addition_layer_and_ablation_range_from_yaml(conf_copy):
     (conf / "intervention" / "shifted.yaml").write_text(
         "ablation: {layers: {start: 1, stop: 3}}\naddition: {coefficients: [2.0], layer: {offset: -1}}\n")
     exp = load_experiment(["experiment=tiny", "experiment.interventions=shifted"], conf_dir=conf)
-    assert exp.ablation_layers == (1, 3) and exp.addition_layer_for(5) == 4
+    assert exp.intervention.ablation_layers == (1, 3) and exp.intervention.addition_layer_for(5) == 4
     (conf / "intervention" / "fixed.yaml").write_text("addition: {coefficients: [2.0], layer: {absolute: 2}}\n")
     assert load_experiment(["experiment=tiny", "experiment.interventions=fixed"],
-                           conf_dir=conf).addition_layer_for(7) == 2
+                           conf_dir=conf).intervention.addition_layer_for(7) == 2
 
 
 @pytest.mark.parametrize("text,key", [
@@ -173,7 +173,7 @@ def test_nll_is_measured_on_the_first_prompts_of_each_label(tiny_dirs, tmp_path)
     from pipeline.schemas import write_parquet
 
     exp = load_experiment(["experiment=tiny"])
-    write_parquet(prompts.build_prompts(exp), tmp_path / "prompts.parquet")
+    write_parquet(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file), tmp_path / "prompts.parquet")
     plan = generate.CellPlan(source="none", kind="baseline", cell="baseline")
     generate.run(exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"), plan,
                  str(tmp_path / "g.parquet"), max_new_tokens=4, batch_size=8, device="cpu", threads=1,
