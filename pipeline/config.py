@@ -270,11 +270,11 @@ class TemplateFile(Schema):
     @model_validator(mode="after")
     def _one_slot(self):
         if self.text.count("{instruction}") != 1:
-            raise PydanticCustomError("slot", "the template must contain {{instruction}} exactly once",
-                                      {"key": "text"})
+            raise PydanticCustomError("slot", "the template must contain {slot} exactly once",
+                                      {"key": "text", "slot": "{instruction}"})
         if not self.text.split("{instruction}")[1]:
-            raise PydanticCustomError("slot", "nothing follows {{instruction}}: there are no post-instruction "
-                                      "tokens", {"key": "text"})
+            raise PydanticCustomError("slot", "nothing follows {slot}: there are no post-instruction tokens",
+                                      {"key": "text", "slot": "{instruction}"})
         return self
 
 
@@ -291,7 +291,7 @@ class DatasetFile(Schema):
     @model_validator(mode="after")
     def _one_place(self):
         if (self.path is None) == (self.hub_id is None):
-            raise ValueError("needs exactly one of path (a local file) or hub_id")
+            raise PydanticCustomError("place", "needs exactly one of path (a local file) or hub_id", {"key": "path"})
         return self
 
 
@@ -359,6 +359,8 @@ class ScoringFile(Schema):
 
 
 _SCHEMA_NAMES = {c.__name__ for c in Schema.__subclasses__()} | {"Schema"}
+_TYPE_MISMATCH = {"list_type", "dict_type", "model_type", "model_attributes_type", "literal_error", "string_type",
+                  "int_type", "float_type", "bool_type", "none_required", "is_instance_of", "dataclass_type"}
 
 
 def validate(schema: type[Schema], data: Any, file: str, prefix: str = "") -> Any:
@@ -375,7 +377,8 @@ def validate(schema: type[Schema], data: Any, file: str, prefix: str = "") -> An
 def _explain(err: ValidationError) -> tuple[str, str]:
     """The most specific error as (dotted key, problem)."""
     errors = err.errors()
-    chosen = max(errors, key=lambda e: len(_key_path(e)))  # unions report every member: take the deepest
+    # unions report every member: take the deepest, and a broken value over "wrong type" for the other members
+    chosen = max(errors, key=lambda e: (len(_key_path(e)), e["type"] not in _TYPE_MISMATCH))
     path = _key_path(chosen)
     ctx = chosen.get("ctx") or {}
     if "key" in ctx:
@@ -416,6 +419,8 @@ def _problem(e: dict) -> str:
         return f"must be a string, got {shown}"
     if kind == "literal_error":
         return f"must be one of {e['ctx']['expected']}, got {shown}"
+    if kind == "string_pattern_mismatch" and "0-9a-f" in e["ctx"]["pattern"]:
+        return f"{shown} must be 64 hex digits"
     if kind == "string_pattern_mismatch":
         return f"{shown} must be letters, digits, '.', '_' or '-' (a name, not a path)"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

@@ -1,0 +1,257 @@
+"""Bad input, as a table: each case is one clear line naming the file and the key, raised while the
+config is loaded (before any model loads), with nothing written.
+
+A case is (overrides, edits, file, key): `edits` rewrite files of a private copy of conf/ as
+(relative path, old text, new text); old text None appends, a missing file is created.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_experiment
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "experiment=tiny"
+CHAT = "model/tiny-chat.yaml"
+IV = "intervention/small.yaml"
+DS = "dataset/own-harmful.yaml"
+
+
+def iv(text):
+    return [(IV, "ALL", text)]
+
+
+def chat(old, new):
+    return [(CHAT, old, new)]
+
+
+def dataset_file(lines: bytes, extra: str = ""):
+    """Point own-harmful at a prompt file with these bytes."""
+    return [("data/bad.jsonl", "BYTES", lines), (DS, "ALL", "path: {conf}/data/bad.jsonl\nfield: instruction\n" + extra)]
+
+
+CASES = {
+    # experiment keys: types, ranges, unknown keys
+    "max_new_tokens 0": (["experiment.generation.max_new_tokens=0"], [], "experiment/tiny.yaml",
+                         "generation.max_new_tokens"),
+    "generation batch 0": (["experiment.generation.batch_size=0"], [], "experiment/tiny.yaml", "generation.batch_size"),
+    "generation batch negative": (["experiment.generation.batch_size=-4"], [], "experiment/tiny.yaml",
+                                  "generation.batch_size"),
+    "generation batch text": (["experiment.generation.batch_size=many"], [], "experiment/tiny.yaml",
+                              "generation.batch_size"),
+    "activations batch 0": (["experiment.activations.batch_size=0"], [], "experiment/tiny.yaml",
+                            "activations.batch_size"),
+    "activations dtype": (["experiment.activations.dtype=float64"], [], "experiment/tiny.yaml", "activations.dtype"),
+    "typo in experiment block": (["+experiment.generaton={max_new_tokens:3}"], [], "experiment/tiny.yaml",
+                                 "generaton"),
+    "unknown experiment key": (["+experiment.foo=1"], [], "experiment/tiny.yaml", "foo"),
+    "unknown top-level key": (["+foo=1"], [], "conf/config.yaml", "foo"),
+    "unknown device": (["experiment.device=tpu"], [], "experiment/tiny.yaml", "device"),
+    "threads 0": (["experiment.threads=0"], [], "experiment/tiny.yaml", "threads"),
+    "train 0": (["experiment.split.train=0"], [], "experiment/tiny.yaml", "split.train"),
+    "negative seed": (["experiment.split.seed=-1"], [], "experiment/tiny.yaml", "split.seed"),
+    "split as text": (["experiment.split.test=abc"], [], "experiment/tiny.yaml", "split.test"),
+    "split as float": (["experiment.split.test=4.5"], [], "experiment/tiny.yaml", "split.test"),
+    "name is a path": (["experiment.name=../../x"], [], "experiment/tiny.yaml", "name"),
+    "no models": (["experiment.models=[]"], [], "experiment/tiny.yaml", "models"),
+    "model name is a path": (["experiment.models=[../../x]"], [], "experiment/tiny.yaml", "models[0]"),
+    "unknown model": (["experiment.models=[tiny-chat,nope]"], [], "experiment/tiny.yaml", "models[1]"),
+    "model twice": (["experiment.models=[tiny-chat,tiny-chat]", "experiment.pairs=[]"], [], "experiment/tiny.yaml",
+                    "models[1]"),
+    "pair with unknown model": (["experiment.pairs=[{base:tiny-base,chat:nope}]"], [], "experiment/tiny.yaml",
+                                "pairs[0].chat"),
+    "pair without chat": (["experiment.pairs=[{base:tiny-base}]"], [], "experiment/tiny.yaml", "pairs[0].chat"),
+    "unknown source": (["experiment.direction.sources=[self,partner]"], [], "experiment/tiny.yaml",
+                       "direction.sources[1]"),
+    "unknown select": (["experiment.direction.select=maybe"], [], "experiment/tiny.yaml", "direction.select"),
+    "quoted boolean filter": (['experiment.direction.filter="false"'], [], "experiment/tiny.yaml",
+                              "direction.filter"),
+    "typo in selection": (["+experiment.direction.selection.kl_maxx=1"], [], "experiment/tiny.yaml",
+                          "direction.selection.kl_maxx"),
+    "NaN kl_max": (["experiment.direction.selection.kl_max=nan"], [], "experiment/tiny.yaml",
+                   "direction.selection.kl_max"),
+    "inf induce_min": (["experiment.direction.selection.induce_min=inf"], [], "experiment/tiny.yaml",
+                       "direction.selection.induce_min"),
+    "selection layer out of range": (["+experiment.direction.selection.layers=[0,9]"], [], "experiment/tiny.yaml",
+                                     "direction.selection.layers"),
+    "selection position positive": (["+experiment.direction.selection.positions=[1]"], [], "experiment/tiny.yaml",
+                                    "direction.selection.positions[0]"),
+    "force unknown model": (["+experiment.direction.force=[{model:nope,layer:1}]"], [], "experiment/tiny.yaml",
+                            "direction.force[0].model"),
+    "force layer out of range": (["+experiment.direction.force=[{model:tiny-chat,layer:7}]"], [],
+                                 "experiment/tiny.yaml", "direction.force[0].layer"),
+    "force position 0": (["+experiment.direction.force=[{model:tiny-chat,layer:1,position:0}]"], [],
+                         "experiment/tiny.yaml", "direction.force[0].position"),
+    "NaN sweep coefficient": (["experiment.sweep.coefficients=[nan]"], [], "experiment/tiny.yaml",
+                              "sweep.coefficients[0]"),
+    "no sweep coefficient": (["experiment.sweep.coefficients=[]"], [], "experiment/tiny.yaml", "sweep.coefficients"),
+    "sweep coefficient as text": (["experiment.sweep.coefficients=[two]"], [], "experiment/tiny.yaml",
+                                  "sweep.coefficients[0]"),
+    "sweep layer out of range": (["experiment.sweep.extraction_layers={start:0,stop:12}"], [], "experiment/tiny.yaml",
+                                 "sweep.extraction_layers"),
+    "sweep range reversed": (["experiment.sweep.extraction_layers={start:3,stop:1}"], [], "experiment/tiny.yaml",
+                             "sweep.extraction_layers"),
+    "sweep unknown model": (["+experiment.sweep.models=[nope]"], [], "experiment/tiny.yaml", "sweep.models[0]"),
+    "sweep position 0": (["+experiment.sweep.position=0"], [], "experiment/tiny.yaml", "sweep.position"),
+    "sweep top negative": (["experiment.sweep.generate.top=-1"], [], "experiment/tiny.yaml", "sweep.generate.top"),
+    "sweep cell layer out of range": (["experiment.sweep.generate.cells=[{layer:9,addition_layer:1,coefficient:2.0}]"],
+                                      [], "experiment/tiny.yaml", "sweep.generate.cells[0].layer"),
+    "sweep batch 0": (["+experiment.sweep.batch_size=0"], [], "experiment/tiny.yaml", "sweep.batch_size"),
+    "sweep without val prompts": (["experiment.split.val=0"], [], "experiment/tiny.yaml", "split.val"),
+    "negative nll prompts": (["+experiment.coherence.nll_prompts=-1"], [], "experiment/tiny.yaml",
+                             "coherence.nll_prompts"),
+    "inf repetition threshold": (["+experiment.coherence.repetition_max=inf"], [], "experiment/tiny.yaml",
+                                 "coherence.repetition_max"),
+    "unknown coherence key": (["+experiment.coherence.foo=1"], [], "experiment/tiny.yaml", "coherence.foo"),
+    "capability n 0": (["+experiment.capability.n=0"], [], "experiment/tiny.yaml", "capability.n"),
+    "capability reference missing": (["+experiment.capability.reference=missing.jsonl"], [], "experiment/tiny.yaml",
+                                     "capability.reference"),
+    "quoted capability flag": (['+experiment.capability.enabled="no"'], [], "experiment/tiny.yaml",
+                               "capability.enabled"),
+    "unknown dataset": (["experiment.datasets.harmful=nope"], [], "experiment/tiny.yaml", "datasets.harmful"),
+    "split mapping without train": (["experiment.datasets.harmful={test:own-harmful}"], [], "experiment/tiny.yaml",
+                                    "datasets.harmful.train"),
+    "unknown intervention set": (["experiment.interventions=nope"], [], "experiment/tiny.yaml", "interventions"),
+    "unknown scorer": (["experiment.scoring=nope"], [], "experiment/tiny.yaml", "scoring"),
+    "unknown experiment": (["experiment=nope"], [], "conf/config.yaml", "overrides"),
+    "cuda without a GPU": (["experiment.device=cuda"], [], "experiment/tiny.yaml", "device"),
+    # model YAML
+    "quoted trust_remote_code": ([], chat("add_bos: false", "add_bos: false\ntrust_remote_code: \"false\""), CHAT,
+                                 "trust_remote_code"),
+    "quoted add_bos": ([], chat("add_bos: false", 'add_bos: "false"'), CHAT, "add_bos"),
+    "typo add_bso": ([], chat("add_bos: false", "add_bso: false"), CHAT, "add_bso"),
+    "no refusal tokens": ([], chat('refusal_tokens: ["I"]', "refusal_tokens: []"), CHAT, "refusal_tokens"),
+    "empty refusal token": ([], chat('refusal_tokens: ["I"]', 'refusal_tokens: [""]'), CHAT, "refusal_tokens[0]"),
+    "refusal tokens not a list": ([], chat('refusal_tokens: ["I"]', "refusal_tokens: I"), CHAT, "refusal_tokens"),
+    "forced layer out of range": ([], chat("direction: {layer: 2, position: -1}",
+                                           "direction: {layer: 12, position: -1, force: true}"), CHAT,
+                                  "direction.layer"),
+    "model position 0": ([], chat("direction: {layer: 2, position: -1}", "direction: {layer: 2, position: 0}"),
+                         CHAT, "direction.position"),
+    "quoted force": ([], chat("direction: {layer: 2, position: -1}", 'direction: {layer: 2, force: "yes"}'), CHAT,
+                     "direction.force"),
+    "model dtype": ([], chat("add_bos: false", "add_bos: false\ndtype: float64"), CHAT, "dtype"),
+    "model role": ([], chat("role: chat", "role: critic"), CHAT, "role"),
+    "no source kind": ([], [(CHAT, "ALL", "source: {hidden_size: 64}\ntemplate: chatml\nrefusal_tokens: [I]\n")],
+                       CHAT, "source"),
+    "two source kinds": ([], [(CHAT, "ALL", "source: {hub: a/b, path: /tmp}\ntemplate: chatml\n"
+                                            "refusal_tokens: [I]\n")], CHAT, "source"),
+    "unknown template": ([], chat("template: chatml", "template: nope"), CHAT, "template"),
+    "typo in random_init": ([], chat("seed: 0", "sed: 0"), CHAT, "source.random_init.sed"),
+    "bad sha256": (["experiment.models=[tiny-chat,gemma-3-270m]", "experiment.pairs=[]"], [("model/gemma-3-270m.yaml", "sha256: a5fd3b62", "sha256: zz")], "model/gemma-3-270m.yaml",
+                   "source.sha256"),
+    "model YAML not a mapping": ([], [(CHAT, "ALL", "- a\n- b\n")], CHAT, "-"),
+    "model YAML syntax": ([], [(CHAT, "ALL", "source: [unclosed\n")], CHAT, "-"),
+    # template YAML
+    "template without slot": ([], [("template/chatml.yaml", "ALL", 'text: "<|im_start|>user\\n{prompt}\\n"\n')],
+                              "template/chatml.yaml", "text"),
+    "template ends at the slot": ([], [("template/chatml.yaml", "ALL", 'text: "user: {instruction}"\n')],
+                                  "template/chatml.yaml", "text"),
+    # intervention YAML
+    "coefficient as text": ([], iv("addition: {coefficients: [two]}\n"), IV, "addition.coefficients[0]"),
+    "NaN grid coefficient": ([], iv("addition: {coefficients: [.nan]}\n"), IV, "addition.coefficients[0]"),
+    "ablation range past the last block": ([], iv("ablation: {layers: {start: 0, stop: 9}}\n"), IV,
+                                           "ablation.layers.stop"),
+    "ablation range reversed": ([], iv("ablation: {layers: {start: 2, stop: 1}}\n"), IV, "ablation.layers"),
+    "quoted orthogonalization": ([], iv('orthogonalization: "true"\n'), IV, "orthogonalization"),
+    "addition layer out of range": ([], iv("addition: {coefficients: [1.0], layer: {absolute: 9}}\n"), IV,
+                                    "addition.layer.absolute"),
+    "typo normalise": ([], iv("addition: {normalise: true}\n"), IV, "addition.normalise"),
+    "range with orthogonalization": ([], iv("ablation: {layers: {start: 0, stop: 2}}\north" "ogonalization: true\n"),
+                                     IV, "orthogonalization"),
+    # scorer YAML
+    "no phrases": ([], [("scoring/refusal-prefix.yaml", "ALL", "kind: prefix\nphrases: []\n")],
+                   "scoring/refusal-prefix.yaml", "phrases"),
+    "unknown scorer kind": ([], [("scoring/refusal-prefix.yaml", "ALL", "kind: oracle\nphrases: [x]\n")],
+                            "scoring/refusal-prefix.yaml", "kind"),
+    "quoted case_sensitive": ([], [("scoring/refusal-prefix.yaml", "ALL", 'phrases: [x]\ncase_sensitive: "no"\n')],
+                              "scoring/refusal-prefix.yaml", "case_sensitive"),
+    # dataset YAML and prompt files
+    "malformed JSON line": ([], dataset_file(b'{"instruction": "a"}\n{"instruction": "b"}\n{"instruction": \n'),
+                            DS, "path"),
+    "not UTF-8": ([], dataset_file(b'{"instruction": "a"}\n{"instruction": "\xff\xfe"}\n'), DS, "path"),
+    "empty prompt file": ([], dataset_file(b""), DS, "path"),
+    "duplicate prompt": ([], dataset_file(b'{"instruction": "Do X"}\n{"instruction": "do  x"}\n'), DS, "path"),
+    "duplicate id": ([], dataset_file(b'{"instruction": "a", "id": 1}\n{"instruction": "b", "id": 1}\n',
+                                      "id_field: id\n"), DS, "id_field"),
+    "field missing in a row": ([], dataset_file(b'{"instruction": "a"}\n{"text": "b"}\n'), DS, "field"),
+    "line not an object": ([], dataset_file(b'{"instruction": "a"}\n["b"]\n'), DS, "path"),
+    "path and hub_id": ([], [(DS, "ALL", "path: pkg:harmful.jsonl\nhub_id: a/b\n")], DS, "path"),
+    "dataset file missing": ([], [(DS, "ALL", "path: data/does-not-exist.jsonl\n")], DS, "path"),
+    "typo in dataset YAML": ([], [(DS, None, "fields: x\n")], DS, "fields"),
+}
+
+
+def apply(conf: Path, edits) -> None:
+    for rel, old, new in edits:
+        path = conf / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if old == "BYTES":
+            path.write_bytes(new)
+        elif old == "ALL":
+            path.write_text(new.replace("{conf}", str(conf)))
+        elif old is None:
+            path.write_text(path.read_text() + new)
+        else:
+            text = path.read_text()
+            assert old in text, (rel, old)
+            path.write_text(text.replace(old, new, 1))
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_naming_file_and_key(case, conf_copy, tmp_path):
+    overrides, edits, file, key = CASES[case]
+    apply(conf_copy, edits)
+    results = tmp_path / "results"
+    with pytest.raises(ConfigError) as err:
+        load_experiment([TINY, f"results_dir={results}", *overrides], conf_dir=conf_copy)
+    text = str(err.value)
+    assert "\n" not in text and "Traceback" not in text, text
+    assert err.value.file.endswith(file), text
+    assert err.value.key == key, text
+    assert not results.exists()
+
+
+def test_results_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "results"
+    f.write_text("not a folder")
+    with pytest.raises(ConfigError) as err:
+        load_experiment([TINY, f"results_dir={f}"])
+    assert err.value.key == "results_dir" and "not a folder" in str(err.value)
+
+
+def test_quoted_false_is_not_true(conf_copy):
+    """The security hole the typed config closes: "false" used to be truthy."""
+    apply(conf_copy, chat("add_bos: false", 'add_bos: false\ntrust_remote_code: "false"'))
+    with pytest.raises(ConfigError, match="must be true or false"):
+        load_experiment([TINY], conf_dir=conf_copy)
+
+
+def test_an_unknown_key_suggests_the_close_one(conf_copy):
+    apply(conf_copy, chat("add_bos: false", "add_bso: false"))
+    with pytest.raises(ConfigError, match="did you mean 'add_bos'"):
+        load_experiment([TINY], conf_dir=conf_copy)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ("experiment=tiny experiment.sweep.coefficients=[nan]", "sweep.coefficients[0]"),
+    ("experiment=tiny +experiment.generaton={max_new_tokens:3}", "generaton"),
+    ("experiment=tiny experiment.models=[../../x]", "models[0]"),
+])
+def test_snakemake_prints_one_line_and_writes_nothing(tmp_path, overrides, key):
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "1", "-d", str(tmp_path),
+         "--config", f"overrides={overrides}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert len(lines) == 1 and f"key '{key}'" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], [".snakemake"])
