@@ -13,8 +13,12 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install run test test-fast bench
 install: $(VENV)/.installed
 
+# The local profile reruns outputs a killed run left incomplete; a lock left by a killed run is
+# released first, unless another snakemake is really running on this project.
 run: install
-	$(VENV)/bin/snakemake --cores $(CORES) $(ARGS)
+	$(if $(shell pgrep -f "[s]nakemake .*--profile workflow/profiles/local"),,\
+		-@$(VENV)/bin/snakemake --profile workflow/profiles/local --unlock -q >/dev/null 2>&1)
+	$(VENV)/bin/snakemake --profile workflow/profiles/local --cores $(CORES) $(ARGS)
 
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)

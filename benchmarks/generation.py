@@ -22,7 +22,7 @@ from pipeline.generate import generate
 from pipeline.interventions import Intervention, torch_hooks
 from pipeline.config import resolve_data_path
 from pipeline.models import PREPARED, LoadedModel, prepare, stop_token_ids
-from pipeline.select import last_logits
+from pipeline.probes import last_logits
 from pipeline.templates import encode_batch
 
 

@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from .architecture import get_path
 from .specs import ModelSpec
-from .models import LoadedModel
+from .models import LoadedModel, context_length, load_tokenizer
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import activations_schema, read_parquet, vectors_column, write_parquet
-from .templates import encode_batch
+from .templates import check_inputs, encode_batch
 
 
 @torch.no_grad()
@@ -71,7 +71,10 @@ def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: st
 
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, output: str, *, batch_size: int,
         dtype: str, device: str, threads: int, split: str = "train") -> None:
-    prompts = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == split)
+    every = pl.from_arrow(read_parquet(prompts_path))
+    # the first model job: check every split's prompts against the tokenizer before the weights load
+    check_inputs(load_tokenizer(spec, prepared_dir), spec, every, context_length(spec, prepared_dir))
+    prompts = every.filter(pl.col("split") == split)
     lm = LoadedModel(spec, prepared_dir, device, threads)
     if spec.refusal_tokens:
         acts, scores = capture(lm, prompts["instruction"].to_list(), batch_size, with_scores=True)

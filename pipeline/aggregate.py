@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .figures import pyplot, to_png
 from .schemas import read_parquet, write_bytes, write_parquet, write_text
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
@@ -89,10 +90,7 @@ def markdown(df: pl.DataFrame) -> str:
 
 
 def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = wide.filter(pl.col("model") == model)
     names = rows["condition"].to_list()
@@ -107,10 +105,7 @@ def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
     ax.set_title(f"{model}: refusal rate by condition")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return to_png(fig, dpi=110)
 
 
 def examples(scores: pl.DataFrame, per_condition: int = 2) -> str:
@@ -176,10 +171,7 @@ def correlations(points: pl.DataFrame) -> pl.DataFrame:
 
 
 def prediction_scatter(points: pl.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = ["addition", "ablation"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -203,10 +195,7 @@ def prediction_scatter(points: pl.DataFrame) -> bytes:
         if sub.height:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return to_png(fig)
 
 
 def sweep_section(model: str, sweep: pl.DataFrame, picks: pl.DataFrame, heatmap_path: str, wide: pl.DataFrame,

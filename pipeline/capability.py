@@ -18,72 +18,16 @@ import json
 import pyarrow as pa
 import torch
 
-from .interventions import Intervention, apply_nnsight
+from .interventions import Intervention
 from .models import LoadedModel
-from .select import kl_divergence, last_logits
-from .templates import encode_prompt
+from .schemas import CAPABILITY
+from .probes import completion_loss, kl_divergence, last_logits
 
-CAPABILITY = pa.schema([
-    ("model", pa.string()), ("source", pa.string()), ("intervention", pa.string()),
-    ("coefficient", pa.float64()), ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int32()),
-])
 
 
 def load_pairs(path: str, limit: int) -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     return [(r["instruction"], r["response"]) for r in rows[:limit]]
-
-
-@torch.no_grad()
-def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention, batch_size: int) -> float:
-    """Mean cross-entropy per completion token, prompt tokens excluded, under `iv`."""
-    sums = completion_losses(lm, pairs, iv, batch_size)
-    count = sum(n for _, n in sums)
-    return sum(s for s, _ in sums) / max(count, 1)
-
-
-@torch.no_grad()
-def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention,
-                      batch_size: int) -> list[tuple[float, int]]:
-    """(summed cross-entropy, token count) of each completion given its prompt, under `iv`."""
-    import nnsight
-
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    for start in range(0, len(pairs), batch_size):
-        rows, targets, where = [], [], []
-        for j, (instruction, completion) in enumerate(pairs[start:start + batch_size]):
-            prompt = encode_prompt(lm.tok, lm.spec, instruction)
-            answer = lm.tok(completion, add_special_tokens=False)["input_ids"]
-            if not answer:
-                continue
-            rows.append(prompt + answer)
-            targets.append(len(answer))
-            where.append(start + j)
-        if not rows:
-            continue
-        width = max(len(r) for r in rows)
-        pad = lm.tok.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # left padding puts every answer at the end: only the last `keep` positions need logits,
-        # which matters when the vocabulary is large (the LM head dominates small models)
-        keep = max(targets) + 1
-        with lm.nn.trace(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                         position_ids=positions.to(lm.device), logits_to_keep=keep):
-            holder = nnsight.save([])
-            apply_nnsight(lm.nn, lm.rmap, iv)
-            holder.append(lm.nn.output.logits)
-        logits = holder[0].float().cpu()
-        for i, n in enumerate(targets):
-            # logits at t predict token t + 1: the answer's n tokens are predicted by positions -n-1 .. -2
-            pred = logits[i, keep - n - 1:keep - 1]
-            gold = ids[i, width - n:]
-            out[where[i]] = (torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item(), n)
-    return out
 
 
 def measure(lm: LoadedModel, iv: Intervention, reference: list[tuple[str, str]], own: list[tuple[str, str]],

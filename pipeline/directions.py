@@ -14,8 +14,7 @@ import polars as pl
 import pyarrow as pa
 
 from .errors import ConfigError
-from .schemas import (CANDIDATE_EXTRA, SELECTED_EXTRA, column_matrix, direction_schema, read_parquet,
-                      vectors_column, write_parquet)
+from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, read_parquet, vectors_column, write_parquet
 
 
 def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
@@ -62,24 +61,6 @@ def candidates_table(model: str, diffs: dict) -> pa.Table:
         "norm": [float(np.linalg.norm(diffs[k][0])) for k in keys],
         "direction": vectors_column(matrix, pa.float32()),
     }, schema=schema)
-
-
-def random_like(direction: np.ndarray, seed: int) -> np.ndarray:
-    """A Gaussian direction with the same norm: the control for 'any direction would do'."""
-    r = np.random.default_rng(seed).standard_normal(direction.shape[0])
-    return r / np.linalg.norm(r) * np.linalg.norm(direction)
-
-
-def selected_table(model: str, diffs: dict, layer: int, position: int, random_seed: int) -> pa.Table:
-    chosen = diffs[(layer, position)][0]
-    rows = [("self", chosen), ("random", random_like(chosen, random_seed))]
-    matrix = np.stack([v for _, v in rows]).astype(np.float32)
-    return pa.table({
-        "model": [model] * 2, "source": [s for s, _ in rows],
-        "layer": [layer] * 2, "position": [position] * 2,
-        "norm": [float(np.linalg.norm(v)) for _, v in rows],
-        "direction": vectors_column(matrix, pa.float32()),
-    }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
 
 
 def run(model: str, activations_path: str, candidates_out: str, *, filter_prompts: bool, exp_file: str) -> None:

@@ -21,12 +21,12 @@ from . import capability, coherence
 from .config import Capability, resolve_data_path
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight, check_direction
-from .models import LoadedModel, stop_token_ids
+from .models import LoadedModel, context_length, load_tokenizer, stop_token_ids
 from .orthogonalize import orthogonalized
-from .select import last_logits
+from .probes import completion_losses, last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 from .specs import Cell, Kind, ModelSpec, Source, cell_name
-from .templates import encode_batch
+from .templates import check_inputs, encode_batch
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,8 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
     prompts = test.filter(pl.col("label").is_in(list(plan.labels)))
     cap = capability_cfg or Capability(enabled=False)
     measure_capability = capability_out is not None and cap.enabled and plan.capability
+    check_inputs(load_tokenizer(spec, prepared_dir), spec, prompts, context_length(spec, prepared_dir),
+                 max_new_tokens)
     lm = LoadedModel(spec, prepared_dir, device, threads)
     iv = plan.intervention()
     instructions = prompts["instruction"].to_list()
@@ -279,5 +281,5 @@ def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[s
                    measured: list[bool]) -> list[float | None]:
     """Per-token loss of the unsteered model on each measured completion (None where not measured)."""
     pairs = [(p, c) for p, c, m in zip(instructions, completions, measured) if m]
-    sums = iter(capability.completion_losses(lm, pairs, Intervention("baseline"), batch_size))
+    sums = iter(completion_losses(lm, pairs, Intervention("baseline"), batch_size))
     return [coherence.per_token(next(sums)) if m else None for m in measured]

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelSpec, resolve_data_path
+from .config import resolve_data_path
+from .specs import ModelSpec
 from .errors import ConfigError
-from .sources import check_source, gguf_part_paths  # noqa: F401  (re-exported)
+from .sources import gguf_part_paths
 
 PREPARED = "prepared.json"
 log = logging.getLogger(__name__)
@@ -303,21 +304,39 @@ def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
 
 def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto"):
     """Load (hf_model, tokenizer) from a prepared directory, eval mode, on the device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(spec, prepared_dir)
+    where = _load_from(spec, Path(prepared_dir))
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(spec, dev), **_local_kwargs(spec))
+    model.to(dev).eval()
+    return model, tok
+
+
+def load_tokenizer(spec: ModelSpec, prepared_dir: str | Path):
+    """The prepared model's tokenizer alone (cheap: inputs can be checked before the weights load)."""
+    from transformers import AutoTokenizer
 
     set_offline(spec)
-    prepared_dir = Path(prepared_dir)
-    where = _load_from(spec, prepared_dir)
-    dev = pick_device(device)
-    # local_files_only as well as the environment: huggingface_hub reads HF_HUB_OFFLINE only at import.
-    kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
-    tok = AutoTokenizer.from_pretrained(where, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(spec, dev), **kwargs)
-    model.to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(_load_from(spec, Path(prepared_dir)), **_local_kwargs(spec))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    return model, tok
+    return tok
+
+
+def context_length(spec: ModelSpec, prepared_dir: str | Path) -> int | None:
+    """The model's maximum sequence length from its config.json, if it says."""
+    from .sources import model_metadata
+
+    config_dir = Path(_load_from(spec, Path(prepared_dir)))
+    return (model_metadata(spec, config_dir) or {}).get("context")
+
+
+def _local_kwargs(spec: ModelSpec) -> dict:
+    # local_files_only as well as the environment: huggingface_hub reads HF_HUB_OFFLINE only at import.
+    return {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
 
 
 def _load_from(spec: ModelSpec, prepared_dir: Path) -> str:

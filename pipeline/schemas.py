@@ -81,6 +81,25 @@ GENERATIONS = pa.schema([
 
 SCORES = GENERATIONS.append(pa.field("scorer", pa.string())).append(pa.field("refused", pa.bool_()))
 
+SELECTION = pa.schema([
+    ("model", pa.string()), ("layer", pa.int16()), ("position", pa.int16()), ("norm", pa.float64()),
+    ("bypass", pa.float64()), ("induce", pa.float64()), ("kl", pa.float64()),
+    ("discarded", pa.string()), ("chosen", pa.bool_()),
+])
+
+SWEEP = pa.schema([
+    ("model", pa.string()), ("kind", pa.string()), ("extraction_layer", pa.int16()),
+    ("extraction_position", pa.int16()), ("addition_layer", pa.int16()), ("offset", pa.int16()),
+    ("coefficient", pa.float64()), ("normalized", pa.bool_()), ("label", pa.string()),
+    ("logit_score", pa.float64()), ("n", pa.int32()),
+])
+PICKS = pa.schema([("pick", pa.string()), *[f for f in SWEEP if f.name not in ("model", "label", "n")]])
+
+CAPABILITY = pa.schema([
+    ("model", pa.string()), ("source", pa.string()), ("intervention", pa.string()),
+    ("coefficient", pa.float64()), ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int32()),
+])
+
 
 def vectors_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
     """A [rows, hidden] array as a FixedSizeList column (polars reads it as an Array)."""

@@ -15,7 +15,6 @@ experiment) can force a (layer, position) instead, which skips the scoring.
 
 from __future__ import annotations
 
-import io
 import math
 import numpy as np
 import polars as pl
@@ -25,41 +24,14 @@ from tqdm import tqdm
 
 from .config import Selection
 from .errors import ConfigError
-from .interventions import Intervention, apply_nnsight
+from .figures import pyplot, to_png
+from .interventions import Intervention
 from .models import LoadedModel
 from .refusal import refusal_score, refusal_token_ids
-from .directions import selected_table
-from .schemas import column_matrix, read_parquet, write_bytes, write_parquet
-from .templates import encode_batch
+from .schemas import (SELECTED_EXTRA, SELECTION, column_matrix, direction_schema, read_parquet, vectors_column,
+                      write_bytes, write_parquet)
+from .probes import kl_divergence, last_logits, val_prompts
 
-SELECTION = pa.schema([
-    ("model", pa.string()), ("layer", pa.int16()), ("position", pa.int16()), ("norm", pa.float64()),
-    ("bypass", pa.float64()), ("induce", pa.float64()), ("kl", pa.float64()),
-    ("discarded", pa.string()), ("chosen", pa.bool_()),
-])
-
-
-@torch.no_grad()
-def last_logits(lm: LoadedModel, instructions: list[str], iv: Intervention, batch_size: int) -> torch.Tensor:
-    """Next-token logits at the last prompt position, [n, vocab], float32 on CPU."""
-    import nnsight
-
-    out = []
-    for start in range(0, len(instructions), batch_size):
-        batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
-        with lm.nn.trace(**lm.inputs(batch), logits_to_keep=1):
-            holder = nnsight.save([])
-            apply_nnsight(lm.nn, lm.rmap, iv)
-            holder.append(lm.nn.output.logits[:, -1, :])
-        out.append(holder[0].float().cpu())
-    return torch.cat(out)
-
-
-def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """KL(base || other) per row, in float64."""
-    p = torch.log_softmax(base_logits.double(), -1)
-    q = torch.log_softmax(other_logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1)
 
 
 def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harmless: list[str],
@@ -121,10 +93,7 @@ def choose(scores: pl.DataFrame, model: str, model_file: str) -> tuple[int, int]
 
 
 def heatmaps(scores: pl.DataFrame, model: str, chosen: tuple[int, int]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = sorted(scores["layer"].unique().to_list())
     positions = sorted(scores["position"].unique().to_list())
@@ -143,23 +112,13 @@ def heatmaps(scores: pl.DataFrame, model: str, chosen: tuple[int, int]) -> bytes
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"{model}: candidate directions (star = chosen)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return to_png(fig)
 
 
 def selection_table(model: str, scores: pl.DataFrame, chosen: tuple[int, int]) -> pa.Table:
     df = scores.with_columns(model=pl.lit(model),
                              chosen=(pl.col("layer") == chosen[0]) & (pl.col("position") == chosen[1]))
     return df.select(SELECTION.names).to_arrow().cast(SELECTION)
-
-
-def val_prompts(prompts_path: str) -> tuple[list[str], list[str]]:
-    df = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "val")
-    harmful = df.filter(pl.col("label") == "harmful")["instruction"].to_list()
-    harmless = df.filter(pl.col("label") == "harmless")["instruction"].to_list()
-    return harmful, harmless
 
 
 def filter_by_score(lm: LoadedModel, harmful: list[str], harmless: list[str], batch_size: int):
@@ -173,18 +132,30 @@ def filter_by_score(lm: LoadedModel, harmful: list[str], harmless: list[str], ba
 
 
 def placeholder_png(text: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 1.5))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return to_png(fig)
+
+
+def random_like(direction: np.ndarray, seed: int) -> np.ndarray:
+    """A Gaussian direction with the same norm: the control for 'any direction would do'."""
+    r = np.random.default_rng(seed).standard_normal(direction.shape[0])
+    return r / np.linalg.norm(r) * np.linalg.norm(direction)
+
+
+def selected_table(model: str, diffs: dict, layer: int, position: int, random_seed: int) -> pa.Table:
+    chosen = diffs[(layer, position)][0]
+    rows = [("self", chosen), ("random", random_like(chosen, random_seed))]
+    matrix = np.stack([v for _, v in rows]).astype(np.float32)
+    return pa.table({
+        "model": [model] * 2, "source": [s for s, _ in rows],
+        "layer": [layer] * 2, "position": [position] * 2,
+        "norm": [float(np.linalg.norm(v)) for _, v in rows],
+        "direction": vectors_column(matrix, pa.float32()),
+    }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
 
 
 def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, selection_out: str,

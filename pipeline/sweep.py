@@ -17,7 +17,6 @@ the harmful val prompts. It then picks the cells worth generating:
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -28,22 +27,16 @@ from tqdm import tqdm
 
 from .specs import SweepSpec
 from .errors import ConfigError
+from .figures import pyplot, to_png
 from .interventions import Intervention
 from .models import LoadedModel
 from .refusal import refusal_score, refusal_token_ids
-from .schemas import column_matrix, read_parquet, write_bytes, write_parquet
-from .select import last_logits, val_prompts
+from .schemas import PICKS, SWEEP, column_matrix, read_parquet, write_bytes, write_parquet
+from .probes import last_logits, val_prompts
 
-SWEEP = pa.schema([
-    ("model", pa.string()), ("kind", pa.string()), ("extraction_layer", pa.int16()),
-    ("extraction_position", pa.int16()), ("addition_layer", pa.int16()), ("offset", pa.int16()),
-    ("coefficient", pa.float64()), ("normalized", pa.bool_()), ("label", pa.string()),
-    ("logit_score", pa.float64()), ("n", pa.int32()),
-])
 ROW_SCHEMA = {"kind": pl.String, "extraction_layer": pl.Int64, "extraction_position": pl.Int64,
               "addition_layer": pl.Int64, "offset": pl.Int64, "coefficient": pl.Float64, "normalized": pl.Boolean,
               "label": pl.String, "logit_score": pl.Float64, "n": pl.Int64}
-PICKS = pa.schema([("pick", pa.string()), *[f for f in SWEEP if f.name not in ("model", "label", "n")]])
 
 
 def sweep_position(spec: SweepSpec, selected_path: str) -> int:
@@ -139,10 +132,7 @@ def _key(row: dict) -> tuple:
 
 def heatmaps(scores: pl.DataFrame, picks: pl.DataFrame, model: str) -> bytes:
     """One extraction x addition panel per coefficient (induce, harmless val) and an ablation panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     added = scores.filter(pl.col("kind") == "addition")
     ablated = scores.filter(pl.col("kind") == "ablation").sort("extraction_layer")
@@ -183,10 +173,7 @@ def heatmaps(scores: pl.DataFrame, picks: pl.DataFrame, model: str) -> bytes:
         ax.legend(fontsize=7)
     fig.suptitle(f"{model}: logit refusal score sweep (star = best, squares = same-layer cells)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return to_png(fig)
 
 
 def bypass_scores(selection_path: str | None) -> dict:

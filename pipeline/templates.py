@@ -13,6 +13,7 @@ import torch
 
 from .specs import ModelSpec, TemplateSpec
 from .errors import ConfigError
+from .refusal import refusal_token_ids
 
 
 @dataclass
@@ -54,3 +55,23 @@ def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
         input_ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return Batch(input_ids=input_ids, attention_mask=mask, n_post=len(post))
+
+
+def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_new_tokens: int = 0) -> None:
+    """Before the weights load: the refusal tokens resolve, the direction's position exists, every
+    prompt (plus what will be generated) fits the model's context. `prompts`: rows with
+    instruction, prompt_id and dataset (the prompts Parquet)."""
+    if spec.refusal_tokens:
+        refusal_token_ids(tokenizer, spec)
+    n_post = len(post_instruction_ids(tokenizer, spec.template))
+    if spec.direction_position < -n_post:
+        raise ConfigError(spec.file, "direction.position", f"{spec.direction_position}: the template "
+                          f"'{spec.template.name}' has {n_post} post-instruction tokens (-{n_post}..-1)")
+    if not context:
+        return
+    for row in prompts.iter_rows(named=True):
+        n = len(encode_prompt(tokenizer, spec, row["instruction"])) + max_new_tokens
+        if n > context:
+            raise ConfigError(f"conf/dataset/{row['dataset']}.yaml", "path",
+                              f"prompt {row['prompt_id']!r} is {n} tokens with the template and generation, "
+                              f"past {spec.name}'s context of {context}")

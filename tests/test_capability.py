@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline import capability
+from pipeline import capability, probes
 from pipeline.interventions import Intervention, torch_hooks
-from pipeline.select import last_logits
+from pipeline.probes import last_logits
 from pipeline.templates import encode_prompt
 
 PAIRS = [("Explain how rain forms.", "Water vapour cools, condenses into droplets and falls."),
@@ -30,7 +30,7 @@ def reference_loss(lm, pairs, iv):
 def test_completion_loss_matches_transformers(tiny, kind):
     d = torch.randn(tiny.rmap.hidden_size, generator=torch.Generator().manual_seed(0)) * 3
     iv = Intervention(kind, direction=None if kind == "baseline" else d, layer=1, coefficient=2.0)
-    ours = capability.completion_loss(tiny, PAIRS, iv, batch_size=2)  # batched, left padded
+    ours = probes.completion_loss(tiny, PAIRS, iv, batch_size=2)  # batched, left padded
     assert ours == pytest.approx(reference_loss(tiny, PAIRS, iv), rel=1e-4)
 
 

@@ -255,3 +255,45 @@ def test_snakemake_prints_one_line_and_writes_nothing(tmp_path, overrides, key):
     assert len(lines) == 1 and f"key '{key}'" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], [".snakemake"])
+
+
+# ---- checks that need the tokenizer: in the first model job, before the weights load
+
+
+def prompt_rows(text, dataset="own-harmful"):
+    import polars as pl
+
+    return pl.DataFrame({"instruction": [text], "prompt_id": ["p1"], "dataset": [dataset]})
+
+
+def test_prompt_longer_than_the_context(tiny_dirs):
+    from pipeline.models import context_length, load_tokenizer
+    from pipeline.templates import check_inputs
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec("tiny-chat")
+    tok = load_tokenizer(spec, tiny_dirs["tiny-chat"])
+    context = context_length(spec, tiny_dirs["tiny-chat"])
+    assert context == 512
+    check_inputs(tok, spec, prompt_rows("Explain how rain forms."), context, max_new_tokens=8)
+    with pytest.raises(ConfigError) as err:
+        check_inputs(tok, spec, prompt_rows("Explain how rain forms. " * 200), context)
+    assert err.value.file == "conf/dataset/own-harmful.yaml" and "'p1'" in str(err.value)
+    assert "context of 512" in str(err.value)
+
+
+@pytest.mark.parametrize("field,value,key", [
+    ("refusal_tokens", ("Ireallyrefuse",), "refusal_tokens[0]"),
+    ("direction_position", -40, "direction.position"),
+])
+def test_tokenizer_level_mistakes_name_the_model_yaml(tiny_dirs, field, value, key):
+    import dataclasses
+
+    from pipeline.models import load_tokenizer
+    from pipeline.templates import check_inputs
+    from tests.conftest import tiny_spec
+
+    spec = dataclasses.replace(tiny_spec("tiny-chat"), **{field: value})
+    with pytest.raises(ConfigError) as err:
+        check_inputs(load_tokenizer(spec, tiny_dirs["tiny-chat"]), spec, prompt_rows("Hi."), 512)
+    assert err.value.file.endswith("model/tiny-chat.yaml") and err.value.key == key, str(err.value)

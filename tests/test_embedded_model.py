@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline import activations, directions, prompts
+from pipeline import activations, prompts, select
 from pipeline.config import load_experiment
 from pipeline.generate import generate
 from pipeline.interventions import Intervention
@@ -66,7 +66,7 @@ def test_ablation_and_addition_move_refusals(qwen, split_and_acts):
     base_harmless = rate(gen(harmless_test, Intervention("baseline")), exp.scorer)
     added_harmless = rate(gen(harmless_test, Intervention("addition", direction=direction, layer=layer,
                                                           coefficient=3.0)), exp.scorer)
-    random_dir = torch.tensor(directions.random_like(diff, 0), dtype=torch.float32)
+    random_dir = torch.tensor(select.random_like(diff, 0), dtype=torch.float32)
     random_harmless = rate(gen(harmless_test, Intervention("addition", direction=random_dir, layer=layer,
                                                            coefficient=3.0)), exp.scorer)
     print(f"harmful {base_harmful:.2f} -> ablated {ablated_harmful:.2f}; harmless {base_harmless:.2f} -> "
@@ -82,7 +82,7 @@ def test_ablation_and_addition_move_refusals(qwen, split_and_acts):
 def test_adding_before_the_extraction_layer_beats_adding_at_it(qwen, split_and_acts):
     """The sweep's finding on this model, through the sweep's own code: the layer-15 direction refuses
     far more harmless requests when added a few layers earlier, and the text stays coherent."""
-    from pipeline.capability import completion_losses
+    from pipeline.probes import completion_losses
     from pipeline.coherence import per_token
     from pipeline.config import SweepSpec
     from pipeline.directions import candidates_table

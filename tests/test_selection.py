@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import Selection
-from pipeline import activations, directions, select
+from pipeline import activations, directions, probes, select
 from pipeline.errors import ConfigError
 from pipeline.interventions import Intervention, torch_hooks
 from pipeline.refusal import refusal_score, refusal_token_ids
@@ -38,10 +38,10 @@ def test_refusal_tokens_must_be_single_tokens(tiny_chat):
 
 def test_kl_divergence():
     a = torch.randn(3, 11)
-    assert torch.allclose(select.kl_divergence(a, a), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(probes.kl_divergence(a, a), torch.zeros(3, dtype=torch.float64), atol=1e-12)
     b = a + torch.randn(3, 11)
     p, q = torch.softmax(a.double(), -1), torch.softmax(b.double(), -1)
-    assert torch.allclose(select.kl_divergence(a, b), (p * (p / q).log()).sum(-1))
+    assert torch.allclose(probes.kl_divergence(a, b), (p * (p / q).log()).sum(-1))
 
 
 def scores_frame(rows):
@@ -112,7 +112,7 @@ def test_candidate_scores_match_a_direct_computation(tiny_chat):
 
     bypass = refusal_score(last(texts_h, Intervention("ablation", direction=d)), ids).mean().item()
     induce = refusal_score(last(texts_s, Intervention("addition", direction=d, layer=2, coefficient=1.0)), ids)
-    kl = select.kl_divergence(last(texts_s, Intervention("baseline")), last(texts_s, Intervention("ablation", direction=d)))
+    kl = probes.kl_divergence(last(texts_s, Intervention("baseline")), last(texts_s, Intervention("ablation", direction=d)))
     assert row["bypass"] == pytest.approx(bypass, abs=1e-4)
     assert row["induce"] == pytest.approx(induce.mean().item(), abs=1e-4)
     assert row["kl"] == pytest.approx(kl.mean().item(), abs=1e-5)

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import activations, directions, prompts, score
+from pipeline import activations, directions, prompts, score, select
 from pipeline.config import ScorerSpec
 from pipeline.errors import ConfigError
 from pipeline.schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
@@ -51,7 +51,7 @@ def test_mean_difference_matches_numpy(tmp_path):
         expected = acts[:6, layer, pos].astype(np.float64).mean(0) - acts[6:, layer, pos].astype(np.float64).mean(0)
         assert np.allclose(diff, expected, atol=1e-6) and (nh, ns) == (6, 6)
         assert diff.dtype == np.float64
-    sel = directions.selected_table("m", diffs, 1, -1, random_seed=0)
+    sel = select.selected_table("m", diffs, 1, -1, random_seed=0)
     vecs = column_matrix(sel, "direction")
     assert sel.column("source").to_pylist() == ["self", "random"]
     assert np.allclose(np.linalg.norm(vecs[0]), np.linalg.norm(vecs[1]), rtol=1e-5)

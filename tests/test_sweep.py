@@ -13,7 +13,7 @@ from pipeline.directions import candidates_table
 from pipeline.errors import ConfigError
 from pipeline.interventions import Intervention
 from pipeline.refusal import refusal_score, refusal_token_ids
-from pipeline.select import last_logits
+from pipeline.probes import last_logits
 from pipeline.sweep import pick_cells, score_cells
 
 from conftest import assert_one_line_error

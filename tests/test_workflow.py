@@ -1,5 +1,6 @@
 """The real Snakemake DAG, end to end on the tiny models, and dry runs with each profile."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,26 @@ def test_whole_dag_on_tiny_models(tmp_path):
                         "overrides=experiment=tiny experiment.generation.max_new_tokens=3")
     text = changed.stdout + changed.stderr
     assert "rule generate" in text and "rule activations" not in text
+
+    # the device picks the dtype: every model job reruns, the prompts and the prepared models do not
+    changed = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny experiment.device=auto")
+    jobs = planned_jobs(changed.stdout + changed.stderr)
+    assert {"activations", "select", "sweep", "generate"} <= jobs and not jobs & {"prompts", "prepare_model"}
+
+    # refusal tokens feed the refusal score: activations, select and sweep rerun (and the tiny
+    # model's tokenizer, which learns them), the prompts do not
+    conf = tmp_path / "copy" / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    yaml = conf / "model" / "tiny-chat.yaml"
+    yaml.write_text(yaml.read_text().replace('refusal_tokens: ["I"]', 'refusal_tokens: ["I", "As"]'))
+    changed = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny", f"conf_dir={conf}")
+    jobs = planned_jobs(changed.stdout + changed.stderr)
+    assert {"activations", "select", "sweep"} <= jobs and "prompts" not in jobs, jobs
+
+
+def planned_jobs(dry_run_output: str) -> set[str]:
+    """Rule names of the jobs a dry run would run."""
+    return {line.split()[1].rstrip(":") for line in dry_run_output.splitlines() if line.startswith("rule ")}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))

@@ -1,0 +1,98 @@
+"""Measurements every model stage shares: one forward pass under an intervention.
+
+The last position's next-token logits (refusal scores, KL), the loss of a given
+completion (capability and coherence), and the val prompts the cheap measurements
+run on. Stages import these; no stage imports another stage.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import torch
+
+from .interventions import Intervention, apply_nnsight
+from .models import LoadedModel
+from .schemas import read_parquet
+from .templates import encode_batch, encode_prompt
+
+
+@torch.no_grad()
+def last_logits(lm: LoadedModel, instructions: list[str], iv: Intervention, batch_size: int) -> torch.Tensor:
+    """Next-token logits at the last prompt position, [n, vocab], float32 on CPU."""
+    import nnsight
+
+    out = []
+    for start in range(0, len(instructions), batch_size):
+        batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
+        with lm.nn.trace(**lm.inputs(batch), logits_to_keep=1):
+            holder = nnsight.save([])
+            apply_nnsight(lm.nn, lm.rmap, iv)
+            holder.append(lm.nn.output.logits[:, -1, :])
+        out.append(holder[0].float().cpu())
+    return torch.cat(out)
+
+
+def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) per row, in float64."""
+    p = torch.log_softmax(base_logits.double(), -1)
+    q = torch.log_softmax(other_logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def val_prompts(prompts_path: str) -> tuple[list[str], list[str]]:
+    df = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "val")
+    harmful = df.filter(pl.col("label") == "harmful")["instruction"].to_list()
+    harmless = df.filter(pl.col("label") == "harmless")["instruction"].to_list()
+    return harmful, harmless
+
+
+@torch.no_grad()
+def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention, batch_size: int) -> float:
+    """Mean cross-entropy per completion token, prompt tokens excluded, under `iv`."""
+    sums = completion_losses(lm, pairs, iv, batch_size)
+    count = sum(n for _, n in sums)
+    return sum(s for s, _ in sums) / max(count, 1)
+
+
+@torch.no_grad()
+def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention,
+                      batch_size: int) -> list[tuple[float, int]]:
+    """(summed cross-entropy, token count) of each completion given its prompt, under `iv`."""
+    import nnsight
+
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    for start in range(0, len(pairs), batch_size):
+        rows, targets, where = [], [], []
+        for j, (instruction, completion) in enumerate(pairs[start:start + batch_size]):
+            prompt = encode_prompt(lm.tok, lm.spec, instruction)
+            answer = lm.tok(completion, add_special_tokens=False)["input_ids"]
+            if not answer:
+                continue
+            rows.append(prompt + answer)
+            targets.append(len(answer))
+            where.append(start + j)
+        if not rows:
+            continue
+        width = max(len(r) for r in rows)
+        pad = lm.tok.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # left padding puts every answer at the end: only the last `keep` positions need logits,
+        # which matters when the vocabulary is large (the LM head dominates small models)
+        keep = max(targets) + 1
+        with lm.nn.trace(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                         position_ids=positions.to(lm.device), logits_to_keep=keep):
+            holder = nnsight.save([])
+            apply_nnsight(lm.nn, lm.rmap, iv)
+            holder.append(lm.nn.output.logits)
+        logits = holder[0].float().cpu()
+        for i, n in enumerate(targets):
+            # logits at t predict token t + 1: the answer's n tokens are predicted by positions -n-1 .. -2
+            pred = logits[i, keep - n - 1:keep - 1]
+            gold = ids[i, width - n:]
+            out[where[i]] = (torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item(), n)
+    return out
