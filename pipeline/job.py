@@ -10,27 +10,26 @@ input found inside the job is one line on the terminal, not a traceback.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
-from .atomic import start_job
-from .errors import ConfigError
+from .offline import disable_telemetry, go_offline
 
-# No job talks to a hub unless it must fetch a model (prepare_model unsets these for hub sources).
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "DO_NOT_TRACK": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+disable_telemetry()  # before the stage's imports pull in the hub libraries
 
-
-def set_offline() -> None:
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+from .atomic import start_job  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 
 
 @contextlib.contextmanager
-def job(smk):
-    """Run a stage inside a Snakemake job; yields the rule's params."""
-    set_offline()
+def job(smk, online: bool = False):
+    """Run a stage inside a Snakemake job; yields the rule's params.
+
+    `online`: the job must reach the hub (a hub dataset, or a hub model to prepare);
+    every other job runs with the hub libraries offline.
+    """
+    if not online:
+        go_offline()
     outputs = [str(o) for o in smk.output]
     start_job(outputs)
     terminal = sys.stderr

@@ -25,6 +25,7 @@ import torch
 from .config import resolve_data_path
 from .specs import ModelSpec
 from .errors import ConfigError
+from .offline import disable_telemetry, go_offline
 from .sources import gguf_part_paths
 
 PREPARED = "prepared.json"
@@ -33,11 +34,10 @@ log = logging.getLogger(__name__)
 
 def set_offline(spec: ModelSpec | None = None, fetch: bool = False) -> None:
     """Telemetry off in every job; the hub libraries offline except while preparing (fetching) a hub model."""
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-    if not (fetch and spec is not None and spec.source_kind == "hub"):
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if fetch and spec is not None and spec.source_kind == "hub":
+        disable_telemetry()
+    else:
+        go_offline()
 
 
 def prepare(spec: ModelSpec, out_dir: str | Path) -> None:

@@ -94,11 +94,15 @@ def pick_cells(scores: pl.DataFrame, spec: SweepSpec) -> pl.DataFrame:
     """The cells to generate, named as in `SweepSpec.pick_names` (in that order)."""
     axes = ["kind", "extraction_layer", "extraction_position", "addition_layer", "offset", "coefficient",
             "normalized", "logit_score"]
-    added = scores.filter(pl.col("kind") == "addition").sort(
+    # a NaN score (e.g. a zero direction has no unit vector) is no score: polars would sort it first
+    scored = scores.filter(pl.col("logit_score").is_finite())
+    added = scored.filter(pl.col("kind") == "addition").sort(
         ["logit_score", "extraction_layer", "addition_layer"], descending=[True, False, False])
-    ablated = scores.filter(pl.col("kind") == "ablation").sort(["logit_score", "extraction_layer"])
+    ablated = scored.filter(pl.col("kind") == "ablation").sort(["logit_score", "extraction_layer"])
     picks: list[tuple[str, dict]] = []
     ranked = list(added.iter_rows(named=True))
+    if not ranked or (spec.ablation and spec.top_ablation and ablated.height == 0):
+        raise ValueError("no swept cell has a finite logit score (a zero direction, or a broken model)")
     for i in range(spec.top):
         best = ranked[min(i, len(ranked) - 1)]
         picks.append((f"best{i + 1}", best))
@@ -118,8 +122,9 @@ def pick_cells(scores: pl.DataFrame, spec: SweepSpec) -> pl.DataFrame:
         rows = list(ablated.iter_rows(named=True))
         for i in range(spec.top_ablation):
             picks.append((f"ablate{i + 1}", rows[min(i, len(rows) - 1)]))
+    declared = scores.filter(pl.col("kind") == "addition")  # generated whatever their score
     for i, (e, a, c) in enumerate(spec.cells):
-        match = added.filter((pl.col("extraction_layer") == e) & (pl.col("addition_layer") == a)
+        match = declared.filter((pl.col("extraction_layer") == e) & (pl.col("addition_layer") == a)
                              & (pl.col("coefficient") == c))
         picks.append((f"cell{i + 1}", match.row(0, named=True)))
     return pl.DataFrame([{"pick": name, **{k: r[k] for k in axes}} for name, r in picks],

@@ -53,6 +53,19 @@ def synthetic_scores():
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
 
 
+def test_a_nan_score_is_never_the_best_cell():
+    """polars sorts NaN above every number: a broken cell must not become best1 or ablate1."""
+    scores = synthetic_scores().with_columns(
+        logit_score=pl.when((pl.col("extraction_layer") == 2) & (pl.col("offset").is_in([0]) | pl.col("offset").is_null()))
+        .then(float("nan")).otherwise(pl.col("logit_score")))
+    picks = {r["pick"]: r for r in pick_cells(scores, spec(spread=0)).iter_rows(named=True)}
+    assert (picks["best1"]["extraction_layer"], picks["best1"]["addition_layer"]) == (5, 4)
+    assert picks["ablate1"]["extraction_layer"] == 5
+    assert all(r["logit_score"] == r["logit_score"] for r in picks.values())
+    with pytest.raises(ValueError, match="finite"):
+        pick_cells(scores.with_columns(logit_score=pl.lit(float("nan"))), spec(spread=0))
+
+
 def test_picks():
     scores = synthetic_scores()
     picks = pick_cells(scores, spec(cells=((3, 3, 2.0),)))

@@ -15,6 +15,8 @@ rule score:
         device=EXP.device,
     log:
         LOGS + "/score/{model}/{source}/{cell}.log",
+    benchmark:
+        LOGS + "/score/{model}/{source}/{cell}.benchmark.tsv"  # a model rule when the scorer is a judge
     threads: EXP.threads if EXP.scorer.judge else 1
     resources:
         gpu=GPU if EXP.scorer.judge else 0,

@@ -1,6 +1,6 @@
+from pipeline.job import job  # first: telemetry off before the hub libraries load
 from pipeline import activations
 from pipeline.config import Activations
-from pipeline.job import job
 from pipeline.specs import ModelSpec, from_params
 
 with job(snakemake) as p:

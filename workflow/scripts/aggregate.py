@@ -1,7 +1,7 @@
+from pipeline.job import job  # first: telemetry off before the hub libraries load
 from pathlib import Path
 
 from pipeline import aggregate
-from pipeline.job import job
 
 with job(snakemake) as p:
     inp, out = snakemake.input, snakemake.output

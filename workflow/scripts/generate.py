@@ -1,6 +1,6 @@
+from pipeline.job import job  # first: telemetry off before the hub libraries load
 from pipeline import generate
 from pipeline.config import Capability, Generation
-from pipeline.job import job
 from pipeline.specs import Cell, ModelSpec, from_params
 
 with job(snakemake) as p:

@@ -1,5 +1,5 @@
+from pipeline.job import job  # first: telemetry off before the hub libraries load
 from pipeline import sweep
-from pipeline.job import job
 from pipeline.specs import ModelSpec, SweepSpec, from_params
 
 with job(snakemake) as p:
