@@ -12,7 +12,7 @@ from .schemas import read_parquet, write_bytes, write_parquet, write_text
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
          "intervention", "addition_layer", "coefficient", "normalized", "ablation_layers", "scorer", "label"]
-CELL = ["model", "source", "cell"]  # a generated cell: cell is the file name (baseline, addition_2, best1, ...)
+CELL = ["model", "source", "cell"]  # a generated cell: cell is its file name (baseline, addition_2, best1, ...)
 
 
 def condition_name(intervention: str, source: str, coefficient: float | None) -> str:
@@ -30,12 +30,6 @@ def cell_condition(r: dict) -> str:
     if r["intervention"] == "ablation":
         return f"{r['cell']}: ablation L{r['extraction_layer']}"
     return f"{r['cell']}: addition {r['coefficient']:+g} L{r['extraction_layer']}→{r['addition_layer']}"
-
-
-def cell_id(source: str, intervention: str, coefficient: float | None, pick: str | None = None) -> str:
-    if source == "sweep":
-        return pick
-    return f"addition_{coefficient:g}" if intervention == "addition" else intervention
 
 
 def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFrame:
@@ -60,25 +54,23 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFra
 
 def wide_table(summary: pl.DataFrame, capability: pl.DataFrame | None = None) -> pl.DataFrame:
     """One row per model x generated cell: refusal rates per label, coherence, then capability metrics."""
-    index = ["model", "condition", "extraction_layer", "addition_layer"]
+    index = [*CELL, "condition", "extraction_layer", "addition_layer"]
     wide = (summary.select(*index, "label", "refusal_rate")
             .pivot(on="label", index=index, values="refusal_rate", maintain_order=True))
     for label in ("harmful", "harmless"):
         if label not in wide.columns:
             wide = wide.with_columns(pl.lit(None, pl.Float64).alias(label))
-    coherent = (summary.group_by("model", "condition", maintain_order=True)
+    coherent = (summary.group_by(CELL, maintain_order=True)
                 .agg(repetition=pl.col("repetition").mean(), nll_increase=pl.col("nll_increase").mean(),
                      degenerate=pl.col("degenerate").any()))
     wide = (wide.select(*index, pl.col("harmful").round(3), pl.col("harmless").round(3))
-            .join(coherent.with_columns(pl.col("repetition", "nll_increase").round(3)), on=["model", "condition"],
+            .join(coherent.with_columns(pl.col("repetition", "nll_increase").round(3)), on=CELL,
                   how="left", maintain_order="left"))
-    if capability is None or capability.height == 0:
-        return wide
-    metrics = (capability.with_columns(condition=pl.struct("intervention", "source", "coefficient").map_elements(
-                   lambda r: condition_name(r["intervention"], r["source"], r["coefficient"]), return_dtype=pl.String))
-               .pivot(on="metric", index=["model", "condition"], values="value")
-               .with_columns(pl.exclude("model", "condition").round(3)))
-    return wide.join(metrics, on=["model", "condition"], how="left", maintain_order="left")
+    if capability is not None and capability.height:
+        metrics = (capability.pivot(on="metric", index=CELL, values="value")
+                   .with_columns(pl.exclude(CELL).round(3)))
+        wide = wide.join(metrics, on=CELL, how="left", maintain_order="left")
+    return wide
 
 
 def markdown(df: pl.DataFrame) -> str:
@@ -152,7 +144,7 @@ def sweep_prediction(summary: pl.DataFrame, sweeps: pl.DataFrame) -> pl.DataFram
     joined = generated.with_columns(pl.col(*casts).cast(pl.Int64)).join(
         scored.with_columns(pl.col(*casts).cast(pl.Int64)), on=PREDICTION_KEYS, how="inner", nulls_equal=True)
     return (joined.group_by(PREDICTION_KEYS, maintain_order=True)  # one point per distinct cell
-            .agg(pl.col("condition").first(), pl.col("logit_score").first(), pl.col("refusal_rate").mean(),
+            .agg(pl.col("condition", "cell", "logit_score").first(), pl.col("refusal_rate").mean(),
                  pl.col("degenerate").any())
             .sort("model", "kind", "logit_score"))
 
@@ -185,7 +177,7 @@ def prediction_scatter(points: pl.DataFrame) -> bytes:
                 ax.scatter(bad["logit_score"], bad["refusal_rate"], marker="x", color=line.get_facecolor()[0],
                            label=f"{model[0]} (degenerate)")
             for r in grp.iter_rows(named=True):
-                ax.annotate(r["condition"].split(":")[0], (r["logit_score"], r["refusal_rate"]), fontsize=6,
+                ax.annotate(r["cell"], (r["logit_score"], r["refusal_rate"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
         label = "harmless" if kind == "addition" else "harmful"
         ax.set_xlabel(f"logit refusal score ({label} val prompts)")
@@ -211,14 +203,14 @@ def sweep_section(model: str, sweep: pl.DataFrame, picks: pl.DataFrame, heatmap_
              markdown(added.sort("logit_score", descending=True).head(5)
                       .select("extraction_layer", "addition_layer", "offset", "coefficient",
                               pl.col("logit_score").round(2)))]
-    generated = wide.filter((pl.col("model") == model) & pl.col("condition").str.contains(":"))
+    generated = wide.filter((pl.col("model") == model) & (pl.col("source") == "sweep"))
     if generated.height:
         lines += ["Generated sweep cells (test prompts; addition cells on harmless prompts, ablation on harmful):", "",
-                  markdown(generated.with_columns(pick=pl.col("condition").str.split(":").list.first())
+                  markdown(generated.with_columns(pick=pl.col("cell"))
                            .join(picks.select("pick", pl.col("logit_score").round(2)), on="pick", how="left")
                            .select("condition", "logit_score", "harmful", "harmless", "repetition", "nll_increase",
                                    "degenerate"))]
-        rates = {r["condition"].split(":")[0]: r["harmless"] for r in generated.iter_rows(named=True)}
+        rates = {r["cell"]: r["harmless"] for r in generated.iter_rows(named=True)}
         best = picks.filter(pl.col("pick") == "best1")
         if best.height and rates.get("best1") is not None and rates.get("same1") is not None:
             b = best.row(0, named=True)
@@ -259,19 +251,17 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
         if capability_paths else None
     summary = summarize(scores, coherence)
     if capability is not None and capability.height:
-        per_cell = capability.pivot(on="metric", index=["model", "source", "intervention", "coefficient"],
-                                    values="value")
-        summary = summary.join(per_cell, on=["model", "source", "intervention", "coefficient"], how="left",
-                               nulls_equal=True, maintain_order="left")
+        per_cell = capability.pivot(on="metric", index=CELL, values="value")
+        summary = summary.join(per_cell, on=CELL, how="left", maintain_order="left")
     out = Path(out_dir)
     write_parquet(summary.to_arrow(), out / "summary.parquet")
     wide = wide_table(summary, capability)
     buf = io.StringIO()
     wide.write_csv(buf)
     write_text(buf.getvalue(), out / "summary.csv")
-    grid = wide.filter(~pl.col("condition").str.contains(":"))
-    table_md = markdown(grid)
-    write_text(markdown(wide), out / "summary.md")
+    grid = wide.filter(pl.col("source") != "sweep")
+    table_md = markdown(grid.drop("source", "cell"))  # the condition names them for readers
+    write_text(markdown(wide.drop("source", "cell")), out / "summary.md")
     chart_links = []
     for model, path in charts.items():
         write_bytes(bar_chart(grid, model), path)

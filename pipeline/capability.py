@@ -42,11 +42,11 @@ def measure(lm: LoadedModel, iv: Intervention, reference: list[tuple[str, str]],
     return metrics
 
 
-def to_table(model: str, source: str, intervention: str, coefficient: float | None,
+def to_table(model: str, source: str, cell: str, intervention: str, coefficient: float | None,
              metrics: dict[str, tuple[float, int]]) -> pa.Table:
     names = sorted(metrics)
     return pa.table({
-        "model": [model] * len(names), "source": [source] * len(names),
+        "model": [model] * len(names), "source": [source] * len(names), "cell": [cell] * len(names),
         "intervention": [intervention] * len(names), "coefficient": [coefficient] * len(names),
         "metric": names, "value": [metrics[k][0] for k in names], "n": [metrics[k][1] for k in names],
     }, schema=CAPABILITY)

@@ -209,7 +209,8 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
     nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
     if capability_out is not None:
         coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
-        write_parquet(capability.to_table(spec.name, str(plan.source), str(plan.kind), coefficient, metrics), capability_out)
+        write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind), coefficient,
+                                          metrics), capability_out)
     write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls), output)
 
 

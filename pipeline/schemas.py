@@ -33,7 +33,7 @@ sweep/{m}/sweep            swept cell: model, kind (baseline|addition|ablation),
 sweep/{m}/picks            a cell chosen for generation: pick (best1, same1, ...),
                            the sweep row's axes and its logit_score
 scores/...                 the generation row plus scorer and refused (bool)
-capability/...             metric: model, source, intervention, coefficient, metric
+capability/...             metric: model, source, cell, intervention, coefficient, metric
                            (ce_reference | ce_own | first_token_kl), value, n
                            (schema in `capability`)
 """
@@ -96,7 +96,7 @@ SWEEP = pa.schema([
 PICKS = pa.schema([("pick", pa.string()), *[f for f in SWEEP if f.name not in ("model", "label", "n")]])
 
 CAPABILITY = pa.schema([
-    ("model", pa.string()), ("source", pa.string()), ("intervention", pa.string()),
+    ("model", pa.string()), ("source", pa.string()), ("cell", pa.string()), ("intervention", pa.string()),
     ("coefficient", pa.float64()), ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int32()),
 ])
 

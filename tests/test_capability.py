@@ -45,5 +45,5 @@ def test_measure_reports_zero_kl_for_baseline_and_more_for_steering(tiny_chat):
                             harmless, base, 2)
     assert m1["first_token_kl"][0] > 1e-3
     assert m1["ce_reference"][0] != pytest.approx(m0["ce_reference"][0])
-    table = capability.to_table("m", "self", "addition", 3.0, m1)
+    table = capability.to_table("m", "self", "addition_3", "addition", 3.0, m1)
     assert sorted(table.column("metric").to_pylist()) == ["ce_own", "ce_reference", "first_token_kl"]
