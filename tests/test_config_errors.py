@@ -144,6 +144,12 @@ CASES = {
     "typo in random_init": ([], chat("seed: 0", "sed: 0"), CHAT, "source.random_init.sed"),
     "bad sha256": (["experiment.models=[tiny-chat,gemma-3-270m]", "experiment.pairs=[]"], [("model/gemma-3-270m.yaml", "sha256: a5fd3b62", "sha256: zz")], "model/gemma-3-270m.yaml",
                    "source.sha256"),
+    "GGUF part missing": (["experiment.models=[gemma-3-270m]", "experiment.pairs=[]"],
+                          [("model/gemma-3-270m.yaml", "part03", "part99")], "model/gemma-3-270m.yaml",
+                          "source.gguf_parts[3]"),
+    "pair of different widths": (["experiment.models=[tiny-chat,gemma-3-270m]",
+                                  "experiment.pairs=[{base:gemma-3-270m,chat:tiny-chat}]"], [],
+                                 "experiment/tiny.yaml", "pairs[0]"),
     "model YAML not a mapping": ([], [(CHAT, "ALL", "- a\n- b\n")], CHAT, "-"),
     "model YAML syntax": ([], [(CHAT, "ALL", "source: [unclosed\n")], CHAT, "-"),
     # template YAML
