@@ -25,7 +25,7 @@ import torch
 from .config import resolve_data_path
 from .specs import ModelSpec
 from .errors import ConfigError
-from .offline import disable_telemetry, go_offline
+from .offline import disable_telemetry, go_offline, hub_cache_dir
 from .sources import gguf_part_paths
 
 PREPARED = "prepared.json"
@@ -83,19 +83,6 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 
 def _true(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_cache_dir() -> Path:
-    """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
-    env = os.environ
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(var):
-            return Path(os.path.expandvars(os.path.expanduser(env[var])))
-    if env.get("HF_HOME"):
-        return Path(os.path.expandvars(os.path.expanduser(env["HF_HOME"]))) / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 def hub_offline() -> bool:

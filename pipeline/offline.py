@@ -7,6 +7,7 @@ before importing anything that pulls them in (`pipeline.job` does it on import).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 TELEMETRY_OFF = {"HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -20,3 +21,16 @@ def disable_telemetry() -> None:
 def go_offline() -> None:
     disable_telemetry()
     os.environ.update(OFFLINE)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    env = os.environ
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(os.path.expandvars(os.path.expanduser(env[var])))
+    if env.get("HF_HOME"):
+        return Path(os.path.expandvars(os.path.expanduser(env["HF_HOME"]))) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)

@@ -85,7 +85,10 @@ def _hub_cached_config(spec: ModelSpec) -> str | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(spec.source["hub"], "config.json", revision=spec.source.get("revision"))
+    from .offline import hub_cache_dir
+
+    found = try_to_load_from_cache(spec.source["hub"], "config.json", revision=spec.source.get("revision"),
+                                   cache_dir=hub_cache_dir())
     return found if isinstance(found, str) else None
 
 
@@ -96,8 +99,12 @@ def _from_config(cfg: dict) -> dict:
             "context": cfg.get("max_position_embeddings") or cfg.get("n_positions")}
 
 
-# GGUF metadata value types (the GGUF spec): fixed-size scalars by struct code, 8 = string, 9 = array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+def _gguf_scalars() -> dict:
+    """struct codes of the GGUF metadata scalar types (the value types as the `gguf` package names them)."""
+    from gguf import GGUFValueType as T
+
+    return {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
+            T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
 
 
 class _Stream:
@@ -126,8 +133,12 @@ class _Stream:
 
 
 def gguf_metadata(paths: list[Path]) -> dict | None:
-    """Layer count, hidden size and context length from a GGUF header (read up to those keys only)."""
+    """Layer count, hidden size and context length from a GGUF header (read up to those keys only).
+
+    The parts are read as one stream, so the GGUF is never assembled for this.
+    """
     stream = _Stream(paths)
+    scalars = _gguf_scalars()
     try:
         if stream.read(4) != b"GGUF":
             return None
@@ -135,7 +146,7 @@ def gguf_metadata(paths: list[Path]) -> dict | None:
         found, arch = {}, None
         for _ in range(n_kv):
             key = _gguf_string(stream)
-            value = _gguf_value(stream, struct.unpack("<I", stream.read(4))[0])
+            value = _gguf_value(stream, struct.unpack("<I", stream.read(4))[0], scalars)
             if key == "general.architecture":
                 arch = value
             found[key] = value
@@ -156,18 +167,20 @@ def _gguf_string(stream: _Stream) -> str:
     return stream.read(n).decode("utf-8")
 
 
-def _gguf_value(stream: _Stream, kind: int):
-    if kind in _GGUF_SCALARS:
-        code = _GGUF_SCALARS[kind]
+def _gguf_value(stream: _Stream, kind: int, scalars: dict):
+    from gguf import GGUFValueType
+
+    if kind in scalars:
+        code = scalars[kind]
         return struct.unpack("<" + code, stream.read(struct.calcsize(code)))[0]
-    if kind == 8:
+    if kind == GGUFValueType.STRING:
         return _gguf_string(stream)
-    if kind == 9:
+    if kind == GGUFValueType.ARRAY:
         item, count = struct.unpack("<IQ", stream.read(12))
-        if item in _GGUF_SCALARS:  # skip fixed-size arrays in one read
-            stream.read(struct.calcsize(_GGUF_SCALARS[item]) * count)
+        if item in scalars:  # skip fixed-size arrays in one read
+            stream.read(struct.calcsize(scalars[item]) * count)
         else:
             for _ in range(count):
-                _gguf_value(stream, item)
+                _gguf_value(stream, item, scalars)
         return None
     raise struct.error(f"unknown GGUF value type {kind}")

@@ -57,11 +57,11 @@ def cell_name(kind: Kind | str, coefficient: float | None = None) -> str:
 
 
 def to_params(spec: Any) -> Any:
-    """A spec as plain data, for Snakemake params."""
+    """A spec as plain data (str, numbers, lists, dicts), for Snakemake params."""
     if isinstance(spec, BaseModel):
-        return spec.model_dump(mode="python")
+        return spec.model_dump(mode="json")
     if dataclasses.is_dataclass(spec):
-        return dataclasses.asdict(spec)
+        return TypeAdapter(type(spec)).dump_python(spec, mode="json")
     return spec
 
 

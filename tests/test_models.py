@@ -17,3 +17,20 @@ def test_checksum_mismatch_leaves_nothing(conf_copy, tmp_path):
     assert "model/gemma-3-270m.yaml" in str(info.value) and "sha256" in str(info.value)
     assert "checksum mismatch" in str(info.value)
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_layers_come_from_the_gguf_header_without_assembling_it():
+    from pipeline.config import DEFAULT_CONF_DIR
+    from pipeline.sources import gguf_metadata, gguf_part_paths
+
+    qwen = load_model("qwen2.5-coder-0.5b-instruct", DEFAULT_CONF_DIR, "test", "model")
+    assert gguf_metadata(gguf_part_paths(qwen)) == {"n_layers": 24, "hidden_size": 896, "context": 32768}
+    gemma = load_model("gemma-3-270m", DEFAULT_CONF_DIR, "test", "model")
+    assert gguf_metadata(gguf_part_paths(gemma))["n_layers"] == 18
+
+
+def test_not_a_gguf_gives_no_metadata(tmp_path):
+    from pipeline.sources import gguf_metadata
+
+    (tmp_path / "x.bin").write_bytes(b"PK\x03\x04 not a gguf at all")
+    assert gguf_metadata([tmp_path / "x.bin"]) is None

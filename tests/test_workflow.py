@@ -1,8 +1,11 @@
 """The real Snakemake DAG, end to end on the tiny models, and dry runs with each profile."""
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -29,11 +32,27 @@ def test_dry_run_with_profile(tmp_path, profile):
     assert any(line.split()[:2] == ["sweep", "2"] for line in out.splitlines())
 
 
+def kill_mid_run(workdir, marker: Path, *args, timeout=600):
+    """Start snakemake, SIGKILL it and its jobs as soon as `marker` exists (a lock and partial outputs stay)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_whole_dag_on_tiny_models(tmp_path):
-    proc = snakemake(tmp_path, "--cores", "2", "--config", "overrides=experiment=tiny")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # killed mid-run, then recovered the way the README says: unlock, and the local profile's rerun-incomplete
+    local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
     out = tmp_path / "results" / "tiny"
+    kill_mid_run(tmp_path, out / "activations" / "tiny-chat.parquet", *local, "--config", "overrides=experiment=tiny")
+    assert any((tmp_path / ".snakemake" / "locks").iterdir()) and not (out / "summary.parquet").exists()
+    assert snakemake(tmp_path, *local, "--unlock").returncode == 0
+    proc = snakemake(tmp_path, *local, "--cores", "2", "--config", "overrides=experiment=tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("prompts.parquet", "summary.parquet", "summary.csv", "summary.md", "report.md",
                  "charts/tiny-chat.png", "charts/tiny-base.png"):
         assert (out / name).exists(), name

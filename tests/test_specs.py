@@ -1,0 +1,52 @@
+"""What a rule passes as params is exactly what its job rebuilds: plain data, equal specs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Activations, Capability, Generation, Selection, Split, load_experiment
+from pipeline.specs import (CELL_NAME_PATTERN, Cell, DatasetSpec, Kind, ModelSpec, ScorerSpec, SweepSpec, cell_name,
+                            from_params, to_params)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_spec_round_trips_through_params(name):
+    exp = load_experiment([f"experiment={name}"], check_models=False)
+    specs = [(ModelSpec, m) for m in exp.models.values()] + [(Cell, c) for c in exp.cells()]
+    specs += [(DatasetSpec, d) for splits in exp.dataset_splits.values() for d in splits.values()]
+    specs += [(ScorerSpec, exp.scorer), (Split, exp.split), (Activations, exp.activations),
+              (Selection, exp.direction.selection), (Generation, exp.generation), (Capability, exp.capability)]
+    if exp.sweep is not None:
+        specs.append((SweepSpec, exp.sweep))
+    for cls, spec in specs:
+        params = to_params(spec)
+        json.dumps(params)  # plain data: Snakemake can compare it between runs
+        assert from_params(cls, params) == spec
+
+
+def test_preparation_ignores_what_prepare_does_not_read():
+    exp = load_experiment(["experiment=default"], check_models=False)
+    qwen = exp.models["qwen2.5-coder-0.5b-instruct"]
+    import dataclasses
+
+    edited = dataclasses.replace(qwen, refusal_tokens=("Sorry",), direction_layer=3)
+    assert to_params(edited.for_preparation()) == to_params(qwen.for_preparation())
+    assert to_params(edited) != to_params(qwen)
+    tiny = load_experiment(["experiment=tiny"], check_models=False).models["tiny-chat"]
+    # a tiny model's tokenizer learns its refusal tokens: for it they do matter
+    assert to_params(dataclasses.replace(tiny, refusal_tokens=("As",)).for_preparation()) != \
+        to_params(tiny.for_preparation())
+
+
+def test_one_cell_vocabulary():
+    import re
+
+    exp = load_experiment(["experiment=tiny"], check_models=False)
+    names = {c.name for c in exp.cells()}
+    assert {"baseline", "ablation", "orthogonalization", "addition_2", "best1", "cell1"} <= names
+    assert all(re.fullmatch(CELL_NAME_PATTERN, n) for n in names)
+    assert cell_name(Kind.ADDITION, -1.5) == "addition_-1.5" and re.fullmatch(CELL_NAME_PATTERN, "addition_-1.5")
+    assert exp.cell("tiny-chat", "self", "addition_2") == Cell("tiny-chat", "self", Kind.ADDITION, 2.0)
