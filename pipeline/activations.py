@@ -73,9 +73,10 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, output: str, *, b
         dtype: str, device: str, threads: int, split: str = "train") -> None:
     every = pl.from_arrow(read_parquet(prompts_path))
     # the first model job: check every split's prompts against the tokenizer before the weights load
-    check_inputs(load_tokenizer(spec, prepared_dir), spec, every, context_length(spec, prepared_dir))
+    tok = load_tokenizer(spec, prepared_dir)
+    check_inputs(tok, spec, every, context_length(spec, prepared_dir))
     prompts = every.filter(pl.col("split") == split)
-    lm = LoadedModel(spec, prepared_dir, device, threads)
+    lm = LoadedModel(spec, prepared_dir, device, threads, tokenizer=tok)
     if spec.refusal_tokens:
         acts, scores = capture(lm, prompts["instruction"].to_list(), batch_size, with_scores=True)
     else:

@@ -190,9 +190,9 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
     prompts = test.filter(pl.col("label").is_in(list(plan.labels)))
     cap = capability_cfg or Capability(enabled=False)
     measure_capability = capability_out is not None and cap.enabled and plan.capability
-    check_inputs(load_tokenizer(spec, prepared_dir), spec, prompts, context_length(spec, prepared_dir),
-                 max_new_tokens)
-    lm = LoadedModel(spec, prepared_dir, device, threads)
+    tok = load_tokenizer(spec, prepared_dir)
+    check_inputs(tok, spec, prompts, context_length(spec, prepared_dir), max_new_tokens)
+    lm = LoadedModel(spec, prepared_dir, device, threads, tokenizer=tok)
     iv = plan.intervention()
     instructions = prompts["instruction"].to_list()
     harmless = test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:cap.n]

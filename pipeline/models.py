@@ -289,11 +289,14 @@ def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return getattr(torch, spec.dtype)
 
 
-def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto"):
-    """Load (hf_model, tokenizer) from a prepared directory, eval mode, on the device."""
+def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto", tokenizer=None):
+    """Load (hf_model, tokenizer) from a prepared directory, eval mode, on the device.
+
+    `tokenizer`: one already loaded (to check the inputs before the weights), reused.
+    """
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(spec, prepared_dir)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(spec, prepared_dir)
     where = _load_from(spec, Path(prepared_dir))
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(spec, dev), **_local_kwargs(spec))
@@ -358,14 +361,15 @@ def set_threads(n: int) -> None:
 class LoadedModel:
     """A model ready for the stages: HF module, tokenizer, residual map, nnsight wrapper."""
 
-    def __init__(self, spec: ModelSpec, prepared_dir: str | Path, device: str = "auto", threads: int = 2):
+    def __init__(self, spec: ModelSpec, prepared_dir: str | Path, device: str = "auto", threads: int = 2,
+                 tokenizer=None):
         from nnsight import TransformersModel
 
         from .architecture import residual_map
 
         set_threads(threads)
         self.spec = spec
-        self.hf, self.tok = load(spec, prepared_dir, device)
+        self.hf, self.tok = load(spec, prepared_dir, device, tokenizer)
         self.device = next(self.hf.parameters()).device
         self.rmap = residual_map(self.hf)
         pad = self.tok.pad_token

@@ -6,7 +6,6 @@ import pytest
 
 from pipeline import activations, directions, score, select
 from pipeline.config import ScorerSpec
-from pipeline.errors import ConfigError
 from pipeline.schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 
 

@@ -1,7 +1,6 @@
 import torch
 
 from pipeline.activations import capture
-from pipeline.architecture import get_path
 from pipeline.templates import encode_batch, encode_prompt, post_instruction_ids
 
 from conftest import tiny_spec
