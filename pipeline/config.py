@@ -599,7 +599,8 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         raise ConfigError(exp_file, "split.val", f"automatic direction selection ({', '.join(auto)}) needs val "
                           "prompts; set split.val or force the direction in the model YAML")
     for m in models:
-        if exp.direction_choice(m)[0] is None:
+        layer, _, forced = exp.direction_choice(m)
+        if forced and layer is None:
             raise ConfigError(models[m].file, "direction.layer",
                               "missing: the direction is forced or configured, so it needs its layer")
     return exp

@@ -17,7 +17,7 @@ from .offline import disable_telemetry, go_offline
 
 disable_telemetry()  # before the stage's imports pull in the hub libraries
 
-from .atomic import start_job  # noqa: E402
+from .atomic import UnreadableOutput, start_job  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 
 
@@ -40,9 +40,10 @@ def job(smk, online: bool = False):
             sys.stderr = stack.enter_context(open(log, "a", buffering=1))
         try:
             yield smk.params
-        except ConfigError as err:
-            print(f"refusal-directions: config error: {err}", file=terminal)
-            print(f"refusal-directions: config error: {err}", file=sys.stderr)
+        except (ConfigError, UnreadableOutput) as err:
+            kind = "config error" if isinstance(err, ConfigError) else "damaged input"
+            for stream in {terminal, sys.stderr}:
+                print(f"refusal-directions: {kind}: {err}", file=stream)
             raise SystemExit(1) from None
         finally:
             sys.stderr = terminal

@@ -130,6 +130,8 @@ CASES = {
     "forced layer out of range": ([], chat("direction: {layer: 2, position: -1}",
                                            "direction: {layer: 12, position: -1, force: true}"), CHAT,
                                   "direction.layer"),
+    "forced without a layer": ([], chat("direction: {layer: 2, position: -1}", "direction: {force: true}"), CHAT,
+                               "direction.layer"),
     "model position 0": ([], chat("direction: {layer: 2, position: -1}", "direction: {layer: 2, position: 0}"),
                          CHAT, "direction.position"),
     "quoted force": ([], chat("direction: {layer: 2, position: -1}", 'direction: {layer: 2, force: "yes"}'), CHAT,

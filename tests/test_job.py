@@ -41,6 +41,19 @@ def test_a_job_runs_offline_logs_stderr_and_clears_stale_temps(tmp_path, monkeyp
     assert "progress bar" in (tmp_path / "logs" / "x.log").read_text()
 
 
+def test_a_damaged_input_is_one_line_saying_how_to_rebuild_it(tmp_path, capsys):
+    from pipeline.job import job
+    from pipeline.schemas import read_parquet
+
+    broken = tmp_path / "prompts.parquet"
+    broken.write_bytes(b"PAR1 truncated by a full disk")
+    with pytest.raises(SystemExit):
+        with job(fake_job(tmp_path)):
+            read_parquet(broken)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(broken) in err[0] and "--forcerun" in err[0], err
+
+
 def test_bad_input_inside_a_job_is_one_line(tmp_path, capsys):
     from pipeline.errors import ConfigError
     from pipeline.job import job
