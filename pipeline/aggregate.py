@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .figures import pyplot, to_png
-from .schemas import read_parquet, write_bytes, write_parquet, write_text
+from .schemas import column_matrix, read_parquet, write_bytes, write_parquet, write_text
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
          "intervention", "addition_layer", "coefficient", "normalized", "ablation_layers", "scorer", "label"]
@@ -242,10 +243,54 @@ def transfer_table(summary: pl.DataFrame) -> pl.DataFrame:
                     pl.col("own_direction").round(3), pl.col("partner_direction").round(3)))
 
 
+def direction_similarity(pairs: list[tuple[str, str]], candidates: dict[str, str],
+                         selections: dict[str, tuple[str, str]]) -> pl.DataFrame:
+    """Per declared pair and layer: cosine similarity of the base and chat mean-difference directions.
+
+    Both are taken at the chat model's selected position (the last template token in the
+    base-models experiments); the base <-> chat transfer claim rests on these being close.
+    """
+    rows = []
+    for base, chat in pairs:
+        chosen = pl.read_parquet(selections[chat][0]).filter(pl.col("chosen")).row(0, named=True)
+        tables = {m: read_parquet(candidates[m]) for m in (base, chat)}
+        vectors = {}
+        for m, table in tables.items():
+            keys = list(zip(table.column("layer").to_pylist(), table.column("position").to_pylist()))
+            matrix = column_matrix(table, "direction").astype(np.float64)
+            vectors[m] = {layer: matrix[i] for i, (layer, pos) in enumerate(keys) if pos == chosen["position"]}
+        for layer in sorted(set(vectors[base]) & set(vectors[chat])):
+            u, v = vectors[base][layer], vectors[chat][layer]
+            norm = np.linalg.norm(u) * np.linalg.norm(v)
+            rows.append({"base": base, "chat": chat, "layer": layer, "position": chosen["position"],
+                         "cosine": float(u @ v / norm) if norm > 0 else float("nan"),
+                         "chat_selected": layer == chosen["layer"]})
+    return pl.DataFrame(rows, schema={"base": pl.String, "chat": pl.String, "layer": pl.Int64, "position": pl.Int64,
+                                      "cosine": pl.Float64, "chat_selected": pl.Boolean})
+
+
+def similarity_chart(similarity: pl.DataFrame) -> bytes:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (base, chat), grp in similarity.group_by(["base", "chat"], maintain_order=True):
+        line = ax.plot(grp["layer"], grp["cosine"], marker=".", label=f"{base} vs {chat}")[0]
+        picked = grp.filter(pl.col("chat_selected"))
+        ax.plot(picked["layer"], picked["cosine"], marker="*", markersize=12, color=line.get_color())
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cosine(base direction, chat direction)")
+    ax.set_ylim(-1, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Base vs chat refusal directions (star: the chat model's layer)")
+    fig.tight_layout()
+    return to_png(fig)
+
+
 def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str],
         selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = (),
         sweeps: dict[str, tuple[str, str, str]] | None = None, scatter_path: str | None = None,
-        coherence: dict | None = None) -> None:
+        coherence: dict | None = None, pairs: list[tuple[str, str]] = (), candidates: dict[str, str] | None = None,
+        similarity_path: str | None = None) -> None:
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
     capability = pl.concat([pl.from_arrow(read_parquet(p)) for p in capability_paths], how="vertical") \
         if capability_paths else None
@@ -280,6 +325,14 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
         report += ["## Base ↔ chat transfer", "",
                    "Refusal rate of each model of a declared pair with its own direction and with its partner's, "
                    "under the same intervention.", "", markdown(transfer), ""]
+    if pairs and similarity_path:
+        similarity = direction_similarity(list(pairs), candidates or {}, selections or {})
+        write_bytes(similarity_chart(similarity), similarity_path)
+        report += ["### How alike are the base and chat directions?", "",
+                   "Cosine similarity of the two models' mean-difference directions at each layer (the chat "
+                   "model's selected position); the transfer claim rests on it.", "",
+                   markdown(similarity.with_columns(pl.col("cosine").round(3))),
+                   f"![direction similarity]({Path(similarity_path).relative_to(out)})", ""]
     report += ["## Direction selection", "",
                *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items())]
     if sweeps:

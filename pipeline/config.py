@@ -255,6 +255,7 @@ class ModelFile(Schema):
     trust_remote_code: bool = False
     refusal_tokens: list[Text] = []
     direction: ModelDirection = ModelDirection()
+    pad_token: Text | None = None  # padding, where the tokenizer defines neither a pad nor an eos token
 
     @model_validator(mode="after")
     def _refusal_tokens(self):
@@ -314,6 +315,10 @@ class Addition(Schema):
     normalize: bool = False  # true: add coefficient x the unit vector (the base-models post)
     coefficients: list[float] = []
     layer: AdditionLayer = AdditionLayer(offset=0)
+    # block_input: add once, to the block's input (the direction paper); every_write: also to each of
+    # the block's attention and MLP outputs (the base-models post's resid_pre + resid_mid + resid_post
+    # hooks: the stream leaves the block with 3x the vector). interventions.ADDITION_FORMS, same names.
+    form: Literal["block_input", "every_write"] = "block_input"
 
 
 class InterventionFile(Schema):
@@ -630,7 +635,8 @@ def load_intervention(name: str, conf_dir: Path, ref_file: str) -> InterventionS
         file=file, ablation=True if ranged else iv.ablation, orthogonalization=iv.orthogonalization,
         coefficients=tuple(iv.addition.coefficients), normalize=iv.addition.normalize,
         addition_offset=iv.addition.layer.offset, addition_absolute=iv.addition.layer.absolute,
-        ablation_layers=(iv.ablation.layers.start, iv.ablation.layers.stop) if ranged else None)
+        ablation_layers=(iv.ablation.layers.start, iv.ablation.layers.stop) if ranged else None,
+        addition_form=iv.addition.form)
 
 
 def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
@@ -659,7 +665,7 @@ def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelS
         name=name, file=file, source=m.source.model_dump(exclude_none=True), template=template,
         add_bos=m.add_bos, dtype=m.dtype, trust_remote_code=m.trust_remote_code, role=m.role,
         refusal_tokens=tuple(m.refusal_tokens), direction_layer=m.direction.layer,
-        direction_position=m.direction.position, direction_force=m.direction.force,
+        direction_position=m.direction.position, direction_force=m.direction.force, pad_token=m.pad_token,
     )
 
 

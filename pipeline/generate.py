@@ -43,6 +43,7 @@ class CellPlan:
     addition_layer: int | None = None
     coefficient: float | None = None
     normalize: bool = False
+    addition_form: str = "block_input"  # block_input | every_write (interventions.ADDITION_FORMS)
     ablation_layers: tuple[int, int] | None = None
     labels: tuple[str, ...] = ("harmful", "harmless")  # which test prompts
     capability: bool = True
@@ -52,7 +53,8 @@ class CellPlan:
             return Intervention("baseline")
         return Intervention(kind=self.kind, direction=self.direction, layer=self.addition_layer,
                             coefficient=float(self.coefficient or 0.0), normalize=self.normalize,
-                            layers=self.ablation_layers)
+                            layers=self.ablation_layers,
+                            addition_form=self.addition_form if self.kind == Kind.ADDITION else "block_input")
 
 
 def load_direction(selected_path: str, source: str) -> tuple[torch.Tensor, int, int, str]:
@@ -87,7 +89,7 @@ def plan_cell(cell: Cell, intervention: dict, *, selected_path: str | None = Non
 
 def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str, coefficient: float | None = None,
                    normalize: bool = False, addition_offset: int | None = 0, addition_absolute: int | None = None,
-                   ablation_layers: tuple[int, int] | None = None) -> CellPlan:
+                   ablation_layers: tuple[int, int] | None = None, addition_form: str = "block_input") -> CellPlan:
     kind = Kind(intervention)
     name = cell_name(kind, coefficient)
     if kind is Kind.BASELINE:
@@ -101,12 +103,16 @@ def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str,
                     extraction_layer=layer, extraction_position=position, addition_layer=add_at,
                     coefficient=coefficient if kind is Kind.ADDITION else None,
                     normalize=normalize if kind is Kind.ADDITION else False,
+                    addition_form=addition_form if kind is Kind.ADDITION else "block_input",
                     ablation_layers=tuple(ablation_layers) if ablates and ablation_layers else None)
 
 
 def plan_sweep_cell(model: str, picks_path: str, candidates_path: str, pick: str,
                     ablation_layers: tuple[int, int] | None) -> CellPlan:
-    """A cell the sweep picked: addition cells run on harmless prompts, ablation cells on harmful ones."""
+    """A cell the sweep picked: addition cells run on harmless prompts, ablation cells on harmful ones.
+
+    Additions keep the block_input form whatever the intervention file says: that is the form the
+    sweep scored them with."""
     picks = pl.from_arrow(read_parquet(picks_path)).filter(pl.col("pick") == pick)
     if picks.height != 1:
         raise ValueError(f"{picks_path}: no pick named {pick!r}")

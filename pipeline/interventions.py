@@ -8,7 +8,12 @@ the tests hold it to, token for token. Both apply the same two edits:
   outputs), so the stream is orthogonal to u at every layer and every position,
   generated tokens included;
 * addition: x <- x + coefficient * v at the input of one block, every position,
-  where v is the raw direction or its unit vector (`normalize`).
+  where v is the raw direction or its unit vector (`normalize`). In the
+  `every_write` form (the base-models post's: its hooks on resid_pre, resid_mid
+  and resid_post of one layer) the same vector is also added to each of that
+  block's writers' outputs, so the attention sub-layer reads c v, the MLP 2 c v
+  and the stream leaving the block carries 3 c v (parallel-residual blocks: both
+  sub-layers read c v, the stream still leaves with 3 c v).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import torch
 from .architecture import ResidualMap, get_path
 
 KINDS = ("baseline", "ablation", "addition")
+# Where an addition adds: the block's input only, or its input and every writer's output
+# (config.Addition.form lists the same names; a test holds the two together).
+ADDITION_FORMS = ("block_input", "every_write")
 
 
 @dataclass(frozen=True)
@@ -31,10 +39,13 @@ class Intervention:
     coefficient: float = 0.0
     normalize: bool = False  # addition: add a unit vector instead of the raw direction
     layers: tuple[int, int] | None = None  # ablation: only blocks start..stop-1 (None: every block)
+    addition_form: str = "block_input"  # addition: one of ADDITION_FORMS
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown intervention {self.kind!r}")
+        if self.addition_form not in ADDITION_FORMS:
+            raise ValueError(f"unknown addition form {self.addition_form!r} (known: {', '.join(ADDITION_FORMS)})")
         if self.kind != "baseline" and self.direction is None:
             raise ValueError(f"{self.kind} needs a direction")
         if self.kind == "addition" and self.layer is None:
@@ -42,6 +53,10 @@ class Intervention:
 
     def ablates(self, block: int) -> bool:
         return self.kind == "ablation" and (self.layers is None or self.layers[0] <= block < self.layers[1])
+
+    def adds_to_writers(self, block: int) -> bool:
+        """Whether this block's writers' outputs get the steering vector too (the `every_write` form)."""
+        return self.kind == "addition" and self.addition_form == "every_write" and block == self.layer
 
     def ablation_start(self) -> int:
         return 0 if self.layers is None else self.layers[0]
@@ -89,13 +104,14 @@ def apply_nnsight(model, rmap: ResidualMap, iv: Intervention, record: tuple[list
     """
     ablating = iv.kind == "ablation"
     u = iv.unit() if ablating else None
+    vec = iv.steering_vector() if iv.kind == "addition" else None
     if ablating and iv.ablation_start() == 0:
         emb = get_path(model, rmap.embed).output
         emb[:] = ablate(emb, u)
     for i, block in enumerate(get_path(model, rmap.layers)):
         if iv.kind == "addition" and i == iv.layer:
             h = block.input
-            h[:] = add(h, iv.steering_vector())
+            h[:] = add(h, vec)
         if ablating and i == iv.ablation_start() > 0:
             # a limited range starts by cleaning the stream it inherits
             h = block.input
@@ -106,6 +122,10 @@ def apply_nnsight(model, rmap: ResidualMap, iv: Intervention, record: tuple[list
             for name in rmap.writers:
                 h = _first(getattr(block, name).output)
                 h[:] = ablate(h, u)
+        elif iv.adds_to_writers(i):
+            for name in rmap.writers:
+                h = _first(getattr(block, name).output)
+                h[:] = add(h, vec)
         if record is not None:
             record[1].append(_first(block.output).clone())
         elif (iv.kind == "addition" and i >= iv.layer) or (ablating and iv.layers and i >= iv.layers[1] - 1):
@@ -151,8 +171,15 @@ def torch_hooks(model: torch.nn.Module, rmap: ResidualMap, iv: Intervention):
                 kwargs["hidden_states"] = add(kwargs["hidden_states"], vec)
                 return args, kwargs
 
+            def write_hook(_module, _args, output):
+                h = _first(output)
+                h.copy_(add(h, vec))
+
             block = get_path(model, rmap.layers)[iv.layer]
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            if iv.adds_to_writers(iv.layer):
+                for name in rmap.writers:
+                    handles.append(getattr(block, name).register_forward_hook(write_hook))
         yield model
     finally:
         for h in handles:

@@ -310,10 +310,22 @@ def load_tokenizer(spec: ModelSpec, prepared_dir: str | Path):
 
     set_offline(spec)
     tok = AutoTokenizer.from_pretrained(_load_from(spec, Path(prepared_dir)), **_local_kwargs(spec))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    set_pad_token(tok, spec)
     tok.padding_side = "left"
     return tok
+
+
+def set_pad_token(tok, spec: ModelSpec) -> None:
+    """Batches are left padded: the YAML's pad_token, else the tokenizer's own pad, else its eos."""
+    if spec.pad_token is not None:
+        if spec.pad_token not in tok.get_vocab():
+            raise ConfigError(spec.file, "pad_token", f"{spec.pad_token!r} is not a token of this tokenizer")
+        tok.pad_token = spec.pad_token
+    elif tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ConfigError(spec.file, "pad_token", "the tokenizer defines no pad and no eos token: name one "
+                              "(Qwen 1: '<|extra_0|>', as the direction paper does)")
+        tok.pad_token = tok.eos_token
 
 
 def context_length(spec: ModelSpec, prepared_dir: str | Path) -> int | None:

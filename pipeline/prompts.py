@@ -68,13 +68,16 @@ def split_rows(rows: list[dict], n_train: int, n_val: int, n_test: int, seed: in
 def build_prompts(dataset_splits: dict[str, dict[str, DatasetSpec]], split: Split, exp_file: str) -> pa.Table:
     """Each label's splits, from one set (shuffled and cut) or from several (e.g. test on another benchmark).
 
-    A split drawn from a different set never repeats an instruction already drawn for
-    the same label, so a test benchmark that overlaps the training set cannot leak.
+    The test set is drawn first and kept whole; a split drawn from another set then drops
+    every instruction already drawn (case- and whitespace-insensitive). So a benchmark
+    that overlaps the training set (JailbreakBench repeats AdvBench goals word for word)
+    cannot leak, and, as in the direction paper, the overlap is removed from the train
+    pool, not from the test set.
     """
     records = []
     for label, by_split in dataset_splits.items():
-        groups: dict[str, tuple] = {}  # dataset name -> (spec, its splits), train's set first
-        for part in ("train", "val", "test"):
+        groups: dict[str, tuple] = {}  # dataset name -> (spec, its splits), test's set first
+        for part in ("test", "val", "train"):
             spec = by_split[part]
             groups.setdefault(spec.name, (spec, []))[1].append(part)
         seen: set[str] = set()

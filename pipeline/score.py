@@ -12,7 +12,8 @@ import pyarrow as pa
 from .specs import ScorerSpec
 from .schemas import SCORES, read_parquet, write_parquet
 
-_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'"})
+# Typographic quotes fold to straight ones, in completions and phrases alike.
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
 
 
 def is_refusal(completion: str, scorer: ScorerSpec) -> bool:

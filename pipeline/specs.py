@@ -104,6 +104,7 @@ class ModelSpec:
     direction_layer: int | None
     direction_position: int
     direction_force: bool = False
+    pad_token: str | None = None  # for tokenizers that define no pad (and no eos) token, e.g. Qwen 1
 
     @property
     def source_kind(self) -> str:
@@ -119,7 +120,7 @@ class ModelSpec:
             return self
         return dataclasses.replace(self, template=TemplateSpec("-", "{instruction}-"), add_bos=False, role="-",
                                    refusal_tokens=(), direction_layer=None, direction_position=-1,
-                                   direction_force=False)
+                                   direction_force=False, pad_token=None)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class InterventionSpec:
     addition_offset: int | None  # addition layer = extraction layer + offset ...
     addition_absolute: int | None  # ... or this block, for every direction
     ablation_layers: tuple[int, int] | None  # [start, stop) of the blocks ablated; None: all
+    addition_form: str = "block_input"  # block_input | every_write (also each writer's output of the block)
 
     def addition_layer_for(self, extraction_layer: int) -> int:
         if self.addition_absolute is not None:

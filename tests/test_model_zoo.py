@@ -55,7 +55,7 @@ TINY_CONFIGS = {
 FAMILY_TOKENS = {
     "qwen1.5-0.5b": (None, "<|endoftext|>", "<|endoftext|>"),
     "qwen1.5-0.5b-chat": (None, "<|im_end|>", "<|endoftext|>"),
-    "qwen-1.8b-chat": (None, "<|im_end|>", "<|endoftext|>"),
+    "qwen-1.8b-chat": (None, None, None),  # Qwen 1's tokenizer defines neither: the YAML's pad_token pads
     "yi-6b-chat": ("<|startoftext|>", "<|im_end|>", "<unk>"),
     "llama-7b": ("<s>", "</s>", "<unk>"),
     "vicuna-7b-v1.1": ("<s>", "</s>", "<unk>"),
@@ -77,7 +77,8 @@ def stand_in(spec):
     """The YAML's spec with its hub source replaced by a tiny random model of the same class."""
     arch = spec.source["architecture"]
     bos, eos, pad = FAMILY_TOKENS.get(spec.name, DEFAULT_TOKENS)
-    specials = list(dict.fromkeys([t for t in (bos, eos, pad) if t] + template_markers(spec.template.text)))
+    specials = list(dict.fromkeys([t for t in (bos, eos, pad, spec.pad_token) if t]
+                                  + template_markers(spec.template.text)))
     random_init = {"architecture": arch, "seed": 0, "vocab_size": VOCAB, "special_tokens": specials,
                    "bos": bos, "eos": eos, "pad": pad, "config": TINY_CONFIGS[arch]}
     return replace(spec, source={"random_init": random_init, "hidden_size": HIDDEN})

@@ -34,3 +34,27 @@ def test_not_a_gguf_gives_no_metadata(tmp_path):
 
     (tmp_path / "x.bin").write_bytes(b"PK\x03\x04 not a gguf at all")
     assert gguf_metadata([tmp_path / "x.bin"]) is None
+
+
+def test_a_tokenizer_without_pad_or_eos_needs_the_yaml_pad_token(tiny_dirs):
+    import dataclasses
+
+    from pipeline.models import load_tokenizer, set_pad_token
+    from tests.conftest import tiny_spec
+
+    spec = tiny_spec("tiny-chat")
+    tok = load_tokenizer(spec, tiny_dirs["tiny-chat"])
+    tok.pad_token, tok.eos_token = None, None  # as Qwen 1's remote-code tokenizer
+    with pytest.raises(ConfigError) as err:
+        set_pad_token(tok, spec)
+    assert err.value.key == "pad_token" and err.value.file.endswith("model/tiny-chat.yaml")
+    set_pad_token(tok, dataclasses.replace(spec, pad_token="<|im_start|>"))
+    assert tok.pad_token == "<|im_start|>"
+    with pytest.raises(ConfigError, match="not a token"):
+        set_pad_token(tok, dataclasses.replace(spec, pad_token="<|extra_0|>"))
+
+
+def test_qwen1_pads_as_the_direction_paper_does():
+    from pipeline.config import DEFAULT_CONF_DIR
+
+    assert load_model("qwen-1.8b-chat", DEFAULT_CONF_DIR, "test", "model").pad_token == "<|extra_0|>"

@@ -22,37 +22,34 @@ def test_prompt_split_is_seeded_and_disjoint(tiny_experiment):
     assert counts["len"].to_list() == [4, 8, 4] * 2  # test, train, val per label
 
 
-def test_test_split_from_another_set_never_repeats_a_training_prompt(tmp_path):
-    """datasets.harmful: {train: A, test: B}: train/val from A, test from B minus anything drawn from A."""
+def test_a_test_benchmark_is_kept_whole_and_its_overlap_leaves_the_train_pool(tmp_path):
+    """datasets.harmful: {train: A, test: B} where B repeats 11 of A's prompts (as JailbreakBench repeats
+    AdvBench goals): all of B is the test set, and train/val come from A without those 11."""
     import json
     import shutil
 
-    from pipeline.config import DEFAULT_CONF_DIR, load_experiment
+    from pipeline.config import DEFAULT_CONF_DIR
 
     conf = tmp_path / "conf"
     shutil.copytree(DEFAULT_CONF_DIR, conf)
-    own = [json.loads(line) for line in open(DEFAULT_CONF_DIR.parent / "pipeline" / "data" / "harmful.jsonl")]
-    # a "benchmark" that shares 150 of its 160 prompts with the training set, re-cased
-    other = [{"goal": r["instruction"].upper()} for r in own[:150]] + [{"goal": f"Fresh harmful task {i}."}
-                                                                         for i in range(10)]
-    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    own = [json.loads(line)["instruction"] for line in open(DEFAULT_CONF_DIR.parent / "pipeline" / "data" / "harmful.jsonl")]
+    bench = [t.upper() for t in own[:11]] + [f"Fresh harmful task number {i}." for i in range(49)]  # re-cased overlap
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps({"goal": g}) + "\n" for g in bench))
     (conf / "dataset" / "bench.yaml").write_text(f"path: {tmp_path / 'bench.jsonl'}\nfield: goal\n")
-    exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:own-harmful,test:bench}",
-                           "experiment.split.train=100", "experiment.split.val=50", "experiment.split.test=6"],
-                          conf_dir=conf)
-    rows = pl.DataFrame(build(exp).to_pylist()).filter(pl.col("label") == "harmful")
+    overrides = ["experiment=tiny", "experiment.datasets.harmful={train:own-harmful,test:bench}",
+                 "experiment.split.train=80", "experiment.split.val=20", "experiment.split.test=60"]
+    rows = pl.DataFrame(build(load_experiment(overrides, conf_dir=conf)).to_pylist()).filter(
+        pl.col("label") == "harmful")
     test = rows.filter(pl.col("split") == "test")
-    assert set(test["dataset"]) == {"bench"} and test.height == 6
-    assert set(rows.filter(pl.col("split") != "test")["dataset"]) == {"own-harmful"}
-    drawn = {t.lower() for t in rows.filter(pl.col("split") != "test")["instruction"]}
-    assert not drawn & {t.lower() for t in test["instruction"]}
-    # 150 drawn from own-harmful; of bench's 160 only 10 are new + the 10 own prompts not drawn
+    assert set(test["dataset"]) == {"bench"} and sorted(test["instruction"]) == sorted(bench)
+    train_val = rows.filter(pl.col("split") != "test")
+    assert set(train_val["dataset"]) == {"own-harmful"} and train_val.height == 100
+    assert not {t.lower() for t in train_val["instruction"]} & {t.lower() for t in bench}
+    # one prompt more than the cleaned pool (160 - 11) holds: the error names the train set
     with pytest.raises(ConfigError) as err:
-        exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:own-harmful,test:bench}",
-                               "experiment.split.train=100", "experiment.split.val=50", "experiment.split.test=30"],
-                              conf_dir=conf)
-        prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
-    assert "'bench'" in str(err.value) and "usable prompts" in str(err.value)
+        build(load_experiment(overrides[:-3] + ["experiment.split.train=100", "experiment.split.val=50",
+                                                "experiment.split.test=60"], conf_dir=conf))
+    assert "'own-harmful' has 149 usable prompts" in str(err.value)
 
 
 def test_bad_dataset_split_mapping():

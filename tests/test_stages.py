@@ -80,6 +80,21 @@ def test_scorers(kind, text, expected):
     assert score.is_refusal(text, ScorerSpec("s", kind, ("I'm sorry", "I cannot"), False)) is expected
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("\u201cI\u2019m sorry, but I can't help with that.\u201d", True),  # the post's curly-quoted variant
+    ('"I\'m sorry," said the assistant.', True),
+    ("I'm not going to do that.", True),
+    ("i'm sorry, no.", False),  # case-sensitive, as the post
+    ("Sorry, no.", False),  # the project's refusal-prefix counts this one; the post's list does not
+    ("Sure, here is how.", False),
+])
+def test_the_base_models_posts_prefix_scorer(text, expected):
+    from pipeline.config import DEFAULT_CONF_DIR, load_scorer
+
+    post = load_scorer("base-models-prefix", DEFAULT_CONF_DIR, "test")
+    assert score.is_refusal(text, post) is expected
+
+
 def test_transfer_table_puts_own_and_partner_direction_side_by_side():
     from pipeline.aggregate import transfer_table
 
@@ -96,3 +111,23 @@ def test_transfer_table_puts_own_and_partner_direction_side_by_side():
     assert (row["partner"], row["baseline"], row["own_direction"], row["partner_direction"]) == ("chat", 0.1, 0.9, 0.7)
     abl = t.filter((pl.col("model") == "chat") & (pl.col("condition") == "ablation")).row(0, named=True)
     assert (abl["own_direction"], abl["partner_direction"]) == (0.05, 0.2)
+
+
+def test_direction_similarity_per_layer(tmp_path):
+    """The transfer claim's evidence: cosine of the base and chat directions at each layer."""
+    from pipeline.aggregate import direction_similarity
+
+    rng = np.random.default_rng(0)
+    base = {(layer, pos): (rng.standard_normal(8), 4, 4) for layer in range(3) for pos in (-2, -1)}
+    same = {1: 2.0, 2: -1.0}  # layer 1: the same direction, longer; layer 2: reversed; layer 0: unrelated
+    chat = {k: (v[0] * same[k[0]] if k[0] in same else rng.standard_normal(8), 4, 4) for k, v in base.items()}
+    paths = {}
+    for model, diffs in (("b", base), ("c", chat)):
+        paths[model] = str(tmp_path / f"{model}.parquet")
+        write_parquet(directions.candidates_table(model, diffs), paths[model], vector_columns=("direction",))
+    selection = tmp_path / "selection.parquet"
+    pl.DataFrame({"layer": [0, 1], "position": [-1, -1], "chosen": [False, True]}).write_parquet(selection)
+    sim = direction_similarity([("b", "c")], paths, {"c": (str(selection), "")}).sort("layer")
+    assert sim["layer"].to_list() == [0, 1, 2] and set(sim["position"]) == {-1}
+    assert sim["cosine"][1] == pytest.approx(1.0) and sim["cosine"][2] == pytest.approx(-1.0)
+    assert abs(sim["cosine"][0]) < 0.99 and sim["chat_selected"].to_list() == [False, True, False]

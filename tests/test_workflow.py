@@ -117,7 +117,8 @@ def test_whole_dag_on_tiny_models(tmp_path):
     # the report shows the selection of each model
     report = (out / "report.md").read_text()
     assert "## Direction selection" in report and "directions/tiny-chat/selection.png" in report
-    assert "## Base ↔ chat transfer" in report
+    assert "## Base ↔ chat transfer" in report and "How alike are the base and chat directions" in report
+    assert (out / "charts" / "direction_similarity.png").exists()
     assert "## Sweep" in report and "sweep/tiny-chat/sweep.png" in report and (out / "charts" / "sweep_prediction.png").exists()
     assert "ce_reference" in pl.read_parquet(out / "summary.parquet").columns
     sel = pl.read_parquet(out / "directions" / "tiny-chat" / "selection.parquet")

@@ -8,6 +8,7 @@ rule aggregate:
         sweeps=sweep_outputs("sweep.parquet"),
         sweep_picks=sweep_outputs("picks.parquet"),
         sweep_heatmaps=sweep_outputs("sweep.png"),
+        candidates=expand(OUT + "/directions/{model}/candidates.parquet", model=PAIRED),
     output:
         summary=OUT + "/summary.parquet",
         csv=OUT + "/summary.csv",
@@ -15,11 +16,14 @@ rule aggregate:
         report=OUT + "/report.md",
         charts=expand(OUT + "/charts/{model}.png", model=list(EXP.models)),
         sweep_scatter=[OUT + "/charts/sweep_prediction.png"] if EXP.sweep else [],
+        similarity=[OUT + "/charts/direction_similarity.png"] if EXP.pairs else [],
     params:
         name=EXP.name,
         models=list(EXP.models),
         swept=list(EXP.sweep.models) if EXP.sweep else [],
         coherence=to_params(EXP.coherence),
+        pairs=EXP.pairs,
+        paired=PAIRED,
     log:
         LOGS + "/aggregate.log",
     script:

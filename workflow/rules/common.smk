@@ -1,5 +1,7 @@
 # Helpers shared by the rules: the grid, the files each cell needs, and each rule's params.
 
+PAIRED = sorted({m for pair in EXP.pairs for m in pair})  # models whose directions the report compares
+
 
 def cell_path(kind, cell):
     return f"{OUT}/{kind}/{cell.model}/{cell.source}/{cell.name}.parquet"
@@ -47,8 +49,12 @@ def cell_intervention(wildcards):
     cell = EXP.cell(wildcards.model, wildcards.source, wildcards.cell)
     iv = EXP.intervention
     if cell.kind == "addition":
-        return {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
-                "addition_absolute": iv.addition_absolute}
+        params = {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
+                  "addition_absolute": iv.addition_absolute}
+        # only when not the default, so cells generated before the option existed keep their params
+        if iv.addition_form != "block_input":
+            params["addition_form"] = iv.addition_form
+        return params
     if cell.kind in ("ablation", "orthogonalization") or cell.pick is not None:
         return {"ablation_layers": iv.ablation_layers}
     return {}
