@@ -3,6 +3,16 @@
 Prompts are tokenized without the tokenizer's own special tokens; the BOS token is
 prepended by us when the model YAML says `add_bos: true` and the template does not
 already begin with it. That gives exactly one BOS, never two (the Llama-3 bug).
+
+The post-instruction tokens (where activations are read and refusal is decided) are
+counted in the formatted prompt itself, never by tokenizing the template's suffix alone:
+alone, a SentencePiece tokenizer starts "\\nASSISTANT:" with a "▁" piece that the prompt
+does not have. They are the tokens that start at or after the character where the suffix
+begins (character offsets of a fast tokenizer). A token that straddles that character
+(the instruction's last character merged with the suffix's first) is an error naming the
+template, and so is a prompt whose post-instruction tokens differ from the template's:
+activations are stored at positions -n_post..-1, which must mean the same tokens for every
+prompt of a run.
 """
 
 from __future__ import annotations
@@ -11,9 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .specs import ModelSpec, TemplateSpec
 from .errors import ConfigError
-from .refusal import refusal_token_ids
+from .specs import ModelSpec
+
+# The instruction of the reference prompt: what the template's post-instruction tokens are, for
+# checks that have no prompt at hand (the direction position, the refusal tokens in context).
+REFERENCE_INSTRUCTION = "Tell me how to make a cake"
 
 
 @dataclass
@@ -23,12 +36,61 @@ class Batch:
     n_post: int  # post-instruction tokens, the last n_post positions of every row
 
 
-def post_instruction_ids(tokenizer, template: TemplateSpec) -> list[int]:
-    return tokenizer(template.suffix, add_special_tokens=False)["input_ids"]
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]  # BOS (when the YAML adds it) + the formatted prompt's tokens
+    n_post: int  # the last n_post ids are the template's post-instruction tokens
+
+    @property
+    def post(self) -> list[int]:
+        return self.ids[len(self.ids) - self.n_post:]
 
 
-def encode_prompt(tokenizer, spec: ModelSpec, instruction: str) -> list[int]:
-    ids = tokenizer(spec.template.format(instruction), add_special_tokens=False)["input_ids"]
+class TokenBoundaryError(ValueError):
+    """A token of `text` covers characters on both sides of `boundary`."""
+
+    def __init__(self, text: str, boundary: int, token: str):
+        self.text, self.boundary, self.token = text, boundary, token
+        super().__init__(f"the token {token!r} spans {text[max(0, boundary - 10):boundary]!r}|"
+                         f"{text[boundary:boundary + 10]!r}")
+
+
+def split_tokens(tokenizer, text: str, boundary: int, absorb_space: bool = False) -> tuple[list[int], int]:
+    """Tokenize `text` (no special tokens): (ids, k), ids[:k] the tokens of text[:boundary], ids[k:] the rest.
+
+    Fast tokenizers: by character offsets, ids[k] is the first token that starts at or after
+    `boundary`. With `absorb_space`, a token that starts in whitespace just before the
+    boundary and runs past it counts as the first one after it (SentencePiece's "▁I" after a
+    template ending in a space). Any other token across the boundary raises TokenBoundaryError.
+    Slow tokenizers (no offsets, e.g. Qwen 1's remote code): text[:boundary] tokenized alone
+    must be a prefix of the whole's tokens (with `absorb_space`, text[:boundary] without its
+    trailing whitespace may be).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        k = 0
+        while k < len(ids) and spans[k][0] < boundary:
+            start, end = spans[k]
+            if end > boundary:
+                if absorb_space and not text[start:boundary].strip():
+                    break
+                raise TokenBoundaryError(text, boundary, tokenizer.convert_ids_to_tokens(ids[k]))
+            k += 1
+        return ids, k
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    heads = [text[:boundary]]
+    if absorb_space and text[:boundary].rstrip() != text[:boundary]:
+        heads.append(text[:boundary].rstrip())
+    for head in heads:
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
+        if ids[:len(head_ids)] == head_ids:
+            return ids, len(head_ids)
+    first = next((i for i, (a, b) in enumerate(zip(ids, head_ids)) if a != b), min(len(ids), len(head_ids)) - 1)
+    raise TokenBoundaryError(text, boundary, tokenizer.convert_ids_to_tokens(ids[first]))
+
+
+def _with_bos(tokenizer, spec: ModelSpec, ids: list[int]) -> list[int]:
     if spec.add_bos:
         bos = tokenizer.bos_token_id
         if bos is None:
@@ -38,15 +100,47 @@ def encode_prompt(tokenizer, spec: ModelSpec, instruction: str) -> list[int]:
     return ids
 
 
+def encode(tokenizer, spec: ModelSpec, instruction: str) -> Prompt:
+    """The prompt's ids and how many of them, at the end, come after the instruction."""
+    template = spec.template
+    text = template.format(instruction)
+    try:
+        ids, k = split_tokens(tokenizer, text, len(template.prefix) + len(instruction))
+    except TokenBoundaryError as err:
+        raise ConfigError(spec.file, "template", f"template '{template.name}': {err.token!r} is one token across "
+                          f"the end of the instruction {instruction[-30:]!r} and the text after it "
+                          f"{template.suffix[:20]!r}; end the template's prefix/suffix on a token boundary") from None
+    n_post = len(ids) - k
+    if n_post == 0:
+        raise ConfigError(spec.file, "template", f"template '{template.name}': no token after the instruction")
+    return Prompt(ids=_with_bos(tokenizer, spec, ids), n_post=n_post)
+
+
+def encode_prompt(tokenizer, spec: ModelSpec, instruction: str) -> list[int]:
+    return encode(tokenizer, spec, instruction).ids
+
+
+def post_instruction_ids(tokenizer, spec: ModelSpec, instruction: str = REFERENCE_INSTRUCTION) -> list[int]:
+    """The template's post-instruction tokens, as they stand in the formatted prompt of `instruction`."""
+    return encode(tokenizer, spec, instruction).post
+
+
+def _check_post(tokenizer, spec: ModelSpec, reference: Prompt, prompt: Prompt, instruction: str, where: str) -> None:
+    if prompt.post != reference.post:
+        name = spec.template.name
+        raise ConfigError(spec.file, "template", f"template '{name}': after {where} the text after the instruction is "
+                          f"{prompt.n_post} tokens {tokenizer.convert_ids_to_tokens(prompt.post)}, after "
+                          f"{REFERENCE_INSTRUCTION!r} {reference.n_post} {tokenizer.convert_ids_to_tokens(reference.post)}; "
+                          "positions -n..-1 must be the same tokens for every prompt")
+
+
 def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
-    """Tokenize and left-pad; check every prompt ends in the template's post-instruction tokens."""
-    post = post_instruction_ids(tokenizer, spec.template)
-    rows = [encode_prompt(tokenizer, spec, text) for text in instructions]
-    for ids, text in zip(rows, instructions):
-        if ids[-len(post):] != post:
-            raise ConfigError(spec.file, "template",
-                              f"the tokens after the instruction merge with it for {text[:40]!r}; "
-                              "end the template's prefix/suffix on a token boundary")
+    """Tokenize and left-pad; every prompt must end in the same post-instruction tokens (the template's)."""
+    reference = encode(tokenizer, spec, REFERENCE_INSTRUCTION)
+    prompts = [encode(tokenizer, spec, text) for text in instructions]
+    for prompt, text in zip(prompts, instructions):
+        _check_post(tokenizer, spec, reference, prompt, text, repr(text[:40]))
+    rows = [p.ids for p in prompts]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -54,24 +148,28 @@ def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    return Batch(input_ids=input_ids, attention_mask=mask, n_post=len(post))
+    return Batch(input_ids=input_ids, attention_mask=mask, n_post=reference.n_post)
 
 
 def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_new_tokens: int = 0) -> None:
     """Before the weights load: the refusal tokens resolve, the direction's position exists, every
-    prompt (plus what will be generated) fits the model's context. `prompts`: rows with
-    instruction, prompt_id and dataset (the prompts Parquet)."""
+    prompt ends in the template's post-instruction tokens and (plus what will be generated) fits
+    the model's context. `prompts`: rows with instruction, prompt_id and dataset (the prompts Parquet)."""
+    from .refusal import refusal_token_ids  # refusal builds on this module
+
     if spec.refusal_tokens:
         refusal_token_ids(tokenizer, spec)
-    n_post = len(post_instruction_ids(tokenizer, spec.template))
+    reference = encode(tokenizer, spec, REFERENCE_INSTRUCTION)
+    n_post = reference.n_post
     if spec.direction_position < -n_post:
         raise ConfigError(spec.file, "direction.position", f"{spec.direction_position}: the template "
                           f"'{spec.template.name}' has {n_post} post-instruction tokens (-{n_post}..-1)")
-    if not context:
-        return
     for row in prompts.iter_rows(named=True):
-        n = len(encode_prompt(tokenizer, spec, row["instruction"])) + max_new_tokens
-        if n > context:
+        prompt = encode(tokenizer, spec, row["instruction"])
+        _check_post(tokenizer, spec, reference, prompt, row["instruction"],
+                    f"prompt {row['prompt_id']!r} of conf/dataset/{row['dataset']}.yaml")
+        n = len(prompt.ids) + max_new_tokens
+        if context and n > context:
             raise ConfigError(f"conf/dataset/{row['dataset']}.yaml", "path",
                               f"prompt {row['prompt_id']!r} is {n} tokens with the template and generation, "
                               f"past {spec.name}'s context of {context}")

