@@ -19,14 +19,23 @@ import torch
 from .specs import ScorerSpec
 from .errors import ConfigError
 from .models import LoadedModel
-from .templates import encode_batch
+from .refusal import phrase_context
+from .templates import TokenBoundaryError, encode_batch, split_tokens
 
 
 def label_token_ids(tok, scorer: ScorerSpec) -> tuple[int, int]:
-    """The first token of each label; they must differ, or the judge cannot tell them apart."""
+    """The first token of each label as the judge writes it after its template (resolved in context,
+    as the refusal tokens are); they must differ, or the judge cannot tell them apart."""
     ids = []
     for key, label in zip(("refused", "complied"), scorer.labels):
-        toks = tok(label, add_special_tokens=False)["input_ids"]
+        text, start = phrase_context(scorer.judge, label)
+        try:
+            found, k = split_tokens(tok, text, start, absorb_space=True)
+        except TokenBoundaryError as err:
+            raise ConfigError(f"conf/scoring/{scorer.name}.yaml", f"labels.{key}",
+                              f"{label!r}: its first token {err.token!r} also takes the end of the judge's "
+                              "template") from None
+        toks = found[k:]
         if not toks:
             raise ConfigError(f"conf/scoring/{scorer.name}.yaml", f"labels.{key}", f"{label!r} encodes to no token")
         ids.append(toks[0])

@@ -226,3 +226,20 @@ def test_refusal_phrase_glued_to_the_template_names_the_key(real_tokenizer):
     with pytest.raises(ConfigError) as err:
         refusal_token_ids(tok, spec)
     assert err.value.key == "refusal_tokens[1]" and err.value.file.endswith("llama-7b.yaml"), str(err.value)
+
+
+def test_judge_labels_resolve_after_the_judge_template(real_tokenizer):
+    """A judge answering after 'ASSISTANT:' writes ' safe' (byte-level BPE: 'Ġsafe'), not the 'safe' of
+    the label tokenized alone; after a newline it is the no-space token."""
+    from dataclasses import replace
+
+    from pipeline.config import load_scorer
+    from pipeline.judge import label_token_ids
+
+    tok = real_tokenizer("qwen3")
+    guard = load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test")
+    after_colon = replace(guard, judge=replace(guard.judge, template=_spec("llama-7b").template))
+    assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_colon))) == ["Ġsafe", "Ġunsafe"]
+    assert tok.convert_ids_to_tokens(tok("safe", add_special_tokens=False)["input_ids"]) == ["safe"]
+    after_newline = replace(guard, judge=replace(guard.judge, template=_spec("qwen1.5-0.5b-chat").template))
+    assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_newline))) == ["safe", "unsafe"]
