@@ -724,4 +724,5 @@ def _load_group(conf_dir: Path, group: str, name: str, ref_file: str, ref_key: s
 
 def _rel(path: Path, conf_dir: Path) -> str:
     """A config file's name as users see it: conf/<group>/<name>.yaml."""
+    conf_dir = Path(conf_dir).resolve()  # callers may reach conf/ through a symlink
     return str(Path(conf_dir.name) / Path(path).resolve().relative_to(conf_dir))

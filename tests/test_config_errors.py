@@ -305,3 +305,11 @@ def test_tokenizer_level_mistakes_name_the_model_yaml(tiny_dirs, field, value, k
     with pytest.raises(ConfigError) as err:
         check_inputs(load_tokenizer(spec, tiny_dirs["tiny-chat"]), spec, prompt_rows("Hi."), 512)
     assert err.value.file.endswith("model/tiny-chat.yaml") and err.value.key == key, str(err.value)
+
+
+def test_conf_reached_through_a_symlink(tmp_path):
+    from pipeline.config import DEFAULT_CONF_DIR, load_model
+
+    link = tmp_path / "conf"
+    link.symlink_to(DEFAULT_CONF_DIR)
+    assert load_model("tiny-chat", link, "test", "model").file == "conf/model/tiny-chat.yaml"

