@@ -38,29 +38,51 @@ N_LAYERS = 4
 # are replaced in the copied model YAMLs by this one (position kept).
 STANDIN_LAYER = 2
 
-_COMMON = {"hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": N_LAYERS,
-           "num_attention_heads": 4, "max_position_embeddings": 512, "initializer_range": 0.25,
-           "tie_word_embeddings": False}
-TINY_CONFIGS = {
-    "Qwen2ForCausalLM": {**_COMMON, "num_key_value_heads": 2},
-    "LlamaForCausalLM": {**_COMMON, "num_key_value_heads": 2},
-    "GemmaForCausalLM": {**_COMMON, "num_key_value_heads": 1, "head_dim": 16},
-    "Gemma2ForCausalLM": {**_COMMON, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
-                          "sliding_window": 16},
-    "GPTNeoXForCausalLM": {**_COMMON, "rotary_pct": 0.25},
-}
 
 
-def family(name: str) -> str:
-    if name.startswith("llama-3"):
+def tiny_configs(hidden: int, n_layers: int) -> dict[str, dict]:
+    """Per architecture of the papers' models: the smallest transformers config that builds (4 heads,
+    head_dim 16 where asked for). Untied embeddings: tied random ones mostly echo the last token."""
+    common = {"hidden_size": hidden, "intermediate_size": 128, "num_hidden_layers": n_layers,
+              "num_attention_heads": 4, "max_position_embeddings": 512, "initializer_range": 0.25,
+              "tie_word_embeddings": False}
+    return {
+        "Qwen2ForCausalLM": {**common, "num_key_value_heads": 2},
+        "LlamaForCausalLM": {**common, "num_key_value_heads": 2},
+        "GemmaForCausalLM": {**common, "num_key_value_heads": 1, "head_dim": 16},
+        "Gemma2ForCausalLM": {**common, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+                              "sliding_window": 16},
+        "GPTNeoXForCausalLM": {**common, "rotary_pct": 0.25},
+    }
+
+
+TINY_CONFIGS = tiny_configs(HIDDEN, N_LAYERS)
+
+
+def template_family(text: str) -> str:
+    """The fetchable tokenizer whose special tokens a template uses."""
+    if "<|im_start|>" in text:
+        return "qwen3"
+    if "<start_of_turn>" in text:
+        return "gemma3"
+    if "<|start_header_id|>" in text:
+        return "llama3"
+    return "llama2"
+
+
+def family(name: str, template_text: str | None = None) -> str:
+    """The real (or closest fetchable) tokenizer of a model YAML; unknown names go by their template."""
+    if name.startswith(("llama-3", "llama-guard-3")):
         return "llama3"
     if name.startswith(("llama", "vicuna", "pythia")):
         return "llama2"
     if name.startswith("gemma"):
         return "gemma3"
     if name.startswith(("qwen", "yi")):
-        return "qwen3"
-    raise KeyError(name)
+        return "qwen3"  # Yi: a ChatML model; qwen3 has ChatML's special tokens
+    if template_text is None:
+        raise KeyError(name)
+    return template_family(template_text)
 
 
 def standin_tokenizer(name: str, real):

@@ -13,7 +13,7 @@ from pipeline.errors import ConfigError
 from pipeline.generate import decode_until_stop, generate, plan_cell
 from pipeline.models import stop_token_ids
 from pipeline.interventions import ADDITION_FORMS, Intervention, apply_nnsight, torch_hooks
-from pipeline.specs import Cell, Kind, to_params
+from pipeline.specs import Kind, to_params
 from pipeline.templates import encode_batch
 from tests.conftest import assert_one_line_error
 

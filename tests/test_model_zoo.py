@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from paper_standins import tiny_configs
 from pipeline.activations import capture
 from pipeline.config import DEFAULT_CONF_DIR, TemplateSpec, load_model
 from pipeline.generate import generate
@@ -39,18 +40,7 @@ N_LAYERS = 3
 VOCAB = 400
 TEXTS = ["Write a poem about cats.", "How do I bake sourdough bread at home?"]
 
-# Per architecture: the smallest config that builds (hidden 64, 4 heads, head_dim 16 where asked for).
-_COMMON = {"hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": N_LAYERS,
-           "num_attention_heads": 4, "max_position_embeddings": 512, "initializer_range": 0.25,
-           "tie_word_embeddings": False}  # tied random embeddings mostly echo the last token
-TINY_CONFIGS = {
-    "Qwen2ForCausalLM": {**_COMMON, "num_key_value_heads": 2},
-    "LlamaForCausalLM": {**_COMMON, "num_key_value_heads": 2},
-    "GemmaForCausalLM": {**_COMMON, "num_key_value_heads": 1, "head_dim": 16},
-    "Gemma2ForCausalLM": {**_COMMON, "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
-                          "sliding_window": 16},
-    "GPTNeoXForCausalLM": {**_COMMON, "rotary_pct": 0.25},
-}
+TINY_CONFIGS = tiny_configs(HIDDEN, N_LAYERS)
 # BOS / EOS / PAD of the stand-in tokenizer, as the real family spells them (default: Gemma's).
 FAMILY_TOKENS = {
     "qwen1.5-0.5b": (None, "<|endoftext|>", "<|endoftext|>"),

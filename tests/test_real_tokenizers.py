@@ -20,6 +20,7 @@ from dataclasses import replace
 import polars as pl
 import pytest
 
+from paper_standins import family, template_family
 from pipeline.config import DEFAULT_CONF_DIR, TemplateSpec, load_model, load_template
 from pipeline.errors import ConfigError
 from pipeline.refusal import refusal_token_ids
@@ -39,27 +40,8 @@ def _spec(name):
 REAL = {name: _spec(name) for name in MODEL_NAMES if _spec(name).source_kind != "random_init"}
 
 
-def template_family(text: str) -> str:
-    if "<|im_start|>" in text:
-        return "qwen3"
-    if "<start_of_turn>" in text:
-        return "gemma3"
-    if "<|start_header_id|>" in text:
-        return "llama3"
-    return "llama2"
-
-
 def model_family(spec) -> str:
-    name = spec.name
-    if name.startswith(("llama-3", "llama-guard-3")):
-        return "llama3"
-    if name.startswith(("llama", "vicuna", "pythia")):
-        return "llama2"
-    if name.startswith("gemma"):
-        return "gemma3"
-    if name.startswith(("qwen", "yi")):
-        return "qwen3"  # Yi: a ChatML model; qwen3 has ChatML's special tokens
-    return template_family(spec.template.text)
+    return family(spec.name, spec.template.text)
 
 
 def specs_for(template: str):
