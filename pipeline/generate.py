@@ -25,7 +25,7 @@ from .models import LoadedModel, context_length, load_tokenizer, stop_token_ids
 from .orthogonalize import orthogonalized
 from .probes import completion_losses, last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
-from .specs import Cell, Kind, ModelSpec, Source, cell_name
+from .specs import Cell, Kind, ModelSpec, Source, addition_layer, cell_name
 from .templates import check_inputs, encode_batch
 
 
@@ -97,7 +97,7 @@ def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str,
     direction, layer, position, owner = load_direction(selected_path, source)
     add_at = None
     if kind is Kind.ADDITION:
-        add_at = addition_absolute if addition_absolute is not None else layer + (addition_offset or 0)
+        add_at = addition_layer(layer, addition_offset, addition_absolute)
     ablates = kind in (Kind.ABLATION, Kind.ORTHOGONALIZATION)
     return CellPlan(source=source, kind=kind, cell=name, direction=direction, direction_model=owner,
                     extraction_layer=layer, extraction_position=position, addition_layer=add_at,

@@ -153,6 +153,11 @@ class ScorerSpec:
     margin: float = 0.0
 
 
+def addition_layer(extraction_layer: int, offset: int | None, absolute: int | None) -> int:
+    """The block an addition steers: `absolute` if given, else the extraction layer moved by `offset`."""
+    return absolute if absolute is not None else extraction_layer + (offset or 0)
+
+
 @dataclass(frozen=True)
 class InterventionSpec:
     """The intervention settings shared by every cell of an experiment (one intervention YAML)."""
@@ -168,9 +173,7 @@ class InterventionSpec:
     addition_form: str = "block_input"  # block_input | every_write (also each writer's output of the block)
 
     def addition_layer_for(self, extraction_layer: int) -> int:
-        if self.addition_absolute is not None:
-            return self.addition_absolute
-        return extraction_layer + (self.addition_offset or 0)
+        return addition_layer(extraction_layer, self.addition_offset, self.addition_absolute)
 
 
 @dataclass(frozen=True)
