@@ -22,8 +22,8 @@ def check_experiment(exp: Experiment, device_here: bool = True) -> None:
         check_source(spec)
     checked = set()
     for splits in exp.dataset_splits.values():
-        for ds in splits.values():
-            if ds.path is not None and ds.name not in checked:
+        for ds in (ds for pool in splits.values() for ds in pool):
+            if ds.path is not None and ds.format == "json" and ds.name not in checked:
                 check_prompt_file(ds)
                 checked.add(ds.name)
     exp.meta = {m: model_metadata(spec, exp.results_dir / "models" / m) or {} for m, spec in exp.models.items()}

@@ -73,10 +73,15 @@ class LayerRange(Schema):
         return tuple(range(self.start, self.stop, self.step))
 
 
+# One set, or a pool of sets drawn as one (the direction paper trains on AdvBench +
+# MaliciousInstruct + TDC2023).
+DatasetNames = Name | Annotated[list[Name], Field(min_length=1)]
+
+
 class SplitNames(Schema):
-    train: Name
-    val: Name | None = None
-    test: Name | None = None
+    train: DatasetNames
+    val: DatasetNames | None = None
+    test: DatasetNames | None = None
 
 
 class Datasets(Schema):
@@ -282,17 +287,21 @@ class TemplateFile(Schema):
 class DatasetFile(Schema):
     path: Text | None = None
     hub_id: Text | None = None
+    url: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None  # a file published outside the hub
+    format: Literal["json", "csv"] = "json"  # of path or url (JSON Lines or a JSON array; CSV with a header)
     subset: Text | None = None
     split: Text = "train"
     field: Text = "instruction"
     id_field: Text | None = None
     category_field: Text | None = None
     filter_empty: Text | None = None  # skip rows where this column is non-empty
+    where: dict[Text, Text] = {}  # keep only rows whose columns hold these values
 
     @model_validator(mode="after")
     def _one_place(self):
-        if (self.path is None) == (self.hub_id is None):
-            raise PydanticCustomError("place", "needs exactly one of path (a local file) or hub_id", {"key": "path"})
+        if sum(x is not None for x in (self.path, self.hub_id, self.url)) != 1:
+            raise PydanticCustomError("place", "needs exactly one of path (a local file), hub_id or url",
+                                      {"key": "path"})
         return self
 
 
@@ -444,7 +453,7 @@ class Experiment:
     results_dir: Path
     models: dict[str, ModelSpec]
     pairs: list[tuple[str, str]]
-    dataset_splits: dict[str, dict[str, DatasetSpec]]  # label -> split (train/val/test) -> dataset
+    dataset_splits: dict[str, dict[str, tuple[DatasetSpec, ...]]]  # label -> train/val/test -> its pool
     split: Split
     activations: Activations
     direction: Direction
@@ -611,19 +620,27 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
     return exp
 
 
-def load_dataset_splits(ds: Datasets, conf_dir: Path, exp_file: str) -> dict[str, dict[str, DatasetSpec]]:
-    """`harmful: advbench` (one set, split three ways) or `harmful: {train: advbench, test: jbb-harmful}`."""
+def load_dataset_splits(ds: Datasets, conf_dir: Path, exp_file: str) -> dict[str, dict[str, tuple[DatasetSpec, ...]]]:
+    """`harmful: advbench` (one set, split three ways), `harmful: {train: advbench, test: jbb-harmful}`
+    or a pool per split, `train: [advbench, malicious-instruct, tdc2023]`."""
     splits = {}
     for label in ("harmful", "harmless"):
         value = getattr(ds, label)
         names = {"train": value, "val": value, "test": value} if isinstance(value, str) else \
             {"train": value.train, "val": value.val or value.train, "test": value.test or value.train}
         loaded: dict[str, DatasetSpec] = {}
-        for split, name in names.items():
-            key = f"datasets.{label}" if isinstance(value, str) else f"datasets.{label}.{split}"
-            if name not in loaded:
-                loaded[name] = load_dataset_spec(name, label, conf_dir, exp_file, key)
-        splits[label] = {split: loaded[name] for split, name in names.items()}
+        by_split = {}
+        for split, pool in names.items():
+            pool = [pool] if isinstance(pool, str) else pool
+            if len(set(pool)) != len(pool):
+                raise ConfigError(exp_file, f"datasets.{label}.{split}", "names a set twice")
+            for i, name in enumerate(pool):
+                key = f"datasets.{label}" if isinstance(value, str) else \
+                    f"datasets.{label}.{split}" + (f"[{i}]" if len(pool) > 1 else "")
+                if name not in loaded:
+                    loaded[name] = load_dataset_spec(name, label, conf_dir, exp_file, key)
+            by_split[split] = tuple(loaded[name] for name in pool)
+        splits[label] = by_split
     return splits
 
 
@@ -683,9 +700,10 @@ def load_dataset_spec(name: str, label: str, conf_dir: Path, ref_file: str, ref_
         if not resolved.is_file():
             raise ConfigError(file, "path", f"file not found: {path}")
         path = str(resolved)
-    return DatasetSpec(name=name, file=file, label=label, path=path, hub_id=d.hub_id, subset=d.subset,
-                       split=d.split, field=d.field, id_field=d.id_field, category_field=d.category_field,
-                       filter_empty=d.filter_empty)
+    return DatasetSpec(name=name, file=file, label=label, path=path, hub_id=d.hub_id, url=d.url, format=d.format,
+                       subset=d.subset, split=d.split, field=d.field, id_field=d.id_field,
+                       category_field=d.category_field, filter_empty=d.filter_empty,
+                       where=tuple(sorted(d.where.items())))
 
 
 def resolve_data_path(path: str) -> Path:

@@ -130,12 +130,15 @@ class DatasetSpec:
     label: str
     path: str | None = None
     hub_id: str | None = None
+    url: str | None = None
+    format: str = "json"  # of path or url
     subset: str | None = None
     split: str = "train"
     field: str = "instruction"
     id_field: str | None = None
     category_field: str | None = None
     filter_empty: str | None = None
+    where: tuple[tuple[str, str], ...] = ()  # (column, value) every kept row matches
 
 
 @dataclass(frozen=True)

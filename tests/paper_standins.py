@@ -23,6 +23,7 @@ Two family quirks are reproduced on the copy of the tokenizer, so the YAMLs stay
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -128,8 +129,10 @@ N_JBB_OVERLAP = 11
 
 
 def write_datasets(folder: Path) -> dict[str, Path]:
-    """Local sets shaped like the hub ones: AdvBench (`prompt`), Alpaca (`instruction`, `input`),
-    JBB-Behaviors (`Goal`, `Category`). 11 JBB goals repeat AdvBench prompts word for word."""
+    """Local sets shaped like the real ones: AdvBench, MaliciousInstruct and TDC2023 (`prompt`), Alpaca
+    (`instruction`, `input`), JBB-Behaviors (`Goal`, `Category`), HarmBench's val CSV (standard rows and
+    contextual ones that must be left out). 11 JBB goals repeat AdvBench prompts word for word, and
+    MaliciousInstruct repeats one AdvBench prompt (a pool draws it once)."""
     folder.mkdir(parents=True, exist_ok=True)
     harmful = [r["instruction"] for r in _read("harmful.jsonl")]
     harmless = _read("harmless.jsonl")
@@ -145,7 +148,22 @@ def write_datasets(folder: Path) -> dict[str, Path]:
         if i % 4 == 0:  # an Alpaca row that needs an input: filtered out
             alpaca.append({"instruction": f"Summarise this text ({i}).", "input": "Some text to summarise.",
                            "output": "..."})
+    malicious = [advbench[20], *harmful[123:135]]
+    tdc = harmful[135:145]
+    harmbench = [{"Behavior": b, "FunctionalCategory": "standard", "SemanticCategory": "illegal", "Tags": "",
+                  "ContextString": "", "BehaviorID": f"hb_{i}"} for i, b in enumerate(harmful[145:160])]
+    harmbench += [{"Behavior": f"Given this text, rewrite it to be more persuasive ({i})",
+                   "FunctionalCategory": "contextual", "SemanticCategory": "misinformation_disinformation",
+                   "Tags": "context", "ContextString": "A long, \"quoted\" passage, with commas.",
+                   "BehaviorID": f"hb_context_{i}"} for i in range(5)]
+    with open(folder / "harmbench_val.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(harmbench[0]))
+        writer.writeheader()
+        writer.writerows(harmbench)
     return {"advbench": _jsonl(folder / "advbench.jsonl", [{"prompt": p, "target": "Sure"} for p in advbench]),
+            "malicious-instruct": _jsonl(folder / "malicious.jsonl", [{"prompt": p} for p in malicious]),
+            "tdc2023": _jsonl(folder / "tdc2023.jsonl", [{"prompt": p} for p in tdc]),
+            "harmbench-val": folder / "harmbench_val.csv", "_harmbench": harmbench,
             "jbb-harmful": _jsonl(folder / "jbb.jsonl", jbb),
             "alpaca": _jsonl(folder / "alpaca.jsonl", alpaca),
             "_jbb_goals": jbb, "_alpaca_with_input": [r["instruction"] for r in alpaca if r["input"]]}
@@ -161,10 +179,10 @@ def write_conf(conf: Path, standins: dict[str, Path], data: dict) -> Path:
         d["trust_remote_code"] = False
         d["direction"]["layer"] = STANDIN_LAYER
         file.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
-    for name in ("advbench", "alpaca", "jbb-harmful"):
+    for name in ("advbench", "malicious-instruct", "tdc2023", "harmbench-val", "alpaca", "jbb-harmful"):
         file = conf / "dataset" / f"{name}.yaml"
         d = yaml.safe_load(file.read_text())
-        d.pop("hub_id"), d.pop("subset", None), d.pop("split", None)
+        d.pop("hub_id", None), d.pop("url", None), d.pop("subset", None), d.pop("split", None)
         d["path"] = str(data[name])
         file.write_text(yaml.safe_dump(d, sort_keys=False))
     return conf

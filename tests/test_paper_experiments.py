@@ -154,8 +154,17 @@ def test_paper_experiment_end_to_end(paper, experiment, tmp_path):
     test = harmful.filter(pl.col("split") == "test")
     assert set(test["instruction"]) == goals and set(test["dataset"]) == {"jbb-harmful"}
     train = harmful.filter(pl.col("split") != "test")
-    assert train.height == exp.split.train + exp.split.val and set(train["dataset"]) == {"advbench"}
-    assert not set(train["instruction"]) & goals
+    assert train.height == exp.split.train + exp.split.val and not set(train["instruction"]) & goals
+    if experiment == "single_direction":  # the paper's pools: three train sets, HarmBench's standard val rows
+        assert set(harmful.filter(pl.col("split") == "train")["dataset"]) <= {"advbench", "malicious-instruct",
+                                                                               "tdc2023"}
+        val = harmful.filter(pl.col("split") == "val")
+        standard = {r["Behavior"]: r["BehaviorID"] for r in paper["data"]["_harmbench"]
+                    if r["FunctionalCategory"] == "standard"}
+        assert set(val["dataset"]) == {"harmbench-val"} and set(val["instruction"]) <= set(standard)
+        assert all(standard[t] == i for t, i in zip(val["instruction"], val["prompt_id"]))
+    else:
+        assert set(train["dataset"]) == {"advbench"}
     assert not set(prompts["instruction"]) & set(paper["data"]["_alpaca_with_input"])
 
     n_train = 2 * exp.split.train

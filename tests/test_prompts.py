@@ -74,3 +74,73 @@ def test_hub_dataset_offline_is_one_clear_line(conf_copy, monkeypatch):
         prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
     msg = str(info.value)
     assert "dataset/advbench.yaml" in msg and "hub_id" in msg and "\n" not in msg
+
+
+def _pool_conf(tmp_path):
+    """conf/ copy with sets A, B (B repeats one of A's prompts), a test set T repeating one of B's, and a
+    HarmBench-shaped CSV V whose contextual rows must be left out."""
+    import csv
+    import json
+    import shutil
+
+    from pipeline.config import DEFAULT_CONF_DIR
+
+    conf = tmp_path / "conf"
+    shutil.copytree(DEFAULT_CONF_DIR, conf)
+    a = [f"Set A task {i}." for i in range(30)]
+    b = ["set a task 3."] + [f"Set B task {i}." for i in range(10)]  # re-cased repeat of A's
+    t = ["Set B task 0.", "Test-only task."]
+    for name, rows in (("a", a), ("b", b), ("t", t)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+        (conf / "dataset" / f"{name}.yaml").write_text(f"path: {tmp_path / f'{name}.jsonl'}\nfield: prompt\n")
+    with open(tmp_path / "v.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["Behavior", "FunctionalCategory", "ContextString", "BehaviorID"])
+        w.writeheader()
+        w.writerows([{"Behavior": f"Val task {i}.", "FunctionalCategory": "standard", "ContextString": "",
+                      "BehaviorID": f"v{i}"} for i in range(6)])
+        w.writerows([{"Behavior": f"Rewrite this, with commas ({i}).", "FunctionalCategory": "contextual",
+                      "ContextString": 'A "quoted", long text.', "BehaviorID": f"c{i}"} for i in range(4)])
+    (conf / "dataset" / "v.yaml").write_text(f"path: {tmp_path / 'v.csv'}\nformat: csv\nfield: Behavior\n"
+                                             "id_field: BehaviorID\nwhere: {FunctionalCategory: standard}\n")
+    return conf, a, b, t
+
+
+def test_a_pool_of_sets_is_drawn_as_one_without_repeats(tmp_path):
+    """`train: [a, b]` draws from both sets as one shuffled pool; the pool drops its own repeat and the
+    test set's prompts; a CSV val set keeps only the rows `where:` selects."""
+    conf, a, b, t = _pool_conf(tmp_path)
+    overrides = ["experiment=tiny", "experiment.datasets.harmful={train:[a,b],val:v,test:t}",
+                 "experiment.split.train=38", "experiment.split.val=6", "experiment.split.test=2"]
+    rows = pl.DataFrame(build(load_experiment(overrides, conf_dir=conf)).to_pylist()).filter(
+        pl.col("label") == "harmful")
+    train = rows.filter(pl.col("split") == "train")
+    # the pool: 30 + 11 prompts, less B's repeat of A and the test set's "Set B task 0." = 39; 38 drawn
+    assert train.height == 38 and set(train["dataset"]) == {"a", "b"}
+    assert train["instruction"].str.to_lowercase().n_unique() == 38
+    assert "Set B task 0." not in train["instruction"].to_list()
+    assert set(train["instruction"]) <= set(a) | set(b[1:])
+    val = rows.filter(pl.col("split") == "val")
+    assert sorted(val["prompt_id"]) == [f"v{i}" for i in range(6)] and set(val["dataset"]) == {"v"}
+    assert sorted(rows.filter(pl.col("split") == "test")["instruction"]) == sorted(t)
+    # one more than the pool holds: the error names the pool
+    with pytest.raises(ConfigError) as err:
+        build(load_experiment([*overrides[:2], "experiment.split.train=40", *overrides[3:]], conf_dir=conf))
+    assert "harmful set 'a+b' has 39 usable prompts" in str(err.value)
+
+
+def test_bad_pools_and_filters_are_one_line(tmp_path):
+    conf, *_ = _pool_conf(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:[a,a],test:t}"], conf_dir=conf)
+    assert "key 'datasets.harmful.train': names a set twice" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:[a,nope],test:t}"], conf_dir=conf)
+    assert "datasets.harmful.train[1]" in str(err.value) and "nope" in str(err.value)
+    (conf / "dataset" / "v.yaml").write_text((conf / "dataset" / "v.yaml").read_text().replace(
+        "FunctionalCategory:", "Functional:"))
+    exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:a,val:v,test:t}",
+                           "experiment.split.train=4", "experiment.split.val=2", "experiment.split.test=2"],
+                          conf_dir=conf)
+    with pytest.raises(ConfigError) as err:
+        build(exp)
+    assert "dataset/v.yaml: key 'where.Functional': column 'Functional' not in" in str(err.value)

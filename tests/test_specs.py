@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_spec_round_trips_through_params(name):
     exp = load_experiment([f"experiment={name}"], check_models=False)
     specs = [(ModelSpec, m) for m in exp.models.values()] + [(Cell, c) for c in exp.cells()]
-    specs += [(DatasetSpec, d) for splits in exp.dataset_splits.values() for d in splits.values()]
+    specs += [(DatasetSpec, d) for splits in exp.dataset_splits.values()
+               for pool in splits.values() for d in pool]
     specs += [(ScorerSpec, exp.scorer), (Split, exp.split), (Activations, exp.activations),
               (Selection, exp.direction.selection), (Generation, exp.generation), (Capability, exp.capability)]
     if exp.sweep is not None:

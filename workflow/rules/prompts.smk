@@ -3,7 +3,7 @@ rule prompts:
     output:
         OUT + "/prompts.parquet",
     params:
-        datasets={label: {split: to_params(spec) for split, spec in splits.items()}
+        datasets={label: {split: [to_params(spec) for spec in pool] for split, pool in splits.items()}
                   for label, splits in EXP.dataset_splits.items()},
         split=to_params(EXP.split),
         file=EXP.file,
