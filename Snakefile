@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import load_experiment
 from pipeline.errors import ConfigError
-from pipeline.specs import CELL_NAME_PATTERN, to_params
+from pipeline.specs import CELL_NAME_PATTERN, Cell, Kind, to_params
 
 config.setdefault("overrides", "")
 config.setdefault("conf_dir", str(Path(workflow.basedir) / "conf"))
@@ -46,10 +46,14 @@ include: "workflow/rules/sweep.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/length.smk"
+include: "workflow/rules/stability.smk"
 
 
 rule all:
     input:
         f"{OUT}/summary.parquet",
         f"{OUT}/report.md",
+        LENGTH_TARGETS,  # experiments with `length:`
+        STABILITY_TARGETS,  # experiments with `direction.bootstrap`
     default_target: True

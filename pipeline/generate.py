@@ -1,7 +1,8 @@
-"""Stage 4: one grid cell of greedy generations, steered or ablated through nnsight.
+"""Stage 4: grid cells of greedy generations, steered or ablated through nnsight.
 
 A cell is (model, direction source, intervention). It runs on the harmful and the
-harmless test prompts, batched, with the KV cache, on CUDA when present.
+harmless test prompts, batched, with the KV cache, on CUDA when present. One job
+runs several cells of a model, loading it once.
 """
 
 from __future__ import annotations
@@ -184,40 +185,59 @@ def decode_until_stop(tok, ids: list[int], stops: set[int]) -> str:
 
 
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, output: str, *,
-        max_new_tokens: int, batch_size: int, device: str, threads: int, exp_file: str,
-        capability_out: str | None = None, capability_cfg: Capability | None = None,
-        baseline_path: str | None = None, nll_prompts: int = 16) -> None:
-    """plan -> generate -> capability -> coherence -> write.
+        capability_out: str | None = None, **kwargs) -> None:
+    """One cell; see `run_cells`."""
+    run_cells(spec, prepared_dir, prompts_path, [(plan, output, capability_out)], **kwargs)
 
-    `nll_prompts`: how many prompts per label get the unsteered-model nll (0: none).
+
+def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
+              cells: list[tuple[CellPlan, str, str | None]], *, max_new_tokens: int, batch_size: int, device: str,
+              threads: int, exp_file: str, capability_cfg: Capability | None = None,
+              baseline_path: str | None = None, nll_prompts: int = 16) -> None:
+    """Cells of one model, loading it once: per cell (plan, generations file, capability file or None),
+    generate -> capability -> coherence -> write. Each cell gives what it would give alone.
+
+    A baseline cell among them runs first, and the others take its completions as the model's own
+    answers; otherwise they read `baseline_path`. `nll_prompts`: how many prompts per label get the
+    unsteered-model nll (0: none).
     """
-    check_direction_size(plan, prepared_dir, spec, exp_file)
+    for plan, *_ in cells:
+        check_direction_size(plan, prepared_dir, spec, exp_file)
     test = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
-    prompts = test.filter(pl.col("label").is_in(list(plan.labels)))
-    cap = capability_cfg or Capability(enabled=False)
-    measure_capability = capability_out is not None and cap.enabled and plan.capability
+    labels = sorted({label for plan, *_ in cells for label in plan.labels})
     tok = load_tokenizer(spec, prepared_dir)
-    check_inputs(tok, spec, prompts, context_length(spec, prepared_dir), max_new_tokens)
+    check_inputs(tok, spec, test.filter(pl.col("label").is_in(labels)), context_length(spec, prepared_dir),
+                 max_new_tokens)
     lm = LoadedModel(spec, prepared_dir, device, threads, tokenizer=tok)
-    iv = plan.intervention()
-    instructions = prompts["instruction"].to_list()
+    cap = capability_cfg or Capability(enabled=False)
     harmless = test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:cap.n]
+    measured = [cap_out is not None and cap.enabled and plan.capability for plan, _, cap_out in cells]
     # before any weight edit: the unsteered next-token distribution the KL is taken against
-    baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size) if measure_capability else None
-    metrics = {}
-    with edited_weights(lm, plan, exp_file):
-        completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
-        if measure_capability:  # on the steered (or edited) model
-            own = own_answers(plan, prompts, completions, baseline_path, cap.n)
-            reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
-            metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
-    # coherence is judged by the unedited, unsteered model, as in every cell
-    nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
-    if capability_out is not None:
-        coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
-        write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind), coefficient,
-                                          metrics), capability_out)
-    write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls), output)
+    baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size) if any(measured) else None
+    baseline = pl.from_arrow(read_parquet(baseline_path)) if baseline_path else None
+    order = sorted(range(len(cells)), key=lambda i: cells[i][0].kind != Kind.BASELINE)
+    for i in order:
+        plan, output, capability_out = cells[i]
+        prompts = test.filter(pl.col("label").is_in(list(plan.labels)))
+        instructions = prompts["instruction"].to_list()
+        iv = plan.intervention()
+        metrics = {}
+        with edited_weights(lm, plan, exp_file):
+            completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
+            if plan.kind == Kind.BASELINE:
+                baseline = pl.DataFrame({"label": prompts["label"], "prompt": instructions,
+                                         "completion": completions})
+            if measured[i]:  # on the steered (or edited) model
+                own = own_answers(baseline, cap.n)
+                reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
+                metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
+        # coherence is judged by the unedited, unsteered model, as in every cell
+        nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
+        if capability_out is not None:
+            coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
+            write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind), coefficient,
+                                              metrics), capability_out)
+        write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls), output)
 
 
 def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
@@ -236,12 +256,11 @@ def nll_measured(prompts: pl.DataFrame, nll_prompts: int) -> list[bool]:
     return [r <= nll_prompts for r in rank]
 
 
-def own_answers(plan: CellPlan, prompts: pl.DataFrame, completions: list[str], baseline_path: str | None,
-                n: int) -> list[tuple[str, str]]:
-    """The model's own unsteered answers to harmless prompts: this cell's when it is the baseline."""
-    source = pl.DataFrame({"label": prompts["label"], "prompt": prompts["instruction"], "completion": completions}) \
-        if plan.kind == Kind.BASELINE else pl.from_arrow(read_parquet(baseline_path))
-    df = source.filter(pl.col("label") == "harmless").head(n)
+def own_answers(baseline: pl.DataFrame | None, n: int) -> list[tuple[str, str]]:
+    """The model's own unsteered answers to the first `n` harmless prompts (the baseline cell's)."""
+    if baseline is None:
+        raise ValueError("a steered cell's capability needs the baseline cell's completions")
+    df = baseline.filter(pl.col("label") == "harmless").head(n)
     return list(zip(df["prompt"].to_list(), df["completion"].to_list()))
 
 

@@ -27,8 +27,12 @@ def test_dry_run_with_profile(tmp_path, profile):
     out = proc.stdout + proc.stderr
     assert "generate" in out and "aggregate" in out
     # 2 models x (baseline + 3 sources x (ablation + orthogonalization + 1 coefficient)) grid cells,
-    # plus 2 models x 5 sweep picks (best1, same1, spread1, ablate1, cell1)
-    assert any(line.split()[:2] == ["generate", "30"] for line in out.splitlines())
+    # plus 2 models x 5 sweep picks (best1, same1, spread1, ablate1, cell1): 30 cells, 8 a job at most,
+    # the sweep's in jobs of their own: per model grid1 (8 cells), grid2 (2), sweep1 (5)
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+              if line.startswith("generate_") and len(line.split()) == 2}
+    assert counts == {f"generate_{m}_{j}": 1 for m in ("tiny-base", "tiny-chat") for j in ("grid1", "grid2", "sweep1")}
+    assert any(line.split()[:2] == ["score", "30"] for line in out.splitlines())
     assert any(line.split()[:2] == ["sweep", "2"] for line in out.splitlines())
 
 
@@ -132,7 +136,7 @@ def test_whole_dag_on_tiny_models(tmp_path):
     changed = snakemake(tmp_path, "-n", "--cores", "2", "--config",
                         "overrides=experiment=tiny experiment.generation.max_new_tokens=3")
     text = changed.stdout + changed.stderr
-    assert "rule generate" in text and "rule activations" not in text
+    assert "rule generate_" in text and "rule activations" not in text
 
     # the device picks the dtype: every model job reruns, the prompts and the prepared models do not
     changed = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny experiment.device=auto")
@@ -152,7 +156,8 @@ def test_whole_dag_on_tiny_models(tmp_path):
 
 def planned_jobs(dry_run_output: str) -> set[str]:
     """Rule names of the jobs a dry run would run."""
-    return {line.split()[1].rstrip(":") for line in dry_run_output.splitlines() if line.startswith("rule ")}
+    names = {line.split()[1].rstrip(":") for line in dry_run_output.splitlines() if line.startswith("rule ")}
+    return {"generate" if n.startswith("generate_") else n for n in names}  # one generate rule per job
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))

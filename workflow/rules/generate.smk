@@ -1,30 +1,69 @@
-rule generate:
-    """One grid cell: greedy generations on the test prompts, steered or ablated via nnsight."""
-    input:
-        model=MODELS + "/{model}",
-        prompts=OUT + "/prompts.parquet",
-        direction=direction_file,
-        baseline=baseline_file,
-        picks=sweep_picks_file,
-        candidates=sweep_candidates_file,
-    output:
-        generations=OUT + "/generations/{model}/{source}/{cell}.parquet",
-        capability=OUT + "/capability/{model}/{source}/{cell}.parquet",
-    params:
-        model=model_params,
-        cell=lambda w: to_params(EXP.cell(w.model, w.source, w.cell)),
-        intervention=cell_intervention,
-        generation=to_params(EXP.generation),
-        capability=to_params(EXP.capability),
-        nll_prompts=EXP.coherence.nll_prompts,
-        device=EXP.device,
-        file=EXP.file,
-    log:
-        LOGS + "/generate/{model}/{source}/{cell}.log",
-    benchmark:
-        LOGS + "/generate/{model}/{source}/{cell}.benchmark.tsv"
-    threads: EXP.threads
-    resources:
-        gpu=GPU,
-    script:
-        "../scripts/generate.py"
+# Generate: grid cells of one model per job (`generation.cells_per_job`), so the model loads once
+# for all of them; each cell still writes its own Parquet, which Snakemake tracks. One rule per
+# job, as a job's outputs are its cells: generate_<model>_grid1, generate_<model>_sweep1, ...
+
+
+def cell_direction_file(cell):
+    """Where a cell's direction comes from: its own model, or the paired model."""
+    if cell.source in ("none", "sweep"):
+        return None
+    owner = cell.model if cell.source in ("self", "random") else cell.source
+    return f"{OUT}/directions/{owner}/selected.parquet"
+
+
+def cell_intervention(cell):
+    """The intervention settings one cell reads, so editing another kind's settings leaves it alone."""
+    iv = EXP.intervention
+    if cell.kind == "addition":
+        params = {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
+                  "addition_absolute": iv.addition_absolute}
+        # only when not the default, so cells generated before the option existed keep their params
+        if iv.addition_form != "block_input":
+            params["addition_form"] = iv.addition_form
+        return params
+    if cell.kind in ("ablation", "orthogonalization") or cell.pick is not None:
+        return {"ablation_layers": iv.ablation_layers}
+    return {}
+
+
+def generate_job_inputs(job):
+    sweep = job.cells[0].source == "sweep"
+    needs_baseline = EXP.capability.enabled and not sweep and all(c.name != "baseline" for c in job.cells)
+    return {
+        "model": f"{MODELS}/{job.model}",
+        "prompts": f"{OUT}/prompts.parquet",
+        "directions": sorted({f for f in map(cell_direction_file, job.cells) if f}),
+        # steered cells measure loss on the model's own baseline completions
+        "baseline": [cell_path("generations", Cell(job.model, "none", Kind.BASELINE))] if needs_baseline else [],
+        "picks": [f"{OUT}/sweep/{job.model}/picks.parquet"] if sweep else [],
+        "candidates": [f"{OUT}/directions/{job.model}/candidates.parquet"] if sweep else [],
+    }
+
+
+for gen_job in EXP.generate_jobs():
+
+    rule:
+        name: f"generate_{gen_job.model}_{gen_job.name}"
+        input:
+            **generate_job_inputs(gen_job),
+        output:
+            generations=[cell_path("generations", c) for c in gen_job.cells],
+            capability=[cell_path("capability", c) for c in gen_job.cells],
+        params:
+            model=to_params(EXP.models[gen_job.model]),
+            cells=[{"cell": to_params(c), "intervention": cell_intervention(c), "direction": cell_direction_file(c)}
+                   for c in gen_job.cells],
+            generation=to_params(EXP.generation),
+            capability=to_params(EXP.capability),
+            nll_prompts=EXP.coherence.nll_prompts,
+            device=EXP.device,
+            file=EXP.file,
+        log:
+            f"{LOGS}/generate/{gen_job.model}/{gen_job.name}.log",
+        benchmark:
+            f"{LOGS}/generate/{gen_job.model}/{gen_job.name}.benchmark.tsv"
+        threads: EXP.threads
+        resources:
+            gpu=GPU,
+        script:
+            "../scripts/generate.py"
