@@ -1,15 +1,21 @@
-"""Stage 6: collect every scored cell into one summary, tables, charts and a report."""
+"""Stage 6: collect every scored cell into one summary, tables, charts and a report.
+
+Every refusal rate carries its 95% Wilson interval (`ci_low`, `ci_high`) and, for a steered
+cell, the exact McNemar p-value against the same model's baseline on the same prompts.
+"""
 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from .figures import pyplot, to_png
-from .schemas import column_matrix, read_parquet, write_bytes, write_parquet, write_text
+from . import stats
+from .figures import interval_errors, pyplot, to_png
+from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
          "intervention", "addition_layer", "coefficient", "normalized", "ablation_layers", "scorer", "label"]
@@ -24,23 +30,67 @@ def condition_name(intervention: str, source: str, coefficient: float | None) ->
     return f"addition {coefficient:+g} ({source})"
 
 
+PICKED_ON_VAL = ("best", "same", "spread", "ablate")  # sweep picks chosen by their val logit score
+
+
+def picked_on(source: str, cell: str) -> str | None:
+    """'val' for a sweep cell chosen by its logit score on the val prompts; declared cells were not chosen."""
+    if source != "sweep":
+        return None
+    return "val" if re.sub(r"\d+$", "", cell) in PICKED_ON_VAL else None
+
+
 def cell_condition(r: dict) -> str:
-    """A readable name: sweep picks carry their layers, grid cells their direction source."""
+    """A readable name: sweep picks carry their layers (and say when they were picked on val), grid cells
+    their direction source."""
     if r["source"] != "sweep":
         return condition_name(r["intervention"], r["source"], r["coefficient"])
     if r["intervention"] == "ablation":
-        return f"{r['cell']}: ablation L{r['extraction_layer']}"
-    return f"{r['cell']}: addition {r['coefficient']:+g} L{r['extraction_layer']}→{r['addition_layer']}"
+        name = f"{r['cell']}: ablation L{r['extraction_layer']}"
+    else:
+        name = f"{r['cell']}: addition {r['coefficient']:+g} L{r['extraction_layer']}→{r['addition_layer']}"
+    return name + (" (picked on val)" if picked_on(r["source"], r["cell"]) else "")
+
+
+def with_intervals(summary: pl.DataFrame) -> pl.DataFrame:
+    """The 95% Wilson interval of each row's refusal rate."""
+    bounds = [stats.wilson_interval(k, n) for k, n in zip(summary["refused"], summary["n"])]
+    return summary.with_columns(ci_low=pl.Series([b[0] for b in bounds], dtype=pl.Float64),
+                                ci_high=pl.Series([b[1] for b in bounds], dtype=pl.Float64))
+
+
+def baseline_p_values(scores: pl.DataFrame) -> pl.DataFrame:
+    """Per cell and label: the exact McNemar p-value against the same model's baseline, paired on prompt_id.
+
+    Null for the baseline itself, and where the cell's prompts are not exactly the baseline's
+    (the test needs both outcomes of every prompt).
+    """
+    keys = [*CELL, "scorer", "label"]
+    per_cell = scores.group_by([*keys, "intervention"], maintain_order=True).agg("prompt_id", "refused")
+    baseline = {(r["model"], r["scorer"], r["label"]): dict(zip(r["prompt_id"], r["refused"]))
+                for r in per_cell.filter(pl.col("intervention") == "baseline").iter_rows(named=True)}
+    rows = []
+    for r in per_cell.iter_rows(named=True):
+        before = baseline.get((r["model"], r["scorer"], r["label"]))
+        p = None
+        if r["intervention"] != "baseline" and before is not None:
+            p = stats.paired_mcnemar(before, dict(zip(r["prompt_id"], r["refused"])))
+        rows.append({**{k: r[k] for k in keys}, "p_value": p})
+    return pl.DataFrame(rows, schema={**{k: pl.String for k in keys}, "p_value": pl.Float64})
 
 
 def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFrame:
+    """One row per model x cell x label: refused / n, rate, Wilson interval, McNemar p vs baseline, coherence."""
     coherence = coherence or {"repetition_max": 0.3, "nll_increase_max": 1.5}
     summary = (scores.group_by(GROUP)
                .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean(),
                     repetition=pl.col("repetition").mean(), nll=pl.col("nll").fill_nan(None).mean())
                .with_columns(condition=pl.struct("source", "cell", "intervention", "coefficient", "extraction_layer",
                                                  "addition_layer").map_elements(cell_condition,
-                                                                                return_dtype=pl.String)))
+                                                                                return_dtype=pl.String),
+                             picked_on=pl.struct("source", "cell").map_elements(
+                                 lambda r: picked_on(r["source"], r["cell"]), return_dtype=pl.String)))
+    summary = with_intervals(summary).join(baseline_p_values(scores), on=[*CELL, "scorer", "label"], how="left")
     base_nll = (summary.filter(pl.col("intervention") == "baseline")
                 .select("model", "label", pl.col("nll").alias("_base_nll")))
     summary = summary.join(base_nll, on=["model", "label"], how="left").with_columns(
@@ -53,25 +103,64 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFra
         ["model", "_s", "_o", "source", "coefficient", "cell", "label"], nulls_last=False).drop("_o", "_s")
 
 
+LABELS = ("harmful", "harmless")
+RATE_STATS = {"refusal_rate": "", "ci_low": "_ci_low", "ci_high": "_ci_high", "refused": "_refused", "n": "_n",
+              "p_value": "_p"}  # summary column -> suffix of the wide table's per-label column
+WIDE_INDEX = [*CELL, "condition", "intervention", "extraction_layer", "addition_layer"]
+
+
 def wide_table(summary: pl.DataFrame, capability: pl.DataFrame | None = None) -> pl.DataFrame:
-    """One row per model x generated cell: refusal rates per label, coherence, then capability metrics."""
-    index = [*CELL, "condition", "extraction_layer", "addition_layer"]
-    wide = (summary.select(*index, "label", "refusal_rate")
-            .pivot(on="label", index=index, values="refusal_rate", maintain_order=True))
-    for label in ("harmful", "harmless"):
-        if label not in wide.columns:
-            wide = wide.with_columns(pl.lit(None, pl.Float64).alias(label))
+    """One row per model x generated cell: per label its rate (column `harmful`, `harmless`), Wilson bounds,
+    counts and McNemar p (`harmful_ci_low`, ..., `harmless_p`); then coherence and capability metrics."""
+    wide = summary.select(WIDE_INDEX).unique(maintain_order=True)
+    for label in LABELS:
+        part = summary.filter(pl.col("label") == label).select(
+            *CELL, *[pl.col(c).alias(label + suffix) for c, suffix in RATE_STATS.items()])
+        wide = wide.join(part, on=CELL, how="left", maintain_order="left")
     coherent = (summary.group_by(CELL, maintain_order=True)
                 .agg(repetition=pl.col("repetition").mean(), nll_increase=pl.col("nll_increase").mean(),
                      degenerate=pl.col("degenerate").any()))
-    wide = (wide.select(*index, pl.col("harmful").round(3), pl.col("harmless").round(3))
-            .join(coherent.with_columns(pl.col("repetition", "nll_increase").round(3)), on=CELL,
-                  how="left", maintain_order="left"))
+    wide = wide.join(coherent.with_columns(pl.col("repetition", "nll_increase").round(3)), on=CELL,
+                     how="left", maintain_order="left")
     if capability is not None and capability.height:
         metrics = (capability.pivot(on="metric", index=CELL, values="value")
                    .with_columns(pl.exclude(CELL).round(3)))
         wide = wide.join(metrics, on=CELL, how="left", maintain_order="left")
     return wide
+
+
+def rate_text(rate: float | None, low: float | None, high: float | None, refused: int | None,
+              n: int | None) -> str:
+    """'0.56 [0.39, 0.72] (18/32)': rate, 95% Wilson interval, count."""
+    if rate is None:
+        return ""
+    return f"{rate:.2f} [{low:.2f}, {high:.2f}] ({refused}/{n})"
+
+
+def p_text(p: float | None, intervention: str) -> str:
+    if intervention == "baseline":
+        return ""
+    if p is None:
+        return "n/a"  # the cell's prompts are not the baseline's: nothing to pair
+    return "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def label_text(label: str) -> list[pl.Expr]:
+    """A label's rate as 'rate [low, high] (k/n)', and its McNemar p-value beside it (blank where not generated)."""
+    parts = [label + suffix for suffix in ("", "_ci_low", "_ci_high", "_refused", "_n")]
+    rate = pl.struct(*parts).map_elements(lambda r: rate_text(*(r[c] for c in parts)), return_dtype=pl.String)
+    p = pl.struct(f"{label}_p", f"{label}_n", "intervention").map_elements(
+        lambda r: "" if r[f"{label}_n"] is None else p_text(r[f"{label}_p"], r["intervention"]),
+        return_dtype=pl.String)
+    return [rate.alias(label), p.alias(f"{label} p")]
+
+
+def display_table(wide: pl.DataFrame) -> pl.DataFrame:
+    """The wide table for Markdown: per label 'rate [low, high] (k/n)' and 'p' vs baseline, then the rest."""
+    per_label = {label + suffix for label in LABELS for suffix in RATE_STATS.values()}
+    rest = [c for c in wide.columns if c not in per_label and c not in WIDE_INDEX]
+    return wide.select(*CELL, "condition", "extraction_layer", "addition_layer",
+                       *[e for label in LABELS for e in label_text(label)], *rest)
 
 
 def markdown(df: pl.DataFrame) -> str:
@@ -83,18 +172,21 @@ def markdown(df: pl.DataFrame) -> str:
 
 
 def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
+    """Harmful vs harmless refusal rate per condition, with 95% Wilson intervals as error bars."""
     plt = pyplot()
 
     rows = wide.filter(pl.col("model") == model)
     names = rows["condition"].to_list()
-    x = range(len(names))
+    x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
     w = 0.4
-    ax.bar([i - w / 2 for i in x], rows["harmful"].fill_null(0).to_list(), w, label="harmful", color="#c0392b")
-    ax.bar([i + w / 2 for i in x], rows["harmless"].fill_null(0).to_list(), w, label="harmless", color="#2e86c1")
+    for offset, label, color in ((-w / 2, "harmful", "#c0392b"), (w / 2, "harmless", "#2e86c1")):
+        rate = rows[label].fill_null(0).to_numpy()
+        errors = interval_errors(rate, rows[f"{label}_ci_low"].to_numpy(), rows[f"{label}_ci_high"].to_numpy())
+        ax.bar(x + offset, rate, w, yerr=errors, capsize=3, error_kw={"elinewidth": 0.8}, label=label, color=color)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("refusal rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("refusal rate (95% Wilson interval)")
     ax.set_title(f"{model}: refusal rate by condition")
     ax.legend(loc="upper left")
     fig.tight_layout()
@@ -144,26 +236,54 @@ def sweep_prediction(summary: pl.DataFrame, sweeps: pl.DataFrame) -> pl.DataFram
     casts = {k: pl.Int64 for k in ("extraction_layer", "extraction_position", "addition_layer")}
     joined = generated.with_columns(pl.col(*casts).cast(pl.Int64)).join(
         scored.with_columns(pl.col(*casts).cast(pl.Int64)), on=PREDICTION_KEYS, how="inner", nulls_equal=True)
-    return (joined.group_by(PREDICTION_KEYS, maintain_order=True)  # one point per distinct cell
-            .agg(pl.col("condition", "cell", "logit_score").first(), pl.col("refusal_rate").mean(),
-                 pl.col("degenerate").any())
+    # one point per distinct cell: a grid cell and a sweep pick with the same axes generate the same
+    # greedy text on the same prompts, so the first one's counts stand for both (pooling would double n)
+    return (joined.group_by(PREDICTION_KEYS, maintain_order=True)
+            .agg(pl.col("condition", "cell", "logit_score", "refusal_rate", "refused", "n", "ci_low",
+                        "ci_high").first(), pl.col("degenerate").any())
             .sort("model", "kind", "logit_score"))
 
 
-def correlations(points: pl.DataFrame) -> pl.DataFrame:
-    """Pearson and Spearman correlation of val logit score vs test refusal rate, per model and kind."""
+CORRELATION_SCHEMA = {"model": pl.String, "kind": pl.String, "cells": pl.Int64, "pearson": pl.Float64,
+                      "pearson_low": pl.Float64, "pearson_high": pl.Float64, "spearman": pl.Float64,
+                      "spearman_low": pl.Float64, "spearman_high": pl.Float64, "note": pl.String}
+
+
+def correlations(points: pl.DataFrame, min_cells: int = stats.MIN_CORRELATION_POINTS) -> pl.DataFrame:
+    """Pearson and Spearman correlation of val logit score vs test refusal rate, with 95% Fisher-z intervals,
+    per model and kind; not estimated below `min_cells` generated cells (`note` says why)."""
     rows = []
     for (model, kind), grp in points.group_by(["model", "kind"], maintain_order=True):
-        pearson = spearman = None
-        if grp.height >= 3 and grp["refusal_rate"].std() > 0 and grp["logit_score"].std() > 0:
-            pearson = grp.select(pl.corr("logit_score", "refusal_rate")).item()
-            spearman = grp.select(pl.corr("logit_score", "refusal_rate", method="spearman")).item()
-        rows.append({"model": model, "kind": kind, "cells": grp.height, "pearson": pearson, "spearman": spearman})
-    return pl.DataFrame(rows, schema={"model": pl.String, "kind": pl.String, "cells": pl.Int64,
-                                      "pearson": pl.Float64, "spearman": pl.Float64})
+        row = {"model": model, "kind": kind, "cells": grp.height}
+        x, y = grp["logit_score"].to_numpy(), grp["refusal_rate"].to_numpy()
+        if grp.height < min_cells:
+            row["note"] = (f"not estimated: {grp.height} generated cell{'s' * (grp.height != 1)}, "
+                           f"fewer than {min_cells}")
+        else:
+            for method in ("pearson", "spearman"):
+                estimate = stats.correlation_interval(x, y, method)
+                if estimate is None:
+                    row["note"] = "not estimated: the score or the rate is constant"
+                    continue
+                row[method], row[f"{method}_low"], row[f"{method}_high"] = estimate
+        rows.append(row)
+    return pl.DataFrame(rows, schema=CORRELATION_SCHEMA)
+
+
+def correlation_text(corr: pl.DataFrame) -> pl.DataFrame:
+    """For the report: 'r [low, high]', or the reason it was not estimated."""
+    def cell(r: dict, method: str) -> str:
+        if r[method] is None:
+            return ""
+        return f"{r[method]:.2f} [{r[f'{method}_low']:.2f}, {r[f'{method}_high']:.2f}]"
+
+    return corr.select("model", "kind", "cells",
+                       *[pl.struct(pl.all()).map_elements(lambda r, m=m: cell(r, m), return_dtype=pl.String).alias(m)
+                         for m in ("pearson", "spearman")], pl.col("note").fill_null(""))
 
 
 def prediction_scatter(points: pl.DataFrame) -> bytes:
+    """Val logit score vs test refusal rate per generated cell, the rate with its 95% Wilson interval."""
     plt = pyplot()
 
     kinds = ["addition", "ablation"]
@@ -171,18 +291,22 @@ def prediction_scatter(points: pl.DataFrame) -> bytes:
     for ax, kind in zip(axes, kinds):
         sub = points.filter(pl.col("kind") == kind)
         for model, grp in sub.group_by("model", maintain_order=True):
-            ok = grp.filter(~pl.col("degenerate"))
-            bad = grp.filter(pl.col("degenerate"))
-            line = ax.scatter(ok["logit_score"], ok["refusal_rate"], label=model[0])
-            if bad.height:
-                ax.scatter(bad["logit_score"], bad["refusal_rate"], marker="x", color=line.get_facecolor()[0],
-                           label=f"{model[0]} (degenerate)")
+            color = None
+            for degenerate, marker, suffix in ((False, "o", ""), (True, "x", " (degenerate)")):
+                part = grp.filter(pl.col("degenerate") == degenerate)
+                if not part.height:
+                    continue
+                rate = part["refusal_rate"].to_numpy()
+                bars = ax.errorbar(part["logit_score"].to_numpy(), rate, capsize=3, linestyle="none", marker=marker,
+                                   yerr=interval_errors(rate, part["ci_low"].to_numpy(), part["ci_high"].to_numpy()),
+                                   color=color, label=model[0] + suffix)
+                color = bars.lines[0].get_color()
             for r in grp.iter_rows(named=True):
                 ax.annotate(r["cell"], (r["logit_score"], r["refusal_rate"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
         label = "harmless" if kind == "addition" else "harmful"
-        ax.set_xlabel(f"logit refusal score ({label} val prompts)")
-        ax.set_ylabel(f"generated refusal rate ({label} test prompts)")
+        ax.set_xlabel(f"logit refusal score ({label} val prompts, mean)")
+        ax.set_ylabel(f"generated refusal rate ({label} test prompts, 95% CI)")
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{kind}: does the cheap score predict generation?", fontsize=9)
         if sub.height:
@@ -191,8 +315,17 @@ def prediction_scatter(points: pl.DataFrame) -> bytes:
     return to_png(fig)
 
 
+def outcomes(scores: pl.DataFrame, model: str, source: str, cell: str, label: str) -> dict[str, bool]:
+    """prompt_id -> refused, for one generated cell and label."""
+    rows = scores.filter((pl.col("model") == model) & (pl.col("source") == source) & (pl.col("cell") == cell)
+                         & (pl.col("label") == label))
+    return dict(zip(rows["prompt_id"], rows["refused"]))
+
+
 def sweep_section(model: str, sweep: pl.DataFrame, picks: pl.DataFrame, heatmap_path: str, wide: pl.DataFrame,
-                  out: Path) -> str:
+                  shown: pl.DataFrame, scores: pl.DataFrame, out: Path) -> str:
+    """`wide`: the numeric wide table; `shown`: the same rows as displayed (rates with their intervals);
+    `scores`: per-prompt outcomes, to compare the best cell with its same-layer counterpart."""
     added = sweep.filter(pl.col("kind") == "addition")
     base = {r["label"]: r["logit_score"] for r in sweep.filter(pl.col("kind") == "baseline").iter_rows(named=True)}
     lines = [f"### {model}", "",
@@ -204,51 +337,97 @@ def sweep_section(model: str, sweep: pl.DataFrame, picks: pl.DataFrame, heatmap_
              markdown(added.sort("logit_score", descending=True).head(5)
                       .select("extraction_layer", "addition_layer", "offset", "coefficient",
                               pl.col("logit_score").round(2)))]
-    generated = wide.filter((pl.col("model") == model) & (pl.col("source") == "sweep"))
+    generated = shown.filter((pl.col("model") == model) & (pl.col("source") == "sweep"))
     if generated.height:
-        lines += ["Generated sweep cells (test prompts; addition cells on harmless prompts, ablation on harmful):", "",
+        lines += ["Generated sweep cells (test prompts; addition cells on harmless prompts, ablation on harmful). "
+                  "`picked on val`: chosen by its logit score on the val prompts; its rate is measured on the "
+                  "test prompts, which played no part in the pick. p: exact McNemar test against the baseline "
+                  "on the same test prompts.", "",
                   markdown(generated.with_columns(pick=pl.col("cell"))
                            .join(picks.select("pick", pl.col("logit_score").round(2)), on="pick", how="left")
-                           .select("condition", "logit_score", "harmful", "harmless", "repetition", "nll_increase",
-                                   "degenerate"))]
-        rates = {r["cell"]: r["harmless"] for r in generated.iter_rows(named=True)}
+                           .select("condition", "logit_score", "harmful", "harmful p", "harmless", "harmless p",
+                                   "repetition", "nll_increase", "degenerate"))]
+        rates = {r["cell"]: r for r in wide.filter((pl.col("model") == model) & (pl.col("source") == "sweep"))
+                 .iter_rows(named=True)}
         best = picks.filter(pl.col("pick") == "best1")
-        if best.height and rates.get("best1") is not None and rates.get("same1") is not None:
+        if best.height and {"best1", "same1"} <= set(rates) and rates["best1"]["harmless"] is not None \
+                and rates["same1"]["harmless"] is not None:
             b = best.row(0, named=True)
-            lines.append(f"Best cell: direction from layer {b['extraction_layer']} added at layer "
+            text = {cell: rate_text(*(rates[cell]["harmless" + suffix]
+                                      for suffix in ("", "_ci_low", "_ci_high", "_refused", "_n")))
+                    for cell in ("best1", "same1")}
+            pair = (outcomes(scores, model, "sweep", cell, "harmless") for cell in ("best1", "same1"))
+            p = stats.paired_mcnemar(*pair)
+            versus = ("not paired (other prompts)" if p is None
+                      else "exact McNemar p " + ("< 0.001" if p < 0.001 else f"= {p_text(p, 'addition')}"))
+            lines.append(f"Best cell, picked on val (the highest logit score of {added.height} addition cells), "
+                         f"rate on test: direction from layer {b['extraction_layer']} added at layer "
                          f"{b['addition_layer']} (coefficient {b['coefficient']:g}) → harmless refusal "
-                         f"{rates['best1']:.2f}; the same direction added at its own layer → {rates['same1']:.2f}.")
+                         f"{text['best1']}; the same direction added at its own layer → {text['same1']} "
+                         f"(best vs same on the same test prompts: {versus}). The pick's val logit score is the "
+                         "maximum of many and so optimistic; its test rate is measured on prompts the pick never "
+                         "saw, but it is the rate of the one cell picked, not of the sweep's cells in general.")
             lines.append("")
     return "\n".join(lines)
 
 
-def transfer_table(summary: pl.DataFrame) -> pl.DataFrame:
-    """Base <-> chat transfer: each model's refusal rate with its own vs its pair partner's direction."""
+def transfer_table(summary: pl.DataFrame, value: str = "refusal_rate") -> pl.DataFrame:
+    """Base <-> chat transfer: each model's refusal rate with its own vs its pair partner's direction.
+
+    `value`: the summary column shown for each rate (the report passes its 'rate [low, high]' text).
+    """
     key = ["model", "intervention", "coefficient", "label"]
-    rate = summary.select(*key, "source", "refusal_rate")
+    rate = summary.select(*key, "source", pl.col(value).alias("_rate"))
     partner = rate.filter(~pl.col("source").is_in(["none", "self", "random", "sweep"])).rename(
-        {"source": "partner", "refusal_rate": "partner_direction"})
+        {"source": "partner", "_rate": "partner_direction"})
     if partner.height == 0:
         return partner
-    own = rate.filter(pl.col("source") == "self").drop("source").rename({"refusal_rate": "own_direction"})
-    base = (rate.filter(pl.col("intervention") == "baseline").select("model", "label", "refusal_rate")
-            .rename({"refusal_rate": "baseline"}))
+    own = rate.filter(pl.col("source") == "self").drop("source").rename({"_rate": "own_direction"})
+    base = (rate.filter(pl.col("intervention") == "baseline").select("model", "label", "_rate")
+            .rename({"_rate": "baseline"}))
     table = (partner.join(own, on=key, how="left", nulls_equal=True)
              .join(base, on=["model", "label"], how="left")
              .with_columns(condition=pl.struct("intervention", "coefficient").map_elements(
                  lambda r: condition_name(r["intervention"], "", r["coefficient"]).replace(" ()", ""),
                  return_dtype=pl.String)))
     return (table.sort("model", "intervention", "coefficient", "label")
-            .select("model", "partner", "condition", "label", pl.col("baseline").round(3),
-                    pl.col("own_direction").round(3), pl.col("partner_direction").round(3)))
+            .select("model", "partner", "condition", "label", "baseline", "own_direction", "partner_direction"))
+
+
+def activations_at(path: str, position: int) -> tuple[list[str], dict[str, np.ndarray], list[int]]:
+    """One position's train activations: prompt ids per label, label -> [prompts, layers, d], layers."""
+    table = pl.from_arrow(read_parquet(path).select(["prompt_id", "label", "layer", "position", "act"]))
+    table = table.filter(pl.col("position") == position).sort("label", "prompt_id", "layer")
+    layers = table["layer"].unique().sort().to_list()
+    acts, ids = {}, {}
+    for label in LABELS:
+        rows = table.filter(pl.col("label") == label)
+        ids[label] = rows["prompt_id"].unique(maintain_order=True).to_list()
+        acts[label] = rows["act"].to_numpy().reshape(len(ids[label]), len(layers), -1)
+    return ids, acts, layers
+
+
+def similarity_se(base_acts: str, chat_acts: str, position: int, layers: list[int]) -> dict[int, float] | None:
+    """Bootstrap standard error of the base/chat cosine per layer; None if the models saw different prompts."""
+    (base_ids, base, base_layers), (chat_ids, chat, chat_layers) = (activations_at(p, position)
+                                                                    for p in (base_acts, chat_acts))
+    if base_ids != chat_ids:
+        return None
+    pick = {m: [have.index(layer) for layer in layers] for m, have in (("base", base_layers), ("chat", chat_layers))}
+    se = stats.bootstrap_cosine_se({k: v[:, pick["base"]] for k, v in base.items()},
+                                   {k: v[:, pick["chat"]] for k, v in chat.items()})
+    return dict(zip(layers, se.tolist()))
 
 
 def direction_similarity(pairs: list[tuple[str, str]], candidates: dict[str, str],
-                         selections: dict[str, tuple[str, str]]) -> pl.DataFrame:
+                         selections: dict[str, tuple[str, str]], activations: dict[str, str] | None = None
+                         ) -> pl.DataFrame:
     """Per declared pair and layer: cosine similarity of the base and chat mean-difference directions.
 
     Both are taken at the chat model's selected position (the last template token in the
     base-models experiments); the base <-> chat transfer claim rests on these being close.
+    With `activations` (model -> its train activations, unfiltered prompts), each cosine gets a
+    95% interval: estimate +- 1.96 bootstrap standard errors over the train prompts.
     """
     rows = []
     for base, chat in pairs:
@@ -259,21 +438,31 @@ def direction_similarity(pairs: list[tuple[str, str]], candidates: dict[str, str
             keys = list(zip(table.column("layer").to_pylist(), table.column("position").to_pylist()))
             matrix = column_matrix(table, "direction").astype(np.float64)
             vectors[m] = {layer: matrix[i] for i, (layer, pos) in enumerate(keys) if pos == chosen["position"]}
-        for layer in sorted(set(vectors[base]) & set(vectors[chat])):
-            u, v = vectors[base][layer], vectors[chat][layer]
-            norm = np.linalg.norm(u) * np.linalg.norm(v)
+        layers = sorted(set(vectors[base]) & set(vectors[chat]))
+        se = None
+        if activations and base in activations and chat in activations:
+            se = similarity_se(activations[base], activations[chat], chosen["position"], layers)
+        for layer in layers:
+            cosine = float(stats.cosine_rows(vectors[base][layer], vectors[chat][layer]))
+            low = high = None
+            if se is not None:
+                low, high = (float(v) for v in stats.normal_interval(cosine, se[layer]))
             rows.append({"base": base, "chat": chat, "layer": layer, "position": chosen["position"],
-                         "cosine": float(u @ v / norm) if norm > 0 else float("nan"),
-                         "chat_selected": layer == chosen["layer"]})
+                         "cosine": cosine, "ci_low": low, "ci_high": high, "chat_selected": layer == chosen["layer"]})
     return pl.DataFrame(rows, schema={"base": pl.String, "chat": pl.String, "layer": pl.Int64, "position": pl.Int64,
-                                      "cosine": pl.Float64, "chat_selected": pl.Boolean})
+                                      "cosine": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+                                      "chat_selected": pl.Boolean})
 
 
 def similarity_chart(similarity: pl.DataFrame) -> bytes:
+    """Cosine per layer; the shaded band is its 95% bootstrap interval where one was computed."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (base, chat), grp in similarity.group_by(["base", "chat"], maintain_order=True):
         line = ax.plot(grp["layer"], grp["cosine"], marker=".", label=f"{base} vs {chat}")[0]
+        if grp["ci_low"].is_not_null().all():
+            ax.fill_between(grp["layer"].to_numpy(), grp["ci_low"].to_numpy(), grp["ci_high"].to_numpy(),
+                            color=line.get_color(), alpha=0.2, linewidth=0)
         picked = grp.filter(pl.col("chat_selected"))
         ax.plot(picked["layer"], picked["cosine"], marker="*", markersize=12, color=line.get_color())
     ax.axhline(0, color="grey", linewidth=0.5)
@@ -281,71 +470,112 @@ def similarity_chart(similarity: pl.DataFrame) -> bytes:
     ax.set_ylabel("cosine(base direction, chat direction)")
     ax.set_ylim(-1, 1)
     ax.legend(fontsize=7)
-    ax.set_title("Base vs chat refusal directions (star: the chat model's layer)")
+    ax.set_title("Base vs chat refusal directions (star: the chat model's layer; band: 95% CI)", fontsize=9)
     fig.tight_layout()
     return to_png(fig)
+
+
+def statistics_note(summary: pl.DataFrame) -> str:
+    """What the intervals and p-values in the tables are, and how many tests the table holds."""
+    tests = summary["p_value"].is_not_null().sum()
+    unpaired = summary.filter((pl.col("intervention") != "baseline") & pl.col("p_value").is_null()).height
+    return ("Each refusal rate is shown as `rate [low, high] (refused/n)`: the 95% Wilson score interval of "
+            "the proportion over the n test prompts. `p`: two-sided exact McNemar test of the cell against the "
+            "same model's baseline on the same prompts (paired on the prompt; binomial test on the prompts whose "
+            f"outcome changed); {tests} such tests in all, not corrected for multiple comparisons. "
+            + (f"`n/a` ({unpaired} rows): the cell was generated on other prompts than the baseline, so there is "
+               "nothing to pair. " if unpaired else "")
+            + "Cells marked `picked on val` were chosen by their logit score on the val prompts; their rates are "
+            "measured on the test prompts.")
 
 
 def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str, str],
         selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = (),
         sweeps: dict[str, tuple[str, str, str]] | None = None, scatter_path: str | None = None,
         coherence: dict | None = None, pairs: list[tuple[str, str]] = (), candidates: dict[str, str] | None = None,
-        similarity_path: str | None = None) -> None:
+        similarity_path: str | None = None, activations: dict[str, str] | None = None) -> None:
+    """`activations`: train activations of the paired models, for the similarity's bootstrap interval
+    (omit when the directions were computed over filtered prompts: the bootstrap would resample others)."""
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
     capability = pl.concat([pl.from_arrow(read_parquet(p)) for p in capability_paths], how="vertical") \
         if capability_paths else None
     summary = summarize(scores, coherence)
+    metrics = []
     if capability is not None and capability.height:
         per_cell = capability.pivot(on="metric", index=CELL, values="value")
+        metrics = [c for c in per_cell.columns if c not in CELL]
         summary = summary.join(per_cell, on=CELL, how="left", maintain_order="left")
     out = Path(out_dir)
+    schema = summary_schema(metrics)
+    summary = pl.from_arrow(summary.select(schema.names).to_arrow().cast(schema))
     write_parquet(summary.to_arrow(), out / "summary.parquet")
-    wide = wide_table(summary, capability)
     buf = io.StringIO()
-    wide.write_csv(buf)
+    summary.write_csv(buf)
     write_text(buf.getvalue(), out / "summary.csv")
+    wide = wide_table(summary, capability)
+    shown = display_table(wide)
     grid = wide.filter(pl.col("source") != "sweep")
-    table_md = markdown(grid.drop("source", "cell"))  # the condition names them for readers
-    write_text(markdown(wide.drop("source", "cell")), out / "summary.md")
+    table_md = markdown(shown.filter(pl.col("source") != "sweep").drop(*CELL[1:]))  # the condition names them
+    write_text(statistics_note(summary) + "\n\n" + markdown(shown.drop(*CELL[1:])), out / "summary.md")
     chart_links = []
     for model, path in charts.items():
         write_bytes(bar_chart(grid, model), path)
         chart_links.append(f"![{model}]({Path(path).relative_to(out)})")
     report = [f"# Refusal-direction experiment: {experiment}", "",
               f"Scorer: `{scores['scorer'][0]}`. Refusal rate on the held-out test prompts "
-              "(harmful and harmless) per model and condition. Coherence: `repetition` = fraction of repeated "
-              "token 3-grams, `nll_increase` = the unsteered model's loss on the completions minus its loss on "
-              "its own baseline completions (nats/token); `degenerate` flags cells past the thresholds "
-              f"({coherence or {}}). Capability side effects, on harmless prompts: "
+              "(harmful and harmless) per model and condition. " + statistics_note(summary) + " Coherence: "
+              "`repetition` = fraction of repeated token 3-grams, `nll_increase` = the unsteered model's loss on "
+              "the completions minus its loss on its own baseline completions (nats/token); `degenerate` flags "
+              f"cells past the thresholds ({coherence or {}}). Capability side effects, on harmless prompts: "
               "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
-              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution.",
+              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution. "
+              "Error bars in the charts: the 95% Wilson intervals.",
               "", table_md, *chart_links, ""]
-    transfer = transfer_table(summary)
+    transfer = transfer_table(summary.with_columns(_text=pl.struct(
+        "refusal_rate", "ci_low", "ci_high", "refused", "n").map_elements(
+        lambda r: rate_text(r["refusal_rate"], r["ci_low"], r["ci_high"], r["refused"], r["n"]),
+        return_dtype=pl.String)), value="_text")
     if transfer.height:
         report += ["## Base ↔ chat transfer", "",
                    "Refusal rate of each model of a declared pair with its own direction and with its partner's, "
-                   "under the same intervention.", "", markdown(transfer), ""]
+                   "under the same intervention (95% Wilson intervals).", "", markdown(transfer), ""]
     if pairs and similarity_path:
-        similarity = direction_similarity(list(pairs), candidates or {}, selections or {})
+        similarity = direction_similarity(list(pairs), candidates or {}, selections or {}, activations)
         write_bytes(similarity_chart(similarity), similarity_path)
+        interval = ("`ci_low`/`ci_high`: estimate ± 1.96 bootstrap standard errors, resampling the train prompts "
+                    "(1000 draws, the same draw for both models). Cosines of means over a few dozen prompts are "
+                    "pulled toward 0 by sampling noise, so a true cosine near ±1 reads somewhat lower."
+                    if similarity["ci_low"].is_not_null().any() else
+                    "No interval: the directions are means over prompts filtered per model by their refusal "
+                    "score (`direction.filter`), which a bootstrap over the shared train prompts would not "
+                    "reproduce.")
         report += ["### How alike are the base and chat directions?", "",
                    "Cosine similarity of the two models' mean-difference directions at each layer (the chat "
-                   "model's selected position); the transfer claim rests on it.", "",
-                   markdown(similarity.with_columns(pl.col("cosine").round(3))),
+                   "model's selected position); the transfer claim rests on it. " + interval, "",
+                   markdown(similarity.with_columns(pl.col("cosine", "ci_low", "ci_high").round(3))),
                    f"![direction similarity]({Path(similarity_path).relative_to(out)})", ""]
     report += ["## Direction selection", "",
+               "The heatmaps show mean logit scores over the val prompts; the stages keep only each candidate's "
+               "mean, not its per-prompt scores, so they carry no interval.", "",
                *(selection_section(m, sp, hp, out) for m, (sp, hp) in (selections or {}).items())]
     if sweeps:
         tables = {m: (pl.read_parquet(sp), pl.read_parquet(pp), hp) for m, (sp, pp, hp) in sweeps.items()}
         report += ["## Sweep: where to extract, where to add, how much", "",
                    "Logit refusal score (log-odds of the refusal tokens at the last prompt position) of each "
-                   "cell on the val prompts, then generated completions for the picked cells.", ""]
-        report += [sweep_section(m, sw, pk, hp, wide, out) for m, (sw, pk, hp) in tables.items()]
+                   "cell on the val prompts, then generated completions for the picked cells. The sweep keeps "
+                   "each cell's mean score only, so the heatmaps and the scores carry no interval.", ""]
+        report += [sweep_section(m, sw, pk, hp, wide, shown, scores, out) for m, (sw, pk, hp) in tables.items()]
         points = sweep_prediction(summary, pl.concat([sw for sw, _, _ in tables.values()], how="vertical"))
         if scatter_path:
             write_bytes(prediction_scatter(points), scatter_path)
             report += ["### Does the logit score predict generated refusal?", "",
-                       markdown(correlations(points).with_columns(pl.col("pearson", "spearman").round(2))),
+                       f"Correlation of the val logit score with the generated test refusal rate over the generated "
+                       f"cells the sweep also scored, with its 95% interval (Fisher z; for Spearman's rho the "
+                       f"variance 1.06/(n-3) of Fieller et al.). It is estimated only from "
+                       f"{stats.MIN_CORRELATION_POINTS} cells on: with fewer, the interval spans most of [-1, 1] "
+                       "and a point estimate would claim more than the data show. The interval counts the cells "
+                       "as the sample; each rate's own binomial noise (the error bars) widens it further.", "",
+                       markdown(correlation_text(correlations(points))),
                        f"![prediction]({Path(scatter_path).relative_to(out)})", ""]
     report += ["## Example completions", "", examples(scores)]
     write_text("\n".join(report), out / "report.md")

@@ -36,6 +36,13 @@ scores/...                 the generation row plus scorer and refused (bool)
 capability/...             metric: model, source, cell, intervention, coefficient, metric
                            (ce_reference | ce_own | first_token_kl), value, n
                            (schema in `capability`)
+summary (.parquet, .csv)   model x cell x label: the generation axes, scorer, condition
+                           (readable name), picked_on ("val" for sweep cells chosen by their
+                           val logit score, else null), n, refused, refusal_rate, ci_low and
+                           ci_high (95% Wilson interval), p_value (exact McNemar vs the
+                           model's baseline paired on prompt_id; null for the baseline and
+                           for cells on other prompts), repetition, nll, nll_increase,
+                           degenerate, then one column per capability metric of the cell
 """
 
 from __future__ import annotations
@@ -99,6 +106,23 @@ CAPABILITY = pa.schema([
     ("model", pa.string()), ("source", pa.string()), ("cell", pa.string()), ("intervention", pa.string()),
     ("coefficient", pa.float64()), ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int32()),
 ])
+
+
+SUMMARY = pa.schema([
+    ("model", pa.string()), ("template", pa.string()), ("source", pa.string()), ("cell", pa.string()),
+    ("direction_model", pa.string()), ("extraction_layer", pa.int16()), ("extraction_position", pa.int16()),
+    ("intervention", pa.string()), ("addition_layer", pa.int16()), ("coefficient", pa.float64()),
+    ("normalized", pa.bool_()), ("ablation_layers", pa.string()), ("scorer", pa.string()), ("label", pa.string()),
+    ("condition", pa.string()), ("picked_on", pa.string()),
+    ("n", pa.int32()), ("refused", pa.int32()), ("refusal_rate", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("p_value", pa.float64()),
+    ("repetition", pa.float64()), ("nll", pa.float64()), ("nll_increase", pa.float64()), ("degenerate", pa.bool_()),
+])
+
+
+def summary_schema(metrics: list[str]) -> pa.Schema:
+    """SUMMARY plus the capability metrics present (ce_reference, ce_own, first_token_kl, ...)."""
+    return pa.schema([*SUMMARY, *[(m, pa.float64()) for m in metrics]])
 
 
 def vectors_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:

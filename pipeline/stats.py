@@ -151,7 +151,8 @@ def bootstrap_cosine_se(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resa
     near-parallel pair can miss the estimate itself; estimate +- z * se cannot.
     """
     rng = np.random.default_rng(seed)
-    draws = {label: rng.integers(0, len(a[label]), size=(resamples, len(a[label]))) for label in ("harmful", "harmless")}
+    draws = {label: rng.integers(0, len(a[label]), size=(resamples, len(a[label])))
+             for label in ("harmful", "harmless")}
     weights = {label: np.stack([np.bincount(row, minlength=len(a[label])) for row in idx]) / idx.shape[1]
                for label, idx in draws.items()}  # [resamples, prompts]: a resampled mean is weights @ rows
     layers, width = a["harmful"].shape[1:]

@@ -205,10 +205,14 @@ def test_paper_experiment_end_to_end(paper, experiment, tmp_path):
         assert (out / "generations" / cell.model / cell.source / f"{cell.name}.parquet").exists()
     summary = pl.read_parquet(out / "summary.parquet")
     assert set(summary["model"]) == set(exp.models)
+    assert ((summary["ci_low"] <= summary["refusal_rate"]) & (summary["refusal_rate"] <= summary["ci_high"])).all()
+    assert (summary["n"] == N_TEST).all()
+    assert summary.filter(pl.col("intervention") != "baseline")["p_value"].is_between(0, 1).all()
     report = (out / "report.md").read_text()
     if experiment != "single_direction":
         assert "random" in set(summary["source"])
         assert "How alike are the base and chat directions" in report
+        assert "bootstrap standard errors" in report  # unfiltered directions: the cosines get intervals
         base, chat = exp.pairs[0]
         transfer = summary.filter((pl.col("model") == base) & (pl.col("source") == chat))
         assert transfer.height and set(transfer["direction_model"]) == {chat}

@@ -136,10 +136,9 @@ def test_summary_flags_degenerate_cells_and_correlates():
     points = aggregate.sweep_prediction(summary, sweeps)
     assert points.height == 4
     corr = aggregate.correlations(points).row(0, named=True)
-    assert corr["cells"] == 4 and corr["spearman"] == pytest.approx(
-        pl.DataFrame({"a": [3.0, 1.0, -1.0, -2.0], "b": [1.0, 0.5, 0.0, 0.0]}).select(
-            pl.corr("a", "b", method="spearman")).item())
-    assert corr["pearson"] > 0.9
+    # four cells are too few for a correlation claim (tests/test_aggregate.py checks it from eight on)
+    assert corr["cells"] == 4 and corr["pearson"] is None and corr["spearman"] is None
+    assert corr["note"] == "not estimated: 4 generated cells, fewer than 8"
 
 
 def test_addition_layer_and_ablation_range_from_yaml(conf_copy):

@@ -74,6 +74,11 @@ def test_whole_dag_on_tiny_models(tmp_path):
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
     assert summary["n"].unique().to_list() == [4]
+    # every rate with its 95% Wilson interval; each steered cell paired with its model's baseline (same prompts)
+    assert ((summary["ci_low"] <= summary["refusal_rate"]) & (summary["refusal_rate"] <= summary["ci_high"])).all()
+    assert summary.filter(pl.col("intervention") == "baseline")["p_value"].is_null().all()
+    assert summary.filter(pl.col("intervention") != "baseline")["p_value"].is_between(0, 1).all()
+    assert set(summary.filter(pl.col("source") == "sweep")["picked_on"]) == {"val", None}  # cell1 is declared
 
     gens = pl.concat([pl.read_parquet(p) for p in (out / "scores").rglob("*.parquet")])
     for col in ("model", "template", "source", "cell", "extraction_layer", "extraction_position", "intervention",
@@ -123,6 +128,7 @@ def test_whole_dag_on_tiny_models(tmp_path):
     assert "## Direction selection" in report and "directions/tiny-chat/selection.png" in report
     assert "## Base ↔ chat transfer" in report and "How alike are the base and chat directions" in report
     assert (out / "charts" / "direction_similarity.png").exists()
+    assert "bootstrap standard errors" in report  # the base/chat cosines carry an interval
     assert "## Sweep" in report and "sweep/tiny-chat/sweep.png" in report and (out / "charts" / "sweep_prediction.png").exists()
     assert "ce_reference" in pl.read_parquet(out / "summary.parquet").columns
     sel = pl.read_parquet(out / "directions" / "tiny-chat" / "selection.parquet")

@@ -1,5 +1,6 @@
 rule aggregate:
-    """Summary Parquet, CSV and Markdown tables, bar charts, selection heatmaps and a report."""
+    """Summary Parquet, CSV and Markdown tables (rates with Wilson intervals, McNemar p vs baseline), bar charts,
+    selection heatmaps and a report."""
     input:
         scores=grid_files("scores"),
         capability=grid_files("capability"),
@@ -9,6 +10,9 @@ rule aggregate:
         sweep_picks=sweep_outputs("picks.parquet"),
         sweep_heatmaps=sweep_outputs("sweep.png"),
         candidates=expand(OUT + "/directions/{model}/candidates.parquet", model=PAIRED),
+        # the base/chat cosine's bootstrap resamples the train prompts; over filtered prompts it would not
+        # reproduce the directions, so then it is not run
+        activations=[] if EXP.direction.filter else expand(OUT + "/activations/{model}.parquet", model=PAIRED),
     output:
         summary=OUT + "/summary.parquet",
         csv=OUT + "/summary.csv",
@@ -24,6 +28,7 @@ rule aggregate:
         coherence=to_params(EXP.coherence),
         pairs=EXP.pairs,
         paired=PAIRED,
+        bootstrap=not EXP.direction.filter,
     log:
         LOGS + "/aggregate.log",
     script:
