@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .specs import (SOURCE_KINDS, Cell, DatasetSpec, InterventionSpec, Kind, ModelSpec, ScorerSpec, Source,
-                    SweepSpec, TemplateSpec)
+from .specs import (SOURCE_KINDS, Cell, DatasetSpec, InterventionSpec, Kind, LengthSpec, ModelSpec, ScorerSpec,
+                    Source, SweepSpec, TemplateSpec)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
@@ -127,6 +127,16 @@ class Force(Schema):
     position: NegInt = -1
 
 
+class Bootstrap(Schema):
+    """Selection stability (pipeline/stability.py): resample the train prompts `draws` times (seeded)
+    and compare each draw's directions with the full data's; `reselect` also reruns selection on each
+    draw (a selection job's forward passes per draw, so off unless an experiment asks)."""
+
+    draws: PosInt = 5
+    seed: NonNegInt = 0
+    reselect: bool = False
+
+
 class Direction(Schema):
     sources: list[Literal["self", "random"]] = ["self", "random"]
     random_seed: NonNegInt = 0
@@ -134,6 +144,7 @@ class Direction(Schema):
     select: Literal["auto", "configured"] = "auto"
     selection: Selection = Selection()
     force: list[Force] = []
+    bootstrap: Bootstrap | None = None  # None: no stability analysis
 
 
 class SweepCell(Schema):
@@ -185,6 +196,14 @@ class Generation(Schema):
     cells_per_job: PosInt = 8
 
 
+class Length(Schema):
+    """Refusal rate vs generation length (pipeline/length.py): each completion is scored on its
+    first k tokens for each k; the longest k must not exceed generation.max_new_tokens."""
+
+    tokens: Annotated[list[PosInt], Field(min_length=1)]
+    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's scorer
+
+
 class Pair(Schema):
     base: Name
     chat: Name
@@ -204,6 +223,7 @@ class ExperimentFile(Schema):
     coherence: Coherence = Coherence()
     capability: Capability = Capability()
     generation: Generation = Generation()
+    length: Length | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PosInt = 2
 
@@ -477,6 +497,7 @@ class Experiment:
     device: str
     threads: int
     sweep: SweepSpec | None = None
+    length: LengthSpec | None = None
     meta: dict[str, dict] = field(default_factory=dict)  # model -> n_layers, hidden_size, context (if known)
 
     @property
@@ -629,6 +650,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         scorer=load_scorer(e.scoring, conf_dir, exp_file), generation=e.generation,
         capability=e.capability, coherence=e.coherence, device=e.device, threads=e.threads,
         sweep=load_sweep(e.sweep, exp_file, models),
+        length=load_length(e.length, e.generation, e.scoring, exp_file, conf_dir),
     )
     if exp.capability.enabled and not resolve_data_path(exp.capability.reference).exists():
         raise ConfigError(exp_file, "capability.reference", f"file not found: {exp.capability.reference}")
@@ -700,6 +722,29 @@ def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
                      cells=tuple((c.layer, c.addition_layer, c.coefficient) for c in g.cells))
 
 
+def load_length(d: Length | None, generation: Generation, scoring: str, file: str, conf_dir: Path) -> LengthSpec | None:
+    if d is None:
+        return None
+    for i, k in enumerate(d.tokens):
+        if k > generation.max_new_tokens:
+            raise ConfigError(file, f"length.tokens[{i}]", f"{k} exceeds generation.max_new_tokens "
+                              f"({generation.max_new_tokens}): completions are generated once, at the longest length")
+        if d.tokens.index(k) != i:
+            raise ConfigError(file, f"length.tokens[{i}]", f"{k} is listed twice")
+    names = d.scorers if d.scorers is not None else [scoring]
+    scorers = []
+    for i, name in enumerate(names):
+        key = f"length.scorers[{i}]" if d.scorers is not None else "length.scorers"
+        if names.index(name) != i:
+            raise ConfigError(file, key, f"scorer '{name}' is listed twice")
+        scorer = load_scorer(name, conf_dir, file, key)
+        if scorer.kind == "judge":
+            raise ConfigError(file, key, f"'{name}' is a judge; the length stage rescores every completion "
+                              "at every length with phrase scorers only (list prefix/substring scorers here)")
+        scorers.append(scorer)
+    return LengthSpec(tokens=tuple(sorted(d.tokens)), scorers=tuple(scorers))
+
+
 def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelSpec:
     file, data = _load_group(conf_dir, "model", name, ref_file, ref_key)
     m = validate(ModelFile, data, file)
@@ -740,8 +785,8 @@ def resolve_data_path(path: str) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
-def load_scorer(name: str, conf_dir: Path, ref_file: str) -> ScorerSpec:
-    file, data = _load_group(conf_dir, "scoring", name, ref_file, "scoring")
+def load_scorer(name: str, conf_dir: Path, ref_file: str, ref_key: str = "scoring") -> ScorerSpec:
+    file, data = _load_group(conf_dir, "scoring", name, ref_file, ref_key)
     s = validate(ScoringFile, data, file)
     if s.kind == "judge":
         return ScorerSpec(name=name, kind=s.kind, phrases=(), case_sensitive=False,

@@ -36,6 +36,16 @@ scores/...                 the generation row plus scorer and refused (bool)
 capability/...             metric: model, source, cell, intervention, coefficient, metric
                            (ce_reference | ce_own | first_token_kl), value, n
                            (schema in `capability`)
+length/length              cell x label x scorer x k (experiments with `length:`): the
+                           cell's model, source, cell, intervention, extraction_layer,
+                           addition_layer, coefficient; label, scorer, tokens (k), n,
+                           refused, ended (completions that stopped before k tokens),
+                           refusal_rate, ci_low, ci_high (95% Wilson)
+stability/stability        model x bootstrap draw x layer x position (`direction.bootstrap`):
+                           model, draw, layer, position, n_harmful, n_harmless (distinct
+                           train prompts drawn), norm, cosine (to the full-data direction at
+                           the same layer and position), selected (the full data's pick),
+                           and with reselection: bypass, induce, kl, discarded, picked
 summary (.parquet, .csv)   model x cell x label: the generation axes, scorer, condition
                            (readable name), picked_on ("val" for sweep cells chosen by their
                            val logit score, else null), n, refused, refusal_rate, ci_low and
@@ -107,6 +117,20 @@ CAPABILITY = pa.schema([
     ("coefficient", pa.float64()), ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int32()),
 ])
 
+LENGTH = pa.schema([
+    ("model", pa.string()), ("source", pa.string()), ("cell", pa.string()), ("intervention", pa.string()),
+    ("extraction_layer", pa.int16()), ("addition_layer", pa.int16()), ("coefficient", pa.float64()),
+    ("label", pa.string()), ("scorer", pa.string()), ("tokens", pa.int32()), ("n", pa.int32()),
+    ("refused", pa.int32()), ("ended", pa.int32()), ("refusal_rate", pa.float64()),
+    ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+])
+
+STABILITY = pa.schema([
+    ("model", pa.string()), ("draw", pa.int32()), ("layer", pa.int16()), ("position", pa.int16()),
+    ("n_harmful", pa.int32()), ("n_harmless", pa.int32()), ("norm", pa.float64()), ("cosine", pa.float64()),
+    ("selected", pa.bool_()), ("bypass", pa.float64()), ("induce", pa.float64()), ("kl", pa.float64()),
+    ("discarded", pa.string()), ("picked", pa.bool_()),
+])
 
 SUMMARY = pa.schema([
     ("model", pa.string()), ("template", pa.string()), ("source", pa.string()), ("cell", pa.string()),

@@ -156,6 +156,14 @@ class ScorerSpec:
     margin: float = 0.0
 
 
+@dataclass(frozen=True)
+class LengthSpec:
+    """Refusal rate vs generation length: score each completion's first k tokens, k in `tokens`."""
+
+    tokens: tuple[int, ...]  # ascending
+    scorers: tuple[ScorerSpec, ...]  # phrase scorers only
+
+
 def addition_layer(extraction_layer: int, offset: int | None, absolute: int | None) -> int:
     """The block an addition steers: `absolute` if given, else the extraction layer moved by `offset`."""
     return absolute if absolute is not None else extraction_layer + (offset or 0)
