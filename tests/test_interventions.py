@@ -1,4 +1,3 @@
-import types
 import typing
 from pathlib import Path
 
@@ -241,7 +240,7 @@ def cell_intervention(exp, cell):
     """The generate rule's intervention params for one cell (workflow/rules/common.smk)."""
     ns = {"EXP": exp, "OUT": "results", "to_params": to_params}
     exec(compile((ROOT / "workflow" / "rules" / "common.smk").read_text(), "common.smk", "exec"), ns)
-    return ns["cell_intervention"](types.SimpleNamespace(model=cell.model, source=cell.source, cell=cell.name))
+    return ns["cell_intervention"](cell)
 
 
 @pytest.mark.parametrize("model", ["qwen", "gemma", "llama"])

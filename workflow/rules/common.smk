@@ -18,3 +18,26 @@ def model_params(wildcards):
 def sweep_outputs(kind):
     models = list(EXP.sweep.models) if EXP.sweep else []
     return [f"{OUT}/sweep/{m}/{kind}" for m in models]
+
+
+def cell_direction_file(cell):
+    """Where a cell's direction comes from: its own model, or the paired model."""
+    if cell.source in ("none", "sweep"):
+        return None
+    owner = cell.model if cell.source in ("self", "random") else cell.source
+    return f"{OUT}/directions/{owner}/selected.parquet"
+
+
+def cell_intervention(cell):
+    """The intervention settings one cell reads, so editing another kind's settings leaves it alone."""
+    iv = EXP.intervention
+    if cell.kind == "addition":
+        params = {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
+                  "addition_absolute": iv.addition_absolute}
+        # only when not the default, so cells generated before the option existed keep their params
+        if iv.addition_form != "block_input":
+            params["addition_form"] = iv.addition_form
+        return params
+    if cell.kind in ("ablation", "orthogonalization") or cell.pick is not None:
+        return {"ablation_layers": iv.ablation_layers}
+    return {}

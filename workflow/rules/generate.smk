@@ -3,29 +3,6 @@
 # job, as a job's outputs are its cells: generate_<model>_grid1, generate_<model>_sweep1, ...
 
 
-def cell_direction_file(cell):
-    """Where a cell's direction comes from: its own model, or the paired model."""
-    if cell.source in ("none", "sweep"):
-        return None
-    owner = cell.model if cell.source in ("self", "random") else cell.source
-    return f"{OUT}/directions/{owner}/selected.parquet"
-
-
-def cell_intervention(cell):
-    """The intervention settings one cell reads, so editing another kind's settings leaves it alone."""
-    iv = EXP.intervention
-    if cell.kind == "addition":
-        params = {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
-                  "addition_absolute": iv.addition_absolute}
-        # only when not the default, so cells generated before the option existed keep their params
-        if iv.addition_form != "block_input":
-            params["addition_form"] = iv.addition_form
-        return params
-    if cell.kind in ("ablation", "orthogonalization") or cell.pick is not None:
-        return {"ablation_layers": iv.ablation_layers}
-    return {}
-
-
 def generate_job_inputs(job):
     sweep = job.cells[0].source == "sweep"
     needs_baseline = EXP.capability.enabled and not sweep and all(c.name != "baseline" for c in job.cells)
