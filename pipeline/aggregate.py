@@ -15,6 +15,7 @@ import polars as pl
 
 from . import stats
 from .figures import interval_errors, pyplot, to_png
+from .coherence import degenerate_cells
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
@@ -81,7 +82,6 @@ def baseline_p_values(scores: pl.DataFrame) -> pl.DataFrame:
 
 def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFrame:
     """One row per model x cell x label: refused / n, rate, Wilson interval, McNemar p vs baseline, coherence."""
-    coherence = coherence or {"repetition_max": 0.3, "nll_increase_max": 1.5}
     summary = (scores.group_by(GROUP)
                .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean(),
                     repetition=pl.col("repetition").mean(), nll=pl.col("nll").fill_nan(None).mean())
@@ -95,8 +95,8 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFra
                 .select("model", "label", pl.col("nll").alias("_base_nll")))
     summary = summary.join(base_nll, on=["model", "label"], how="left").with_columns(
         nll_increase=pl.col("nll") - pl.col("_base_nll")).drop("_base_nll")
-    summary = summary.with_columns(degenerate=(pl.col("repetition") > coherence["repetition_max"])
-                                   | (pl.col("nll_increase").fill_nan(0) > coherence["nll_increase_max"]))
+    summary = summary.join(degenerate_cells(scores, GROUP, coherence).drop("broken_share"), on=GROUP, how="left",
+                           nulls_equal=True)
     order = {"baseline": 0, "ablation": 1, "orthogonalization": 2, "addition": 3}
     return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8),
                                 _s=pl.col("source") == "sweep").sort(
@@ -526,7 +526,8 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
               "(harmful and harmless) per model and condition. " + statistics_note(summary) + " Coherence: "
               "`repetition` = fraction of repeated token 3-grams, `nll_increase` = the unsteered model's loss on "
               "the completions minus its loss on its own baseline completions (nats/token); `degenerate` flags "
-              f"cells past the thresholds ({coherence or {}}). Capability side effects, on harmless prompts: "
+              "cells whose share of broken completions (neutral-prefix loss or repetition past its threshold, "
+              f"docs/measures.md) passes the limit ({coherence or {}}). Capability side effects, on harmless prompts: "
               "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
               "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution. "
               "Error bars in the charts: the 95% Wilson intervals.",

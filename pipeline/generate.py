@@ -233,11 +233,12 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
                 metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
         # coherence is judged by the unedited, unsteered model, as in every cell
         nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
+        neutral = coherence.neutral_nll(lm, completions, batch_size, nll_measured(prompts, nll_prompts))
         if capability_out is not None:
             coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
             write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind), coefficient,
                                               metrics), capability_out)
-        write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls), output)
+        write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
 
 
 def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
@@ -278,7 +279,8 @@ def edited_weights(lm: LoadedModel, plan: CellPlan, exp_file: str):
 
 
 def generations_table(spec: ModelSpec, plan: CellPlan, prompts: pl.DataFrame, completions: list[str],
-                      ids: list[list[int]], nlls: list[float | None]) -> pa.Table:
+                      ids: list[list[int]], nlls: list[float | None],
+                      neutral: list[float | None] | None = None) -> pa.Table:
     n = len(completions)
     addition = plan.kind == Kind.ADDITION
     ablates = plan.kind in (Kind.ABLATION, Kind.ORTHOGONALIZATION)
@@ -296,6 +298,7 @@ def generations_table(spec: ModelSpec, plan: CellPlan, prompts: pl.DataFrame, co
         "completion": completions,
         "repetition": [coherence.repetition(r) for r in ids],
         "nll": nlls,
+        "nll_neutral": neutral if neutral is not None else [None] * n,
     }, schema=GENERATIONS)
 
 

@@ -25,7 +25,8 @@ generations/...            test prompt: model, template, source (none|self|rando
                            addition_layer (the block whose input was steered),
                            coefficient, normalized, ablation_layers ("all" or
                            "a-b"), prompt_id, label, category, prompt, completion,
-                           repetition and nll (degeneration, see `coherence`)
+                           repetition, nll and nll_neutral (degeneration, see
+                           `coherence`)
 sweep/{m}/sweep            swept cell: model, kind (baseline|addition|ablation),
                            extraction_layer, extraction_position, addition_layer,
                            offset, coefficient, normalized, label, logit_score
@@ -93,7 +94,7 @@ GENERATIONS = pa.schema([
     ("normalized", pa.bool_()), ("ablation_layers", pa.string()),
     ("prompt_id", pa.string()), ("label", pa.string()), ("category", pa.string()),
     ("prompt", pa.string()), ("completion", pa.string()),
-    ("repetition", pa.float64()), ("nll", pa.float64()),
+    ("repetition", pa.float64()), ("nll", pa.float64()), ("nll_neutral", pa.float64()),
 ])
 
 SCORES = GENERATIONS.append(pa.field("scorer", pa.string())).append(pa.field("refused", pa.bool_()))

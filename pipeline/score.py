@@ -30,6 +30,9 @@ def score_table(table: pa.Table, scorer: ScorerSpec, refused: list[bool] | None 
     """Append scorer and refused; `refused` comes precomputed from a judge, else from the phrases."""
     if refused is None:
         refused = [is_refusal(c, scorer) for c in table.column("completion").to_pylist()]
+    if "nll_neutral" not in table.column_names:  # generations written before the column existed
+        table = table.add_column(table.column_names.index("nll") + 1, "nll_neutral",
+                                 pa.nulls(table.num_rows, pa.float64()))
     table = table.append_column("scorer", pa.array([scorer.name] * table.num_rows, pa.string()))
     return table.append_column("refused", pa.array(refused, pa.bool_())).cast(SCORES)
 

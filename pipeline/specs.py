@@ -154,6 +154,7 @@ class ScorerSpec:
     prompt: str = ""
     labels: tuple[str, str] = ("", "")
     margin: float = 0.0
+    short_reply_words: int = 0  # judge: fewer words than this -> refused, the judge not asked
 
 
 @dataclass(frozen=True)

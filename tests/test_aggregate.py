@@ -15,7 +15,7 @@ from pipeline.schemas import SCORES, SUMMARY, activations_schema, vectors_column
 
 AXES = {"template": "t", "direction_model": "m", "extraction_position": -1, "normalized": False,
         "ablation_layers": None, "scorer": "s", "category": "c", "prompt": "p", "completion": "c",
-        "repetition": 0.0, "nll": 2.0}
+        "repetition": 0.0, "nll": 2.0, "nll_neutral": 2.0}
 
 
 def cell_rows(cell, source, kind, label, refused, layer=None, addition_layer=None, ids=None, model="m"):

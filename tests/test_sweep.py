@@ -125,8 +125,8 @@ def test_summary_flags_degenerate_cells_and_correlates():
             rows.append({**base, "model": "m", "source": source, "cell": cell, "intervention": kind,
                          "extraction_layer": layer, "addition_layer": layer, "coefficient": None if layer is None
                          else 2.0, "prompt_id": str(i), "label": "harmless", "repetition": rep, "nll": nll,
-                         "refused": bool(r)})
-    summary = aggregate.summarize(pl.DataFrame(rows), {"repetition_max": 0.3, "nll_increase_max": 1.5})
+                         "nll_neutral": nll, "refused": bool(r)})
+    summary = aggregate.summarize(pl.DataFrame(rows), {"repetition_max": 0.3, "nll_max": 4.0})
     flags = dict(zip(summary["cell"], summary["degenerate"]))
     assert flags == {"baseline": False, "best1": False, "spread1": False, "spread2": True, "cell1": True}
     assert dict(zip(summary["cell"], summary["nll_increase"]))["cell1"] == pytest.approx(3.0)
