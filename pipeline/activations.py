@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .architecture import get_path
+from .batching import halving
 from .specs import ModelSpec
 from .models import LoadedModel, context_length, load_tokenizer
 from .refusal import refusal_score, refusal_token_ids
@@ -29,9 +30,10 @@ def capture(lm: LoadedModel, instructions: list[str], batch_size: int, with_scor
     With `with_scores`, also each prompt's logit refusal score from the same forward pass.
     """
     token_ids = refusal_token_ids(lm.tok, lm.spec) if with_scores else None
-    chunks, scores = [], []
-    for start in tqdm(range(0, len(instructions), batch_size), desc=f"activations {lm.spec.name}", leave=False):
-        batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
+    progress = tqdm(total=len(instructions), desc=f"activations {lm.spec.name}", leave=False)
+
+    def chunk(start: int, stop: int) -> tuple[np.ndarray, torch.Tensor | None]:
+        batch = encode_batch(lm.tok, lm.spec, instructions[start:stop])
         n = batch.n_post
         with lm.nn.trace(**lm.inputs(batch), logits_to_keep=1):
             saved = nnsight.save([])  # a plain list would not outlive the trace
@@ -39,11 +41,14 @@ def capture(lm: LoadedModel, instructions: list[str], batch_size: int, with_scor
                 saved.append(block.input[:, -n:, :])
             if with_scores:
                 saved.append(lm.nn.output.logits[:, -1, :])
-        if with_scores:
-            scores.append(refusal_score(saved.pop().float().cpu(), token_ids))
-        chunks.append(torch.stack([s.float().cpu() for s in saved], dim=1).numpy())
-    acts = np.concatenate(chunks, axis=0)
-    return (acts, torch.cat(scores).numpy()) if with_scores else acts
+        score = refusal_score(saved.pop().float().cpu(), token_ids) if with_scores else None
+        progress.update(stop - start)
+        return torch.stack([s.float().cpu() for s in saved], dim=1).numpy(), score
+
+    with progress:
+        chunks = halving(len(instructions), batch_size, chunk)
+    acts = np.concatenate([a for a, _ in chunks], axis=0)
+    return (acts, torch.cat([s for _, s in chunks]).numpy()) if with_scores else acts
 
 
 def to_table(spec: ModelSpec, prompts: pl.DataFrame, acts: np.ndarray, dtype: str,

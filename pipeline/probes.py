@@ -10,6 +10,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
+from .batching import halving
 from .interventions import Intervention, apply_nnsight
 from .models import LoadedModel
 from .schemas import read_parquet
@@ -21,15 +22,15 @@ def last_logits(lm: LoadedModel, instructions: list[str], iv: Intervention, batc
     """Next-token logits at the last prompt position, [n, vocab], float32 on CPU."""
     import nnsight
 
-    out = []
-    for start in range(0, len(instructions), batch_size):
-        batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
+    def chunk(start: int, stop: int) -> torch.Tensor:
+        batch = encode_batch(lm.tok, lm.spec, instructions[start:stop])
         with lm.nn.trace(**lm.inputs(batch), logits_to_keep=1):
             holder = nnsight.save([])
             apply_nnsight(lm.nn, lm.rmap, iv)
             holder.append(lm.nn.output.logits[:, -1, :])
-        out.append(holder[0].float().cpu())
-    return torch.cat(out)
+        return holder[0].float().cpu()
+
+    return torch.cat(halving(len(instructions), batch_size, chunk))
 
 
 def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -60,10 +61,10 @@ def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Interve
     """(summed cross-entropy, token count) of each completion given its prompt, under `iv`."""
     import nnsight
 
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    for start in range(0, len(pairs), batch_size):
+    def chunk(start: int, stop: int) -> list[tuple[int, tuple[float, int]]]:
+        """(index in pairs, (summed loss, tokens)) of the chunk's non-empty completions."""
         rows, targets, where = [], [], []
-        for j, (instruction, completion) in enumerate(pairs[start:start + batch_size]):
+        for j, (instruction, completion) in enumerate(pairs[start:stop]):
             prompt = encode_prompt(lm.tok, lm.spec, instruction)
             answer = lm.tok(completion, add_special_tokens=False)["input_ids"]
             if not answer:
@@ -72,7 +73,7 @@ def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Interve
             targets.append(len(answer))
             where.append(start + j)
         if not rows:
-            continue
+            return []
         width = max(len(r) for r in rows)
         pad = lm.tok.pad_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -90,9 +91,16 @@ def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Interve
             apply_nnsight(lm.nn, lm.rmap, iv)
             holder.append(lm.nn.output.logits)
         logits = holder[0].float().cpu()
+        losses = []
         for i, n in enumerate(targets):
             # logits at t predict token t + 1: the answer's n tokens are predicted by positions -n-1 .. -2
             pred = logits[i, keep - n - 1:keep - 1]
             gold = ids[i, width - n:]
-            out[where[i]] = (torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item(), n)
+            losses.append((where[i], (torch.nn.functional.cross_entropy(pred, gold, reduction="sum").item(), n)))
+        return losses
+
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    for losses in halving(len(pairs), batch_size, chunk):
+        for index, loss in losses:
+            out[index] = loss
     return out
