@@ -13,12 +13,13 @@ the file and the key, raised while the DAG is built, before any job runs.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -278,6 +279,32 @@ class ModelDirection(Schema):
     force: bool = False
 
 
+def _device(value: str) -> str:
+    if not re.fullmatch(r"cpu|disk|mps|(cuda|xpu)(:[0-9]+)?", value):
+        raise ValueError(f"{value!r} is not a device: a GPU index, cpu, disk, mps or cuda:N")
+    return value
+
+
+def _memory_device(value: str) -> str:
+    if value not in ("cpu", "disk", "mps"):
+        raise ValueError(f"{value!r} is not a device: a GPU index, cpu, disk or mps")
+    return value
+
+
+def _memory_size(value: str) -> str:
+    # upper-case B only: accelerate reads "10gb" as gigabits
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?\s*[KMG]i?B", value):
+        raise ValueError(f"{value!r} is not a size: bytes, or a number and KiB, MiB, GiB, KB, MB or GB")
+    return value
+
+
+# Where accelerate may put a module: a GPU index, a device, or "disk" (offload_folder then holds it).
+Placement = NonNegInt | Annotated[str, AfterValidator(_device)]
+MemoryDevice = NonNegInt | Annotated[str, AfterValidator(_memory_device)]
+MemorySize = PosInt | Annotated[str, AfterValidator(_memory_size)]
+PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 class ModelFile(Schema):
     source: ModelSource
     role: Literal["chat", "base", "judge"] = "chat"
@@ -288,12 +315,28 @@ class ModelFile(Schema):
     refusal_tokens: list[Text] = []
     direction: ModelDirection = ModelDirection()
     pad_token: Text | None = None  # padding, where the tokenizer defines neither a pad nor an eos token
+    # A model larger than one GPU: spread its weights as accelerate does, by a strategy or by
+    # {module name: device}; the experiment's `device` then does not apply to this model.
+    device_map: Literal[PLACEMENT_STRATEGIES] | Annotated[dict[Text, Placement], Field(min_length=1)] | None = None
+    max_memory: Annotated[dict[MemoryDevice, MemorySize], Field(min_length=1)] | None = None  # for a strategy
+    offload_folder: Text | None = None  # where modules placed on "disk" are kept
 
     @model_validator(mode="after")
     def _refusal_tokens(self):
         if self.role != "judge" and not self.refusal_tokens:
             raise PydanticCustomError("no_refusal_tokens", "a {role} model needs refusal_tokens (e.g. [\"I\"])",
                                       {"role": self.role, "key": "refusal_tokens"})
+        return self
+
+    @model_validator(mode="after")
+    def _placement(self):
+        for key in ("max_memory", "offload_folder"):
+            if getattr(self, key) is not None and self.device_map is None:
+                raise PydanticCustomError("placement", "applies only with a device_map", {"key": key})
+        places = self.device_map.values() if isinstance(self.device_map, dict) else ()
+        if "disk" in places and self.offload_folder is None:
+            raise PydanticCustomError("placement", "device_map puts modules on disk: name a folder for them",
+                                      {"key": "offload_folder"})
         return self
 
 
@@ -761,6 +804,7 @@ def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelS
         add_bos=m.add_bos, dtype=m.dtype, trust_remote_code=m.trust_remote_code, role=m.role,
         refusal_tokens=tuple(m.refusal_tokens), direction_layer=m.direction.layer,
         direction_position=m.direction.position, direction_force=m.direction.force, pad_token=m.pad_token,
+        device_map=m.device_map, max_memory=m.max_memory, offload_folder=m.offload_folder,
     )
 
 

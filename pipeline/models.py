@@ -299,9 +299,38 @@ def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto", tokeni
     tok = tokenizer if tokenizer is not None else load_tokenizer(spec, prepared_dir)
     where = _load_from(spec, Path(prepared_dir))
     dev = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(spec, dev), **_local_kwargs(spec))
-    model.to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=pick_dtype(spec, dev), **placement_kwargs(spec),
+                                                 **_local_kwargs(spec))
+    if spec.device_map is None:
+        model.to(dev)
+    else:  # accelerate has placed every module already
+        check_placement(spec, model)
+    model.eval()
     return model, tok
+
+
+def placement_kwargs(spec: ModelSpec) -> dict:
+    """from_pretrained's device_map, max_memory and offload_folder from the model YAML (none when unset)."""
+    if spec.device_map is None:
+        return {}
+    kwargs = {"device_map": spec.device_map}
+    if spec.max_memory is not None:
+        # GPU indices are ints to accelerate; params (JSON) turn mapping keys into strings
+        kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in spec.max_memory.items()}
+    if spec.offload_folder is not None:
+        kwargs["offload_folder"] = str(Path(spec.offload_folder).expanduser())
+    return kwargs
+
+
+def check_placement(spec: ModelSpec, model) -> None:
+    """What accelerate may offload but generation cannot start from: transformers' generate puts its
+    tensors on the model's first weights' device (the input embedding's), and the pipeline nnsight wraps
+    the model in takes the device_map's first entry as its device."""
+    first_entry = next(iter(getattr(model, "hf_device_map", {"": None}).values()))
+    if model.device.type == "meta" or first_entry == "disk":
+        raise ConfigError(spec.file, "device_map", "the input embedding (the model's first weights) and the map's "
+                          "first entry must not be offloaded (to disk, or to the CPU beside a GPU): put them on a "
+                          "GPU, or on the CPU when the model runs there")
 
 
 def load_tokenizer(spec: ModelSpec, prepared_dir: str | Path):
@@ -377,13 +406,14 @@ class LoadedModel:
                  tokenizer=None):
         from nnsight import TransformersModel
 
-        from .architecture import residual_map
+        from .architecture import get_path, residual_map
 
         set_threads(threads)
         self.spec = spec
         self.hf, self.tok = load(spec, prepared_dir, device, tokenizer)
-        self.device = next(self.hf.parameters()).device
         self.rmap = residual_map(self.hf)
+        # inputs go where the model reads them: with a device_map, other modules sit elsewhere
+        self.device = get_path(self.hf, self.rmap.embed).weight.device
         pad = self.tok.pad_token
         self.nn = TransformersModel(self.hf, tokenizer=self.tok)
         # nnsight sets pad = eos on the tokenizer; we pad ourselves, but keep the model's own pad.

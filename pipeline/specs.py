@@ -105,6 +105,10 @@ class ModelSpec:
     direction_position: int
     direction_force: bool = False
     pad_token: str | None = None  # for tokenizers that define no pad (and no eos) token, e.g. Qwen 1
+    # Weights spread over devices by accelerate (models larger than one GPU); see config.ModelFile.
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: dict[int | str, int | str] | None = None
+    offload_folder: str | None = None
 
     @property
     def source_kind(self) -> str:
@@ -114,12 +118,14 @@ class ModelSpec:
         """This spec with what `prepare_model` does not read blanked, so editing it does not re-prepare.
 
         A tiny random model's tokenizer is trained on its template and refusal tokens, so
-        it keeps them; other sources only need where the weights come from.
+        it keeps them; other sources only need where the weights come from. Where the
+        weights are placed when loaded matters to none.
         """
+        placed_anywhere = dataclasses.replace(self, device_map=None, max_memory=None, offload_folder=None)
         if self.source_kind == "random_init":
-            return self
-        return dataclasses.replace(self, template=TemplateSpec("-", "{instruction}-"), add_bos=False, role="-",
-                                   refusal_tokens=(), direction_layer=None, direction_position=-1,
+            return placed_anywhere
+        return dataclasses.replace(placed_anywhere, template=TemplateSpec("-", "{instruction}-"), add_bos=False,
+                                   role="-", refusal_tokens=(), direction_layer=None, direction_position=-1,
                                    direction_force=False, pad_token=None)
 
 

@@ -138,6 +138,10 @@ CASES = {
                      "direction.force"),
     "model dtype": ([], chat("add_bos: false", "add_bos: false\ndtype: float64"), CHAT, "dtype"),
     "model role": ([], chat("role: chat", "role: critic"), CHAT, "role"),
+    "unknown device_map strategy": ([], chat("add_bos: false", "add_bos: false\ndevice_map: everywhere"), CHAT,
+                                    "device_map"),
+    "device_map on disk without a folder": ([], chat("add_bos: false", "add_bos: false\ndevice_map: {lm_head: disk}"),
+                                            CHAT, "offload_folder"),
     "no source kind": ([], [(CHAT, "ALL", "source: {hidden_size: 64}\ntemplate: chatml\nrefusal_tokens: [I]\n")],
                        CHAT, "source"),
     "two source kinds": ([], [(CHAT, "ALL", "source: {hub: a/b, path: /tmp}\ntemplate: chatml\n"
