@@ -28,7 +28,7 @@ import nnsight
 import pytest
 import torch
 
-from pipeline.generate import generate_many
+from pipeline.generate import generate
 from pipeline.interventions import Intervention, ablate, add, apply_nnsight
 from pipeline.models import LoadedModel
 from pipeline.orthogonalize import orthogonalized
@@ -149,8 +149,8 @@ def test_bf16_probe_logits_agree_with_float32(f32, bf16):
 def test_bf16_greedy_generation_runs_for_every_kind(f32, bf16):
     d = direction(bf16, torch.float64)
     ivs = [Intervention("baseline"), *interventions(d).values()]
-    ours = [ids for _, ids in generate_many(bf16, TEXTS, ivs, max_new_tokens=4, batch_size=3)]
-    reference = [ids for _, ids in generate_many(f32, TEXTS, ivs, max_new_tokens=4, batch_size=3)]
+    ours = [generate(bf16, TEXTS, iv, max_new_tokens=4, batch_size=3, return_ids=True)[1] for iv in ivs]
+    reference = [generate(f32, TEXTS, iv, max_new_tokens=4, batch_size=3, return_ids=True)[1] for iv in ivs]
     for ids in ours:
         assert len(ids) == len(TEXTS) and all(len(row) <= 4 for row in ids)
     assert all(ids != ours[0] for ids in ours[1:])  # each edit changed what was generated
