@@ -199,6 +199,10 @@ class Generation(Schema):
     # Cells of one model that share a generate job (the model loads once for all of them);
     # 1 gives every cell its own job, e.g. to spread a grid over many GPUs.
     cells_per_job: PosInt = 8
+    # Cells of a job that generate in one pass, one nnsight invoke each over the same prompts
+    # (batch_size prompts per cell, so a pass holds cells_per_pass x batch_size rows): on a GPU,
+    # where decoding is bound by memory bandwidth, 8 cells cost little more than one.
+    cells_per_pass: PosInt = 1
 
 
 class Length(Schema):

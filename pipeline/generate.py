@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import capability, coherence
+from .batching import halving
 from .config import Capability, resolve_data_path
 from .errors import ConfigError
 from .interventions import Intervention, apply_nnsight, check_direction
@@ -139,38 +140,65 @@ def hidden_size_of(prepared_dir: str) -> int | None:
     return cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
 
 
-@torch.no_grad()
 def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new_tokens: int,
              batch_size: int, return_ids: bool = False) -> list[str] | tuple[list[str], list[list[int]]]:
+    """Greedy completions of `instructions` under one intervention (see `generate_many`)."""
+    texts, ids = generate_many(lm, instructions, [iv], max_new_tokens, batch_size)[0]
+    return (texts, ids) if return_ids else texts
+
+
+@torch.no_grad()
+def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Intervention], max_new_tokens: int,
+                  batch_size: int) -> list[tuple[list[str], list[list[int]]]]:
+    """Greedy completions of the same `instructions` under each of `ivs`, in one generation per batch.
+
+    Each intervention is an nnsight invoke of its own over the same batch of prompts: nnsight
+    stacks the invokes' rows into one forward pass per step and hands each invoke only its rows,
+    so each edit touches only its cell. Every invoke's rows are the same tokens with the same
+    padding as in a generation of their own, so a cell's completions do not depend on which cells
+    share its pass (tests/test_generate_jobs.py). `batch_size` counts prompts per invoke: a pass
+    holds len(ivs) x batch_size rows. Returns (texts, token ids) per intervention.
+    """
     from transformers import GenerationConfig
 
-    check_direction(iv, lm.rmap)
+    for iv in ivs:
+        check_direction(iv, lm.rmap)
     stops = stop_token_ids(lm.hf, lm.tok)
-    steer = iv.kind != "baseline"
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
                                eos_token_id=sorted(stops) or None)
-    out, out_ids = [], []
-    for start in tqdm(range(0, len(instructions), batch_size), desc=f"generate {iv.kind}", leave=False):
-        batch = encode_batch(lm.tok, lm.spec, instructions[start:start + batch_size])
+    progress = tqdm(total=len(instructions), desc=f"generate {'+'.join(iv.kind for iv in ivs)}", leave=False)
+
+    def run_chunk(start: int, stop: int) -> list[list[list[int]]]:
+        """One generation over prompts start..stop: per intervention, the kept token ids per prompt."""
+        batch = encode_batch(lm.tok, lm.spec, instructions[start:stop])
         kwargs = lm.inputs(batch)
         kwargs.pop("position_ids")  # generate derives positions from the attention mask
         with warnings.catch_warnings():
             # The open-ended step loop ends when generation stops, by design; nnsight warns about it.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             with lm.nn.generate(generation_config=gen_cfg) as tracer:
-                with tracer.invoke(**kwargs):
-                    if steer:
-                        # Every step, until the model stops on its own: pinning the length instead
-                        # (min_new_tokens) would mask EOS and change what the model says.
-                        for _ in tracer.iter[:]:
-                            apply_nnsight(lm.nn, lm.rmap, iv)
-                with tracer.invoke():  # after the loop, in its own invoke, so it always runs
+                for iv in ivs:
+                    with tracer.invoke(**kwargs):
+                        if iv.kind != "baseline":
+                            # Every step, until the model stops on its own: pinning the length instead
+                            # (min_new_tokens) would mask EOS and change what the model says.
+                            for _ in tracer.iter[:]:
+                                apply_nnsight(lm.nn, lm.rmap, iv)
+                with tracer.invoke():  # after the loops, in its own invoke, so it always runs
                     ids = tracer.result.save()
-        for row in ids[:, batch.input_ids.shape[1]:].tolist():
-            kept = until_stop(row, stops)
-            out.append(lm.tok.decode(kept, skip_special_tokens=True))
-            out_ids.append(kept)
-    return (out, out_ids) if return_ids else out
+        rows = stop - start
+        generated = [until_stop(row, stops) for row in ids[:, batch.input_ids.shape[1]:].tolist()]
+        progress.update(rows)
+        return [generated[k * rows:(k + 1) * rows] for k in range(len(ivs))]  # invokes' rows in invoke order
+
+    # on CUDA, a pass that does not fit is retried with half the prompts (halving)
+    chunks = halving(len(instructions), batch_size, run_chunk)
+    progress.close()
+    out = []
+    for k in range(len(ivs)):
+        ids = [row for chunk in chunks for row in chunk[k]]
+        out.append(([lm.tok.decode(row, skip_special_tokens=True) for row in ids], ids))
+    return out
 
 
 def until_stop(ids: list[int], stops: set[int]) -> list[int]:
@@ -193,10 +221,12 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
 def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
               cells: list[tuple[CellPlan, str, str | None]], *, max_new_tokens: int, batch_size: int, device: str,
               threads: int, exp_file: str, capability_cfg: Capability | None = None,
-              baseline_path: str | None = None, nll_prompts: int = 16) -> None:
+              baseline_path: str | None = None, nll_prompts: int = 16, cells_per_pass: int = 1) -> None:
     """Cells of one model, loading it once: per cell (plan, generations file, capability file or None),
     generate -> capability -> coherence -> write. Each cell gives what it would give alone.
 
+    Up to `cells_per_pass` cells on the same prompts generate together, one nnsight invoke each
+    (`generate_many`); weight orthogonalisation edits the model for every row, so it runs alone.
     A baseline cell among them runs first, and the others take its completions as the model's own
     answers; otherwise they read `baseline_path`. `nll_prompts`: how many prompts per label get the
     unsteered-model nll (0: none).
@@ -215,30 +245,53 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
     # before any weight edit: the unsteered next-token distribution the KL is taken against
     baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size) if any(measured) else None
     baseline = pl.from_arrow(read_parquet(baseline_path)) if baseline_path else None
-    order = sorted(range(len(cells)), key=lambda i: cells[i][0].kind != Kind.BASELINE)
-    for i in order:
-        plan, output, capability_out = cells[i]
-        prompts = test.filter(pl.col("label").is_in(list(plan.labels)))
+    for group in plan_passes([plan for plan, *_ in cells], cells_per_pass):
+        plans = [cells[i][0] for i in group]
+        prompts = test.filter(pl.col("label").is_in(list(plans[0].labels)))
         instructions = prompts["instruction"].to_list()
-        iv = plan.intervention()
-        metrics = {}
-        with edited_weights(lm, plan, exp_file):
-            completions, ids = generate(lm, instructions, iv, max_new_tokens, batch_size, return_ids=True)
-            if plan.kind == Kind.BASELINE:
-                baseline = pl.DataFrame({"label": prompts["label"], "prompt": instructions,
-                                         "completion": completions})
-            if measured[i]:  # on the steered (or edited) model
-                own = own_answers(baseline, cap.n)
-                reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
-                metrics = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
-        # coherence is judged by the unedited, unsteered model, as in every cell
-        nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
-        neutral = coherence.neutral_nll(lm, completions, batch_size, nll_measured(prompts, nll_prompts))
-        if capability_out is not None:
-            coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
-            write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind), coefficient,
-                                              metrics), capability_out)
-        write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
+        ivs = [plan.intervention() for plan in plans]
+        metrics = {i: {} for i in group}
+        with edited_weights(lm, plans[0], exp_file):  # a no-op but for a lone orthogonalisation
+            results = dict(zip(group, generate_many(lm, instructions, ivs, max_new_tokens, batch_size)))
+            for i, plan in zip(group, plans):
+                if plan.kind == Kind.BASELINE:
+                    baseline = pl.DataFrame({"label": prompts["label"], "prompt": instructions,
+                                             "completion": results[i][0]})
+            for i, iv in zip(group, ivs):
+                if measured[i]:  # on the steered (or edited) model
+                    own = own_answers(baseline, cap.n)
+                    reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
+                    metrics[i] = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
+        for i, plan in zip(group, plans):
+            _, output, capability_out = cells[i]
+            completions, ids = results[i]
+            # coherence is judged by the unedited, unsteered model, as in every cell
+            nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
+            neutral = coherence.neutral_nll(lm, completions, batch_size, nll_measured(prompts, nll_prompts))
+            if capability_out is not None:
+                coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
+                write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind),
+                                                  coefficient, metrics[i]), capability_out)
+            write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
+
+
+def plan_passes(plans: list[CellPlan], cells_per_pass: int) -> list[list[int]]:
+    """Indices of `plans` grouped into generation passes: the baseline's pass first (the others read
+    its answers), cells on the same prompt labels together, at most `cells_per_pass` a pass, and
+    weight orthogonalisation alone (its edit is not per row)."""
+    order = sorted(range(len(plans)), key=lambda i: plans[i].kind != Kind.BASELINE)
+    passes: list[list[int]] = []
+    open_pass: dict[tuple[str, ...], list[int]] = {}
+    for i in order:
+        if plans[i].kind == Kind.ORTHOGONALIZATION:
+            passes.append([i])
+            continue
+        group = open_pass.get(plans[i].labels)
+        if group is None or len(group) >= cells_per_pass:
+            group = open_pass[plans[i].labels] = []
+            passes.append(group)
+        group.append(i)
+    return passes
 
 
 def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:

@@ -132,3 +132,17 @@ def test_activations_are_the_same_when_batches_halve(tiny_chat, oom_above_two_ro
     halved, scores = capture(tiny_chat, TEXTS, batch_size=8, with_scores=True)
     assert oom_above_two_rows == [5, 2, 2, 1]
     assert np.array_equal(halved, expected) and np.array_equal(scores, expected_scores)
+
+
+def test_generations_of_several_cells_are_the_same_when_batches_halve(tiny_chat, oom_above_two_rows):
+    """A pass of two cells over two prompts is four rows: it does not fit, and halves to one prompt
+    (two rows) per pass, the completions those passes give without any out-of-memory error."""
+    from pipeline.generate import generate_many
+
+    d = torch.randn(tiny_chat.rmap.hidden_size, generator=torch.Generator().manual_seed(0))
+    ivs = [Intervention("baseline"), Intervention("addition", direction=d, layer=1, coefficient=4.0)]
+    expected = generate_many(tiny_chat, TEXTS, ivs, max_new_tokens=4, batch_size=1)
+    oom_above_two_rows.clear()
+    halved = generate_many(tiny_chat, TEXTS, ivs, max_new_tokens=4, batch_size=2)
+    assert oom_above_two_rows[0] == 4 and max(oom_above_two_rows[1:]) == 2
+    assert halved == expected and expected[0] != expected[1]

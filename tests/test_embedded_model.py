@@ -137,3 +137,29 @@ def test_embedded_model_as_a_judge_tells_refusals_from_answers(qwen):
     ]
     got = judge_refusals(lm, spec, [c[0] for c in cases], [c[1] for c in cases])
     assert got == [c[2] for c in cases]
+
+
+@pytest.mark.slow
+def test_cells_in_one_pass_equal_cells_alone(qwen, split_and_acts):
+    """Four cells as four nnsight invokes of one generation give, token for token, what each gives
+    alone, on the real model (tests/test_generate_jobs.py does the same on a tiny one)."""
+    from pipeline.generate import generate_many
+
+    exp, lm = qwen
+    table, acts, harmful = split_and_acts
+    layer, position, _ = exp.direction_choice(MODEL)
+    diff = mean_difference(acts, harmful, layer, position)
+    direction = torch.tensor(diff, dtype=torch.float32)
+    random_dir = torch.tensor(select.random_like(diff, 0), dtype=torch.float32)
+    test = table.filter(pl.col("split") == "test")
+    texts = (test.filter(pl.col("label") == "harmful")["instruction"].to_list()[:8]
+             + test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:8])
+    ivs = [Intervention("baseline"), Intervention("ablation", direction=direction),
+           Intervention("addition", direction=direction, layer=layer, coefficient=3.0),
+           Intervention("addition", direction=random_dir, layer=layer, coefficient=3.0)]
+    together = generate_many(lm, texts, ivs, max_new_tokens=12, batch_size=8)
+    for iv, (got_texts, got_ids) in zip(ivs, together):
+        want_texts, want_ids = generate(lm, texts, iv, max_new_tokens=12, batch_size=8, return_ids=True)
+        assert got_ids == want_ids, iv.kind
+    rates = [rate(t, exp.scorer) for t, _ in together]
+    assert rates[2] > rates[0]  # the cells really differ: the addition refuses more

@@ -45,3 +45,59 @@ def test_cells_sharing_a_job_match_cells_alone(tiny_dirs, tmp_path):
     # between cells: orthogonalisation equals activation ablation, and the baseline is unchanged
     assert texts["addition_4"] != texts["baseline"] and texts["ablation"] != texts["baseline"]
     assert texts["orthogonalization"] == texts["ablation"]
+
+
+def test_passes_put_the_baseline_first_and_orthogonalisation_alone():
+    plans = _plans()  # baseline, ablation, orthogonalization, addition_4
+    harmless_only = generate.CellPlan(source="sweep", kind="addition", cell="best1", labels=("harmless",),
+                                      direction=plans[1].direction, addition_layer=1, coefficient=2.0)
+    listed = [plans[3], plans[2], harmless_only, plans[1], plans[0]]
+    assert generate.plan_passes(listed, 8) == [[4, 0, 3], [1], [2]]
+    assert generate.plan_passes(listed, 2) == [[4, 0], [1], [2], [3]]
+    assert generate.plan_passes(listed, 1) == [[4], [0], [1], [2], [3]]
+
+
+def test_cells_sharing_a_pass_match_cells_alone(tiny_dirs, tmp_path):
+    """Several cells as invokes of one generation: the same files as each cell run alone, and the
+    cells differ from each other, so each invoke got its own edit and only its own rows."""
+    exp = load_experiment(["experiment=tiny"])
+    write_parquet(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file), tmp_path / "prompts.parquet")
+    common = dict(max_new_tokens=6, batch_size=3, device="cpu", threads=1, exp_file=exp.file, nll_prompts=2,
+                  capability_cfg=Capability(n=3))
+    args = (exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"))
+    direction = _plans()[1].direction
+    steer = dict(source="self", direction=direction, direction_model="tiny-chat", extraction_layer=1,
+                 extraction_position=-1)
+    plans = _plans() + [generate.CellPlan(kind="addition", cell=f"addition_{c:g}", addition_layer=layer,
+                                          coefficient=c, **steer) for layer, c in ((0, -3.0), (1, 8.0))]
+    out = {w: [(p, str(tmp_path / f"{w}-{p.cell}.parquet"), str(tmp_path / f"{w}-cap-{p.cell}.parquet"))
+               for p in plans] for w in ("pass", "alone")}
+    generate.run_cells(*args, out["pass"], cells_per_pass=4, **common)
+    generate.run_cells(*args, out["alone"], cells_per_pass=1, **common)
+    texts = {}
+    for p in plans:
+        together, alone = (pl.read_parquet(tmp_path / f"{w}-{p.cell}.parquet") for w in ("pass", "alone"))
+        assert together.equals(alone), p.cell
+        assert pl.read_parquet(tmp_path / f"pass-cap-{p.cell}.parquet").equals(
+            pl.read_parquet(tmp_path / f"alone-cap-{p.cell}.parquet")), p.cell
+        texts[p.cell] = tuple(together["completion"].to_list())
+    assert len(set(texts.values())) == len(plans) - 1  # all differ but orthogonalisation == ablation
+    assert texts["orthogonalization"] == texts["ablation"]
+
+
+def test_generate_many_equals_generate_per_intervention(tiny_dirs):
+    from pipeline.interventions import Intervention
+    from pipeline.models import LoadedModel
+
+    exp = load_experiment(["experiment=tiny"])
+    lm = LoadedModel(exp.models["tiny-chat"], tiny_dirs["tiny-chat"], device="cpu", threads=1)
+    direction = _plans()[1].direction.float()
+    ivs = [Intervention("addition", direction=direction, layer=1, coefficient=4.0), Intervention("baseline"),
+           Intervention("ablation", direction=direction, layers=(1, 2)),
+           Intervention("addition", direction=direction, layer=0, coefficient=-2.0, addition_form="every_write")]
+    texts = ["Write a poem.", "How do I bake bread at home?", "Name a colour.", "Explain gravity briefly, please."]
+    together = generate.generate_many(lm, texts, ivs, max_new_tokens=7, batch_size=3)
+    for iv, (got_texts, got_ids) in zip(ivs, together):
+        want_texts, want_ids = generate.generate(lm, texts, iv, max_new_tokens=7, batch_size=3, return_ids=True)
+        assert got_ids == want_ids and got_texts == want_texts, iv.kind
+    assert len({tuple(map(tuple, ids)) for _, ids in together}) == len(ivs)

