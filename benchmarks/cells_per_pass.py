@@ -13,23 +13,14 @@ setting also checks that its completions equal the one-cell-per-pass ones, token
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from pipeline.config import DEFAULT_CONF_DIR, PROJECT_ROOT, load_model, resolve_data_path
+from common import harmless_instructions, load_for_benchmark
 from pipeline.generate import generate_many
 from pipeline.interventions import Intervention
-from pipeline.models import PREPARED, LoadedModel, prepare
 
-
-def instructions(n: int) -> list[str]:
-    import json
-
-    lines = resolve_data_path("pkg:harmless.jsonl").read_text().splitlines()
-    return [json.loads(line)["instruction"] for line in lines[:n]]
 
 
 def eight_cells(hidden: int, n_layers: int) -> list[Intervention]:
@@ -60,17 +51,8 @@ def main():
     ap.add_argument("--dtype", default=None, help="override the model YAML's dtype, e.g. bfloat16")
     args = ap.parse_args()
 
-    spec = load_model(args.model, DEFAULT_CONF_DIR, "benchmark", "--model")
-    if args.dtype:
-        from dataclasses import replace
-        spec = replace(spec, dtype=args.dtype)
-    prepared = PROJECT_ROOT / "results" / "models" / args.model
-    if spec.source_kind == "random_init":
-        prepared = Path(tempfile.mkdtemp()) / args.model
-    if not (prepared / PREPARED).exists():
-        prepare(spec, prepared)
-    lm = LoadedModel(spec, prepared, args.device, threads=torch.get_num_threads())
-    texts = instructions(args.prompts)
+    lm = load_for_benchmark(args.model, args.device, args.dtype)
+    texts = harmless_instructions(args.prompts)
     cells = eight_cells(lm.rmap.hidden_size, lm.rmap.n_layers)
     print(f"model {args.model} on {lm.device} ({next(lm.hf.parameters()).dtype}), {len(cells)} cells x "
           f"{len(texts)} prompts, {args.batch_size} prompts per cell per pass, {args.new_tokens} new tokens, "

@@ -10,27 +10,18 @@ Prints seconds per run and each variant's ratio to plain `generate`.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
-from pipeline.config import DEFAULT_CONF_DIR, PROJECT_ROOT, load_model
+from common import harmless_instructions, load_for_benchmark
 from pipeline.generate import generate
 from pipeline.interventions import Intervention, torch_hooks
-from pipeline.config import resolve_data_path
-from pipeline.models import PREPARED, LoadedModel, prepare, stop_token_ids
+from pipeline.models import stop_token_ids
 from pipeline.probes import last_logits
 from pipeline.templates import encode_batch
 
-
-def instructions(n: int) -> list[str]:
-    import json
-
-    lines = resolve_data_path("pkg:harmless.jsonl").read_text().splitlines()
-    return [json.loads(line)["instruction"] for line in lines[:n]]
 
 
 def hooks_generate(lm, texts, iv, n, batch_size):
@@ -61,16 +52,11 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, help="override the model YAML's dtype, e.g. bfloat16")
     args = ap.parse_args()
 
-    spec = load_model(args.model, DEFAULT_CONF_DIR, "benchmark", "--model")
-    prepared = PROJECT_ROOT / "results" / "models" / args.model
-    if spec.source_kind == "random_init":
-        prepared = Path(tempfile.mkdtemp()) / args.model
-    if not (prepared / PREPARED).exists():
-        prepare(spec, prepared)
-    lm = LoadedModel(spec, prepared, args.device, threads=torch.get_num_threads())
-    texts = instructions(args.prompts)
+    lm = load_for_benchmark(args.model, args.device, args.dtype)
+    texts = harmless_instructions(args.prompts)
     d = torch.randn(lm.rmap.hidden_size)
     layer = lm.rmap.n_layers // 2
     n, bs = args.new_tokens, args.batch_size

@@ -166,7 +166,8 @@ def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Interventi
     stops = stop_token_ids(lm.hf, lm.tok)
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
                                eos_token_id=sorted(stops) or None)
-    progress = tqdm(total=len(instructions), desc=f"generate {'+'.join(iv.kind for iv in ivs)}", leave=False)
+    what = ivs[0].kind if len(ivs) == 1 else f"{len(ivs)} cells"
+    progress = tqdm(total=len(instructions), desc=f"generate {what}", leave=False)
 
     def run_chunk(start: int, stop: int) -> list[list[list[int]]]:
         """One generation over prompts start..stop: per intervention, the kept token ids per prompt."""
