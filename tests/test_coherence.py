@@ -114,16 +114,17 @@ def measured():
     generate job measures them."""
     from pipeline.config import DEFAULT_CONF_DIR, load_model
     from pipeline.interventions import Intervention
-    from pipeline.models import LoadedModel
+    from pipeline.models import PREPARED, LoadedModel, prepare
     from pipeline.probes import completion_losses
 
     rows = [json.loads(line) for line in DATASET.read_text().splitlines() if line]
     models = {}
     for name in (QWEN, GEMMA):
-        prepared = ROOT / "results" / "models" / name
-        if not (prepared / "config.json").exists():
-            pytest.skip(f"{prepared} missing: prepare the embedded models first (make run)")
-        lm = LoadedModel(load_model(name, DEFAULT_CONF_DIR, "test", "model"), prepared, "cpu", 2)
+        spec = load_model(name, DEFAULT_CONF_DIR, "test", "model")
+        prepared = ROOT / "results" / "models" / name  # the pipeline's own cache of the dequantized model
+        if not (prepared / PREPARED).exists():
+            prepare(spec, prepared)
+        lm = LoadedModel(spec, prepared, "cpu", 2)
         sub = [r for r in rows if r["model"] == name]
         own = completion_losses(lm, [(r["instruction"], r["completion"]) for r in sub], Intervention("baseline"), 8)
         neutral = coherence.neutral_nll(lm, [r["completion"] for r in sub], batch_size=8)
