@@ -24,23 +24,22 @@ sums ~10 such writes, adding like independent errors to ~3 x 2^-8, so |h.u| / ||
 
 import dataclasses
 
-import nnsight
 import pytest
 import torch
 
 from pipeline.generate import generate
-from pipeline.interventions import Intervention, ablate, add, apply_nnsight
+from pipeline.interventions import Intervention, ablate, add
 from pipeline.models import LoadedModel
 from pipeline.orthogonalize import orthogonalized
 from pipeline.probes import last_logits
-from pipeline.templates import encode_batch
 from tests.conftest import tiny_spec
+from tests.test_interventions import residuals_under
 
 BF16_ROUNDING = 2.0 ** -8
 MEAN_TOL = 16 * BF16_ROUNDING
 MAX_TOL = 64 * BF16_ROUNDING
 PROJ_TOL = 4 * BF16_ROUNDING
-TEXTS = ["Write a poem about cats.", "How do I bake sourdough bread at home?", "Explain gravity."]
+from tests.test_interventions import TEXTS  # noqa: E402  (the prompts residuals_under traces)
 
 
 def load_as(tiny_dirs, dtype):
@@ -74,12 +73,9 @@ def interventions(d):
 
 
 def traced(lm, iv):
-    """Every block's input and output and the logits under `iv`, as nnsight hands them out."""
-    batch = encode_batch(lm.tok, lm.spec, TEXTS)
-    with torch.no_grad(), lm.nn.trace(**lm.inputs(batch)):
-        ins, outs = nnsight.save([]), nnsight.save([])
-        apply_nnsight(lm.nn, lm.rmap, iv, record=(ins, outs))
-        logits = lm.nn.output.logits.save()
+    """Every block's input and output and the logits under `iv` (test_interventions' helper, on the
+    same prompts), and which positions are real tokens."""
+    ins, outs, logits, batch = residuals_under(lm, iv)
     return ins, outs, logits, batch.attention_mask.bool()
 
 
