@@ -18,6 +18,19 @@ def _plans():
             generate.CellPlan(kind="addition", cell="addition_4", addition_layer=1, coefficient=4.0, **steer)]
 
 
+def assert_same_files(tmp_path, plans, ours: str, theirs: str) -> dict[str, list[str]]:
+    """Each cell's generations and capability files written under prefix `ours` equal those under
+    `theirs`; the completions per cell."""
+    texts = {}
+    for p in plans:
+        a, b = (pl.read_parquet(tmp_path / f"{w}-{p.cell}.parquet") for w in (ours, theirs))
+        assert a.equals(b), p.cell
+        assert pl.read_parquet(tmp_path / f"{ours}-cap-{p.cell}.parquet").equals(
+            pl.read_parquet(tmp_path / f"{theirs}-cap-{p.cell}.parquet")), p.cell
+        texts[p.cell] = a["completion"].to_list()
+    return texts
+
+
 def test_cells_sharing_a_job_match_cells_alone(tiny_dirs, tmp_path):
     exp = load_experiment(["experiment=tiny"])
     write_parquet(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file), tmp_path / "prompts.parquet")
@@ -34,13 +47,7 @@ def test_cells_sharing_a_job_match_cells_alone(tiny_dirs, tmp_path):
         generate.run(*args, p, str(tmp_path / f"alone-{p.cell}.parquet"),
                      capability_out=str(tmp_path / f"alone-cap-{p.cell}.parquet"),
                      baseline_path=None if p.kind == "baseline" else alone_baseline, **common)
-    texts = {}
-    for p in plans:
-        job, alone = (pl.read_parquet(tmp_path / f"{w}-{p.cell}.parquet") for w in ("job", "alone"))
-        assert job.equals(alone), p.cell
-        assert pl.read_parquet(tmp_path / f"job-cap-{p.cell}.parquet").equals(
-            pl.read_parquet(tmp_path / f"alone-cap-{p.cell}.parquet")), p.cell
-        texts[p.cell] = job["completion"].to_list()
+    texts = assert_same_files(tmp_path, plans, "job", "alone")
     # the cells differ from each other (so the comparison could fail), and the weight edit is undone
     # between cells: orthogonalisation equals activation ablation, and the baseline is unchanged
     assert texts["addition_4"] != texts["baseline"] and texts["ablation"] != texts["baseline"]
@@ -74,13 +81,7 @@ def test_cells_sharing_a_pass_match_cells_alone(tiny_dirs, tmp_path):
                for p in plans] for w in ("pass", "alone")}
     generate.run_cells(*args, out["pass"], cells_per_pass=4, **common)
     generate.run_cells(*args, out["alone"], cells_per_pass=1, **common)
-    texts = {}
-    for p in plans:
-        together, alone = (pl.read_parquet(tmp_path / f"{w}-{p.cell}.parquet") for w in ("pass", "alone"))
-        assert together.equals(alone), p.cell
-        assert pl.read_parquet(tmp_path / f"pass-cap-{p.cell}.parquet").equals(
-            pl.read_parquet(tmp_path / f"alone-cap-{p.cell}.parquet")), p.cell
-        texts[p.cell] = tuple(together["completion"].to_list())
+    texts = {cell: tuple(t) for cell, t in assert_same_files(tmp_path, plans, "pass", "alone").items()}
     assert len(set(texts.values())) == len(plans) - 1  # all differ but orthogonalisation == ablation
     assert texts["orthogonalization"] == texts["ablation"]
 
