@@ -83,6 +83,9 @@ class SplitNames(Schema):
     train: DatasetNames
     val: DatasetNames | None = None
     test: DatasetNames | None = None
+    # Sets no train or val prompt may repeat (the direction paper removes JailbreakBench, HarmBench
+    # test and StrongREJECT from its train and val pools, though it tests on JailbreakBench alone).
+    exclude: list[Name] = []
 
 
 class Datasets(Schema):
@@ -91,10 +94,32 @@ class Datasets(Schema):
 
 
 class Split(Schema):
+    """How each label's prompts are drawn (pipeline/prompts.py).
+
+    `shuffle`: the project's own draw; each pool is shuffled with the seed and cut, the test set first.
+    `train_test_split`: the base-models post's: one set per label cut by scikit-learn's
+    `train_test_split(rows, test_size=test_fraction, random_state=seed)` (reproduced with numpy's
+    seeded permutation, so scikit-learn is not a dependency); train (then val) are the first prompts
+    of the kept part, test the first of the held-out part. `pool_cap`: each set of a pool of several
+    contributes at most this many prompts, a seeded sample taken before pooling (the direction
+    paper's 128 a source)."""
+
+    mode: Literal["shuffle", "train_test_split"] = "shuffle"
     seed: NonNegInt
     train: PosInt
     val: NonNegInt = 0
     test: PosInt
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    pool_cap: PosInt | None = None
+
+    @model_validator(mode="after")
+    def _mode_keys(self):
+        if self.mode == "train_test_split" and self.test_fraction is None:
+            raise PydanticCustomError("missing", "mode train_test_split needs the held-out fraction",
+                                      {"key": "test_fraction"})
+        if self.mode == "shuffle" and self.test_fraction is not None:
+            raise PydanticCustomError("mode", "applies to mode train_test_split only", {"key": "test_fraction"})
+        return self
 
 
 class Activations(Schema):
@@ -698,7 +723,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
     exp = Experiment(
         name=e.name, file=exp_file, results_dir=results_dir, models=models,
         pairs=[(p.base, p.chat) for p in e.pairs],
-        dataset_splits=load_dataset_splits(e.datasets, conf_dir, exp_file), split=e.split,
+        dataset_splits=load_dataset_splits(e.datasets, conf_dir, exp_file, e.split), split=e.split,
         activations=e.activations, direction=e.direction,
         intervention=load_intervention(e.interventions, conf_dir, exp_file),
         scorer=load_scorer(e.scoring, conf_dir, exp_file), generation=e.generation,
@@ -722,26 +747,41 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
     return exp
 
 
-def load_dataset_splits(ds: Datasets, conf_dir: Path, exp_file: str) -> dict[str, dict[str, tuple[DatasetSpec, ...]]]:
+def load_dataset_splits(ds: Datasets, conf_dir: Path, exp_file: str,
+                        split: Split | None = None) -> dict[str, dict[str, tuple[DatasetSpec, ...]]]:
     """`harmful: advbench` (one set, split three ways), `harmful: {train: advbench, test: jbb-harmful}`
-    or a pool per split, `train: [advbench, malicious-instruct, tdc2023]`."""
+    or a pool per split, `train: [advbench, malicious-instruct, tdc2023]`; `exclude` (sets no train or
+    val prompt may repeat) comes as a fourth entry."""
     splits = {}
     for label in ("harmful", "harmless"):
         value = getattr(ds, label)
         names = {"train": value, "val": value, "test": value} if isinstance(value, str) else \
             {"train": value.train, "val": value.val or value.train, "test": value.test or value.train}
+        if split is not None and split.mode == "train_test_split":
+            one = {n if isinstance(n, str) else tuple(n) for n in names.values()}
+            if len(one) != 1 or not isinstance(next(iter(one)), str):
+                raise ConfigError(exp_file, f"datasets.{label}", "split mode train_test_split cuts one set per "
+                                  "label into train and held-out parts: name one set for train, val and test")
+        if not isinstance(value, str) and value.exclude:
+            names["exclude"] = value.exclude
         loaded: dict[str, DatasetSpec] = {}
         by_split = {}
-        for split, pool in names.items():
+        for part, pool in names.items():
             pool = [pool] if isinstance(pool, str) else pool
             if len(set(pool)) != len(pool):
-                raise ConfigError(exp_file, f"datasets.{label}.{split}", "names a set twice")
+                raise ConfigError(exp_file, f"datasets.{label}.{part}", "names a set twice")
             for i, name in enumerate(pool):
                 key = f"datasets.{label}" if isinstance(value, str) else \
-                    f"datasets.{label}.{split}" + (f"[{i}]" if len(pool) > 1 else "")
+                    f"datasets.{label}.{part}" + (f"[{i}]" if len(pool) > 1 else "")
                 if name not in loaded:
                     loaded[name] = load_dataset_spec(name, label, conf_dir, exp_file, key)
-            by_split[split] = tuple(loaded[name] for name in pool)
+            by_split[part] = tuple(loaded[name] for name in pool)
+        drawn = {spec for part in ("train", "val") for spec in by_split[part]}
+        for i, spec in enumerate(by_split.get("exclude", ())):
+            name = spec.name
+            if spec in drawn:
+                raise ConfigError(exp_file, f"datasets.{label}.exclude[{i}]",
+                                  f"'{name}' is drawn from for train or val; excluding it would empty that split")
         splits[label] = by_split
     return splits
 

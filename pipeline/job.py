@@ -10,6 +10,7 @@ input found inside the job is one line on the terminal, not a traceback.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def job(smk, online: bool = False):
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
             sys.stderr = stack.enter_context(open(log, "a", buffering=1))
+        stack.enter_context(_stage_logging(sys.stderr))
         try:
             yield smk.params
         except (ConfigError, UnreadableOutput) as err:
@@ -47,3 +49,19 @@ def job(smk, online: bool = False):
             raise SystemExit(1) from None
         finally:
             sys.stderr = terminal
+
+
+@contextlib.contextmanager
+def _stage_logging(stream):
+    """The stages' `logging` lines (what a stage counted, dropped or retried) go to the rule's log."""
+    logger = logging.getLogger("pipeline")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

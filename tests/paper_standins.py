@@ -31,7 +31,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "pipeline" / "data"
 
 HIDDEN = 64
 N_LAYERS = 4
@@ -121,52 +120,82 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _read(name: str) -> list[dict]:
-    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
-
-
 N_JBB_OVERLAP = 11
+# The sets' real sizes: AdvBench 520; MaliciousInstruct, TDC2023 (dev + test) and JailbreakBench 100 each;
+# HarmBench val 41 and test 159 standard rows; StrongREJECT 313; Alpaca 31,323 rows without an input.
+SIZES = {"advbench": 520, "malicious-instruct": 100, "tdc2023": 100, "jbb-harmful": 100, "harmbench-val": 41,
+         "harmbench-test": 159, "strongreject": 313, "alpaca": 31323}
+
+
+def paper_sets() -> dict[str, list[str]]:
+    """The papers' harmful sets at their real sizes, with the overlaps the direction paper's repository shows
+    (measured on the sets it saved): AdvBench has 33 prompts in its test sources (11 in JailbreakBench, 25 in
+    StrongREJECT, 3 in both), MaliciousInstruct 12 (StrongREJECT), TDC2023 46 (15 JailbreakBench, 22 HarmBench
+    test, 9 HarmBench val, one of these only re-cased: "holocaust"/"Holocaust"); HarmBench val repeats 2
+    JailbreakBench goals. So the direction paper's pool keeps 88 MaliciousInstruct and 55 TDC2023 prompts
+    (54 here: we compare case-insensitively) and AdvBench's 128-prompt sample less its repeats."""
+    sets = {"advbench": [f"Write a guide to harmful act number {i}." for i in range(520)],
+            "malicious-instruct": [f"How could someone commit harmful deed {i}?" for i in range(100)],
+            "tdc2023": [f"Generate harmful content of kind {i}." for i in range(100)],
+            "jbb-harmful": [f"Explain how to carry out misuse case {i}." for i in range(100)],
+            "harmbench-val": [f"Give instructions for dangerous task {i}." for i in range(39)],
+            "harmbench-test": [f"Describe how to cause damage in way {i}." for i in range(159)],
+            "strongreject": [f"Can you help me with forbidden request {i}?" for i in range(313)]}
+    adv, mi, tdc = sets["advbench"], sets["malicious-instruct"], sets["tdc2023"]
+    jbb, val, hbt, sr = sets["jbb-harmful"], sets["harmbench-val"], sets["harmbench-test"], sets["strongreject"]
+    for i in range(N_JBB_OVERLAP):  # AdvBench in JailbreakBench (the last 3 also in StrongREJECT)
+        jbb[50 + i] = adv[10 * i]
+    for i in range(8, 11):
+        sr[i] = adv[10 * i]
+    for i in range(22):
+        sr[20 + i] = adv[200 + i]
+    for i in range(12):
+        sr[100 + i] = mi[5 * i]
+    for i in range(15):
+        jbb[70 + i] = tdc[i]
+    for i in range(22):
+        hbt[i] = tdc[15 + i]
+    for i in range(9):
+        val[i] = tdc[37 + i] if i else tdc[37].upper()
+    val += [jbb[0], jbb[1]]
+    return sets
 
 
 def write_datasets(folder: Path) -> dict[str, Path]:
-    """Local sets shaped like the real ones: AdvBench, MaliciousInstruct and TDC2023 (`prompt`), Alpaca
-    (`instruction`, `input`), JBB-Behaviors (`Goal`, `Category`), HarmBench's val CSV (standard rows and
-    contextual ones that must be left out). 11 JBB goals repeat AdvBench prompts word for word, and
-    MaliciousInstruct repeats one AdvBench prompt (a pool draws it once)."""
+    """Local sets shaped like the real ones and of their sizes (`paper_sets`): AdvBench, MaliciousInstruct,
+    TDC2023 and StrongREJECT (`prompt`), Alpaca (`instruction`, `input`: every fourth needs an input and is
+    filtered out, and a whitespace-only input counts as none), JBB-Behaviors (`Goal`, `Category`), HarmBench's
+    val and test CSVs (standard rows, and contextual ones that must be left out)."""
     folder.mkdir(parents=True, exist_ok=True)
-    harmful = [r["instruction"] for r in _read("harmful.jsonl")]
-    harmless = _read("harmless.jsonl")
-    advbench = harmful[:120]
-    # JBB: 11 goals copied from AdvBench (in a different case/spacing for one, the dedup is insensitive),
-    # the others from harmful instructions AdvBench does not have.
-    overlap = advbench[:N_JBB_OVERLAP]
-    jbb = [{"Goal": g, "Category": "overlap"} for g in overlap]
-    jbb += [{"Goal": g, "Category": "own"} for g in harmful[120:123]]
+    sets = paper_sets()
+    jbb = [{"Goal": g, "Category": "overlap" if g in sets["advbench"] else "own"} for g in sets["jbb-harmful"]]
     alpaca = []
-    for i, r in enumerate(harmless):
-        alpaca.append({"instruction": r["instruction"], "input": "", "output": "..."})
-        if i % 4 == 0:  # an Alpaca row that needs an input: filtered out
+    for i in range(SIZES["alpaca"]):
+        alpaca.append({"instruction": f"Write a short note about everyday topic {i}.",
+                       "input": " " if i % 1000 == 7 else "", "output": "..."})
+        if i % 3 == 0:  # an Alpaca row that needs an input: filtered out
             alpaca.append({"instruction": f"Summarise this text ({i}).", "input": "Some text to summarise.",
                            "output": "..."})
-    malicious = [advbench[20], *harmful[123:135]]
-    tdc = harmful[135:145]
-    harmbench = [{"Behavior": b, "FunctionalCategory": "standard", "SemanticCategory": "illegal", "Tags": "",
-                  "ContextString": "", "BehaviorID": f"hb_{i}"} for i, b in enumerate(harmful[145:160])]
-    harmbench += [{"Behavior": f"Given this text, rewrite it to be more persuasive ({i})",
-                   "FunctionalCategory": "contextual", "SemanticCategory": "misinformation_disinformation",
-                   "Tags": "context", "ContextString": "A long, \"quoted\" passage, with commas.",
-                   "BehaviorID": f"hb_context_{i}"} for i in range(5)]
-    with open(folder / "harmbench_val.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(harmbench[0]))
-        writer.writeheader()
-        writer.writerows(harmbench)
-    return {"advbench": _jsonl(folder / "advbench.jsonl", [{"prompt": p, "target": "Sure"} for p in advbench]),
-            "malicious-instruct": _jsonl(folder / "malicious.jsonl", [{"prompt": p} for p in malicious]),
-            "tdc2023": _jsonl(folder / "tdc2023.jsonl", [{"prompt": p} for p in tdc]),
-            "harmbench-val": folder / "harmbench_val.csv", "_harmbench": harmbench,
-            "jbb-harmful": _jsonl(folder / "jbb.jsonl", jbb),
-            "alpaca": _jsonl(folder / "alpaca.jsonl", alpaca),
-            "_jbb_goals": jbb, "_alpaca_with_input": [r["instruction"] for r in alpaca if r["input"]]}
+    out = {"_sets": sets, "_jbb_goals": jbb, "_alpaca_with_input": [r["instruction"] for r in alpaca if r["input"].strip()],
+           "_alpaca": [r["instruction"] for r in alpaca if not r["input"].strip()]}
+    for name in ("harmbench-val", "harmbench-test"):
+        rows = [{"Behavior": b, "FunctionalCategory": "standard", "SemanticCategory": "illegal", "Tags": "",
+                 "ContextString": "", "BehaviorID": f"{name}-{i}"} for i, b in enumerate(sets[name])]
+        rows += [{"Behavior": f"Given this text, rewrite it to be more persuasive ({i})",
+                  "FunctionalCategory": "contextual", "SemanticCategory": "misinformation_disinformation",
+                  "Tags": "context", "ContextString": "A long, \"quoted\" passage, with commas.",
+                  "BehaviorID": f"{name}-context-{i}"} for i in range(5)]
+        with open(folder / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        out[name] = folder / f"{name}.csv"
+        out["_harmbench" if name == "harmbench-val" else "_harmbench_test"] = rows
+    for name in ("advbench", "malicious-instruct", "tdc2023", "strongreject"):
+        out[name] = _jsonl(folder / f"{name}.jsonl", [{"prompt": p} for p in sets[name]])
+    out["jbb-harmful"] = _jsonl(folder / "jbb.jsonl", jbb)
+    out["alpaca"] = _jsonl(folder / "alpaca.jsonl", alpaca)
+    return out
 
 
 def write_conf(conf: Path, standins: dict[str, Path], data: dict) -> Path:
@@ -179,7 +208,8 @@ def write_conf(conf: Path, standins: dict[str, Path], data: dict) -> Path:
         d["trust_remote_code"] = False
         d["direction"]["layer"] = STANDIN_LAYER
         file.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
-    for name in ("advbench", "malicious-instruct", "tdc2023", "harmbench-val", "alpaca", "jbb-harmful"):
+    for name in ("advbench", "malicious-instruct", "tdc2023", "harmbench-val", "harmbench-test", "strongreject",
+                 "alpaca", "jbb-harmful"):
         file = conf / "dataset" / f"{name}.yaml"
         d = yaml.safe_load(file.read_text())
         d.pop("hub_id", None), d.pop("url", None), d.pop("subset", None), d.pop("split", None)

@@ -3,6 +3,7 @@
 import polars as pl
 import pytest
 
+import paper_standins as ps
 from pipeline import prompts
 from pipeline.config import load_experiment
 from pipeline.errors import ConfigError
@@ -144,3 +145,126 @@ def test_bad_pools_and_filters_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         build(exp)
     assert "dataset/v.yaml: key 'where.Functional': column 'Functional' not in" in str(err.value)
+
+
+# ------------------------------------------------------------------ the papers' splits, on sets of the real sizes
+
+# scikit-learn 1.9.1's train_test_split(list(range(n)), test_size=0.2, random_state=42), computed once with
+# scikit-learn itself (not a dependency): AdvBench's 520 rows (held-out part's first 100, kept part's first 32)
+# and the 31,323 Alpaca rows without an input.
+SKLEARN_520_TEST = [275, 93, 6, 167, 90, 513, 362, 228, 192, 482, 218, 180, 307, 508, 10, 381, 371, 30, 494, 137,
+                    155, 84, 117, 172, 323, 331, 79, 452, 506, 253, 249, 340, 333, 9, 278, 68, 417, 203, 393, 305,
+                    299, 347, 55, 515, 519, 158, 222, 255, 153, 176, 210, 289, 76, 447, 349, 148, 446, 73, 2, 77,
+                    400, 516, 487, 297, 63, 483, 281, 70, 173, 33, 72, 78, 0, 11, 338, 22, 478, 490, 104, 82, 185,
+                    140, 18, 356, 132, 124, 101, 39, 470, 46, 314, 448, 365, 177, 286, 346, 131, 433, 456, 69]
+SKLEARN_520_TRAIN = [434, 436, 208, 332, 220, 502, 324, 184, 497, 355, 320, 195, 335, 492, 450, 507, 86, 431, 75,
+                     457, 15, 421, 182, 473, 19, 397, 56, 500, 342, 440, 404, 25]
+SKLEARN_31323_TEST_HEAD = [7278, 15416, 14003, 13713, 23817, 30387, 8362, 11096]
+SKLEARN_31323_TRAIN_HEAD = [17938, 8270, 16387, 12347, 12585, 28347, 1940, 18273]
+
+
+def test_holdout_indices_are_scikit_learns():
+    kept, held = prompts.holdout_indices(520, 0.2, 42)
+    assert (len(kept), len(held)) == (416, 104)  # ceil(0.2 x 520) held out
+    assert held[:100] == SKLEARN_520_TEST and kept[:32] == SKLEARN_520_TRAIN
+    kept, held = prompts.holdout_indices(31323, 0.2, 42)
+    assert (len(kept), len(held)) == (25058, 6265)
+    assert held[:8] == SKLEARN_31323_TEST_HEAD and kept[:8] == SKLEARN_31323_TRAIN_HEAD
+    assert sorted(kept + held) == list(range(31323))
+
+
+def _paper_conf(tmp_path):
+    """conf/ copy whose paper sets are local files of the real sets' sizes and overlaps (tests/paper_standins.py)."""
+    data = ps.write_datasets(tmp_path / "data")
+    return ps.write_conf(tmp_path / "conf", {}, data), data
+
+
+def test_train_test_split_mode_reproduces_the_base_models_split(tmp_path):
+    """The base-models post: AdvBench cut 80/20 by train_test_split(seed 42); the direction from the first
+    32 of the kept part, the test prompts the first 100 of the held-out part; Alpaca (rows without an
+    input, a whitespace-only input counting as none) cut the same way."""
+    import json
+
+    conf, data = _paper_conf(tmp_path)
+    exp = load_experiment(["experiment=base_models_refuse_qwen"], conf_dir=conf, check_models=False)
+    assert exp.split.mode == "train_test_split" and exp.split.test_fraction == 0.2 and exp.split.seed == 42
+    table = build(exp)
+    rows = pl.DataFrame(table.to_pylist())
+    adv = data["_sets"]["advbench"]
+    harmful = rows.filter(pl.col("label") == "harmful")
+    assert harmful.filter(pl.col("split") == "test")["instruction"].to_list() == [adv[i] for i in SKLEARN_520_TEST]
+    assert harmful.filter(pl.col("split") == "train")["instruction"].to_list() == [adv[i] for i in SKLEARN_520_TRAIN]
+    alpaca = data["_alpaca"]
+    assert len(alpaca) == 31323
+    harmless = rows.filter(pl.col("label") == "harmless")
+    test = harmless.filter(pl.col("split") == "test")["instruction"].to_list()
+    assert test[:8] == [alpaca[i] for i in SKLEARN_31323_TEST_HEAD] and len(test) == 100
+    kept, held = prompts.holdout_indices(31323, 0.2, 42)
+    assert test == [alpaca[i] for i in held[:100]]
+    train = harmless.filter(pl.col("split") == "train")["instruction"].to_list()
+    assert train == [alpaca[i] for i in kept[:32]] and train[:8] == [alpaca[i] for i in SKLEARN_31323_TRAIN_HEAD]
+    pools = json.loads(table.schema.metadata[b"pools"])
+    assert {(p["label"], p["loaded"], p["kept"], p["held_out"]) for p in pools} == \
+        {("harmful", 520, 416, 104), ("harmless", 31323, 25058, 6265)}
+
+
+def test_train_test_split_mode_errors_are_one_line(tmp_path):
+    conf, _ = _paper_conf(tmp_path)
+    exp = load_experiment(["experiment=base_models_refuse_qwen", "experiment.split.test=105"], conf_dir=conf,
+                          check_models=False)
+    with pytest.raises(ConfigError) as err:
+        build(exp)
+    assert "harmful set 'advbench' has 520 usable prompts: its test part holds 104, the split asks for 105" \
+        in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(["experiment=base_models_refuse_qwen",
+                         "experiment.datasets.harmful={train:advbench,test:jbb-harmful}"], conf_dir=conf,
+                        check_models=False)
+    assert "key 'datasets.harmful': split mode train_test_split cuts one set" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(["experiment=base_models_refuse_qwen", "~experiment.split.test_fraction"], conf_dir=conf,
+                        check_models=False)
+    assert str(err.value).endswith("key 'split.test_fraction': missing")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(["experiment=tiny", "+experiment.split.test_fraction=0.2"], check_models=False)
+    assert "key 'split.test_fraction': applies to mode train_test_split only" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(["experiment=single_direction", "experiment.datasets.harmful.exclude=[tdc2023]"],
+                        conf_dir=conf, check_models=False)
+    assert "key 'datasets.harmful.exclude[0]': 'tdc2023' is drawn from" in str(err.value)
+
+
+def test_the_direction_papers_train_pool(tmp_path):
+    """Each source capped at 128 (a seeded sample) before pooling, then every prompt of HarmBench val and of
+    the test sources (JailbreakBench, HarmBench test, StrongREJECT) removed: MaliciousInstruct keeps 88,
+    TDC2023 55 less the re-cased val repeat (54; the code compares exact strings and keeps it), AdvBench 128
+    less the sampled ones in the test sources (117 in the code's one unseeded draw). Uncapped, AdvBench alone
+    gave 487; without the excluded sets, MaliciousInstruct kept all 100."""
+    import json
+    import random
+
+    conf, data = _paper_conf(tmp_path)
+    sets = data["_sets"]
+    test_sources = set(sets["jbb-harmful"]) | set(sets["harmbench-test"]) | set(sets["strongreject"])
+    exp = load_experiment(["experiment=single_direction"], conf_dir=conf, check_models=False)
+    assert exp.split.pool_cap == 128
+    assert [s.name for s in exp.dataset_splits["harmful"]["exclude"]] == ["harmbench-test", "strongreject"]
+    table = build(exp)
+    pools = {(p["label"], p["dataset"]): p for p in json.loads(table.schema.metadata[b"pools"])}
+    sample = random.Random(exp.split.seed).sample(range(520), 128)  # the cap's draw, indices into AdvBench
+    adv_kept = sum(sets["advbench"][i] not in test_sources for i in sample)
+    assert 110 < adv_kept < 128
+    assert pools[("harmful", "advbench")] == {"label": "harmful", "splits": "train", "dataset": "advbench",
+                                              "loaded": 520, "sampled": 128, "kept": adv_kept}
+    assert (pools[("harmful", "malicious-instruct")]["kept"], pools[("harmful", "tdc2023")]["kept"]) == (88, 54)
+    assert pools[("harmful", "harmbench-val")]["kept"] == 39  # 41 standard rows, 2 of them JailbreakBench's
+    rows = pl.DataFrame(table.to_pylist()).filter(pl.col("label") == "harmful")
+    train = rows.filter(pl.col("split") == "train")
+    assert train.height == 128 and not set(train["instruction"]) & test_sources
+    assert rows.filter(pl.col("split") == "val").height == 32
+    assert sorted(rows.filter(pl.col("split") == "test")["instruction"]) == sorted(sets["jbb-harmful"])
+    # the pool holds adv_kept + 88 + 54: asking for one more names it
+    with pytest.raises(ConfigError) as err:
+        build(load_experiment(["experiment=single_direction", f"experiment.split.train={adv_kept + 88 + 54 + 1}"],
+                              conf_dir=conf, check_models=False))
+    assert f"has {adv_kept + 88 + 54} usable prompts" in str(err.value)
