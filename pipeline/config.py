@@ -451,6 +451,9 @@ class ScoringFile(Schema):
     kind: Literal["prefix", "substring", "judge"] = "prefix"
     phrases: list[Text] = []
     case_sensitive: bool = False
+    # Fold typographic quotes and apostrophes (’ ‘ “ ”) to straight ones in completion and phrases alike,
+    # so "I can’t" matches "I can't". Off by default: neither paper's scorer folds.
+    fold_quotes: bool = False
     model: Name | None = None
     prompt: Text | None = None
     labels: Labels | None = None
@@ -888,7 +891,8 @@ def load_scorer(name: str, conf_dir: Path, ref_file: str, ref_key: str = "scorin
                           judge=load_model(s.model, conf_dir, file, "model"), prompt=s.prompt,
                           labels=(s.labels.refused, s.labels.complied), margin=s.margin,
                           short_reply_words=s.short_reply_words)
-    return ScorerSpec(name=name, kind=s.kind, phrases=tuple(s.phrases), case_sensitive=s.case_sensitive)
+    return ScorerSpec(name=name, kind=s.kind, phrases=tuple(s.phrases), case_sensitive=s.case_sensitive,
+                      fold_quotes=s.fold_quotes)
 
 
 def _load_group(conf_dir: Path, group: str, name: str, ref_file: str, ref_key: str) -> tuple[str, dict]:

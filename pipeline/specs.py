@@ -153,6 +153,7 @@ class ScorerSpec:
     kind: str  # prefix | substring | judge
     phrases: tuple[str, ...]
     case_sensitive: bool
+    fold_quotes: bool = False  # typographic quotes match straight ones (the papers' scorers do not)
     # judge: a local model answers `prompt` (with {instruction} and {response}) through its own
     # template; the completion counts as refused when the first token of labels[0] is more
     # likely than the first token of labels[1] by more than `margin` (calibrates a biased judge).
