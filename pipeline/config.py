@@ -228,6 +228,9 @@ class Generation(Schema):
     # (batch_size prompts per cell, so a pass holds cells_per_pass x batch_size rows): on a GPU,
     # where decoding is bound by memory bandwidth, 8 cells cost little more than one.
     cells_per_pass: PosInt = 1
+    # false: decode exactly max_new_tokens tokens, through EOS (the base-models post's fixed 16-token loop,
+    # whose decoded text then also holds what the model wrote after its end of turn)
+    stop_at_eos: bool = True
 
 
 class Length(Schema):

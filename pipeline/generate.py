@@ -141,15 +141,16 @@ def hidden_size_of(prepared_dir: str) -> int | None:
 
 
 def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new_tokens: int,
-             batch_size: int, return_ids: bool = False) -> list[str] | tuple[list[str], list[list[int]]]:
+             batch_size: int, return_ids: bool = False,
+             stop_at_eos: bool = True) -> list[str] | tuple[list[str], list[list[int]]]:
     """Greedy completions of `instructions` under one intervention (see `generate_many`)."""
-    texts, ids = generate_many(lm, instructions, [iv], max_new_tokens, batch_size)[0]
+    texts, ids = generate_many(lm, instructions, [iv], max_new_tokens, batch_size, stop_at_eos=stop_at_eos)[0]
     return (texts, ids) if return_ids else texts
 
 
 @torch.no_grad()
 def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Intervention], max_new_tokens: int,
-                  batch_size: int) -> list[tuple[list[str], list[list[int]]]]:
+                  batch_size: int, stop_at_eos: bool = True) -> list[tuple[list[str], list[list[int]]]]:
     """Greedy completions of the same `instructions` under each of `ivs`, in one generation per batch.
 
     Each intervention is an nnsight invoke of its own over the same batch of prompts: nnsight
@@ -158,12 +159,15 @@ def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Interventi
     padding as in a generation of their own, so a cell's completions do not depend on which cells
     share its pass (tests/test_generate_jobs.py). `batch_size` counts prompts per invoke: a pass
     holds len(ivs) x batch_size rows. Returns (texts, token ids) per intervention.
+
+    `stop_at_eos=False` decodes exactly `max_new_tokens` tokens whatever they are, as the base-models
+    post's code does (its greedy loop never stops at EOS; the text is decoded without special tokens).
     """
     from transformers import GenerationConfig
 
     for iv in ivs:
         check_direction(iv, lm.rmap)
-    stops = stop_token_ids(lm.hf, lm.tok)
+    stops = stop_token_ids(lm.hf, lm.tok) if stop_at_eos else set()
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
                                eos_token_id=sorted(stops) or None)
     what = ivs[0].kind if len(ivs) == 1 else f"{len(ivs)} cells"
@@ -193,13 +197,30 @@ def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Interventi
         return [generated[k * rows:(k + 1) * rows] for k in range(len(ivs))]  # invokes' rows in invoke order
 
     # on CUDA, a pass that does not fit is retried with half the prompts (halving)
-    chunks = halving(len(instructions), batch_size, run_chunk)
+    with _eos_from_model_config(lm.hf, keep=stop_at_eos):
+        chunks = halving(len(instructions), batch_size, run_chunk)
     progress.close()
     out = []
     for k in range(len(ivs)):
         ids = [row for chunk in chunks for row in chunk[k]]
         out.append(([lm.tok.decode(row, skip_special_tokens=True) for row in ids], ids))
     return out
+
+
+@contextlib.contextmanager
+def _eos_from_model_config(hf, keep: bool):
+    """transformers fills an unset eos_token_id from the model's own generation config, so decoding
+    past EOS means clearing it there for the generation (and restoring it after)."""
+    config = getattr(hf, "generation_config", None)
+    if keep or config is None:
+        yield
+        return
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        yield
+    finally:
+        config.eos_token_id = saved
 
 
 def until_stop(ids: list[int], stops: set[int]) -> list[int]:
@@ -222,7 +243,8 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, plan: CellPlan, o
 def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
               cells: list[tuple[CellPlan, str, str | None]], *, max_new_tokens: int, batch_size: int, device: str,
               threads: int, exp_file: str, capability_cfg: Capability | None = None,
-              baseline_path: str | None = None, nll_prompts: int = 16, cells_per_pass: int = 1) -> None:
+              baseline_path: str | None = None, nll_prompts: int = 16, cells_per_pass: int = 1,
+              stop_at_eos: bool = True) -> None:
     """Cells of one model, loading it once: per cell (plan, generations file, capability file or None),
     generate -> capability -> coherence -> write. Each cell gives what it would give alone.
 
@@ -253,7 +275,8 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
         ivs = [plan.intervention() for plan in plans]
         metrics = {i: {} for i in group}
         with edited_weights(lm, plans[0], exp_file):  # a no-op but for a lone orthogonalisation
-            results = dict(zip(group, generate_many(lm, instructions, ivs, max_new_tokens, batch_size)))
+            results = dict(zip(group, generate_many(lm, instructions, ivs, max_new_tokens, batch_size,
+                                                    stop_at_eos=stop_at_eos)))
             for i, plan in zip(group, plans):
                 if plan.kind == Kind.BASELINE:
                     baseline = pl.DataFrame({"label": prompts["label"], "prompt": instructions,
