@@ -31,6 +31,7 @@ def check_experiment(exp: Experiment, device_here: bool = True) -> None:
     check_layers(exp)
     if device_here:
         check_device(exp.device, exp.file)
+        check_dtypes(exp)
 
 
 def check_prompt_file(ds: DatasetSpec) -> list[dict]:
@@ -116,6 +117,23 @@ def check_layers(exp: Experiment) -> None:
             for i, (e, a, _) in enumerate(exp.sweep.cells):
                 need(e, exp.file, f"sweep.generate.cells[{i}].layer")
                 need(a, exp.file, f"sweep.generate.cells[{i}].addition_layer")
+
+
+def check_dtypes(exp: Experiment) -> None:
+    """A model YAML's dtype that this machine's device cannot run (bfloat16 on a pre-Ampere GPU) stops here,
+    before any job; torch is imported only when some model names bfloat16."""
+    specs = [*exp.models.values(), *([exp.scorer.judge] if exp.scorer.judge else [])]
+    if exp.device == "cpu" or not any(spec.dtype == "bfloat16" for spec in specs):
+        return
+    import torch
+
+    from .models import dtype_problem, pick_device
+
+    device = pick_device(exp.device)
+    for spec in specs:
+        problem = dtype_problem(getattr(torch, spec.dtype), device) if spec.dtype != "auto" else None
+        if problem:
+            raise ConfigError(spec.file, "dtype", problem)
 
 
 def check_device(device: str, file: str) -> None:

@@ -284,9 +284,30 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """The model YAML's dtype (the papers' models name theirs); `auto`: bfloat16 on a GPU that has it, else
+    float16, float32 on the CPU. A dtype the device cannot run is one ConfigError naming the YAML."""
     if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, spec.dtype)
+        if device.type == "cuda":
+            return torch.bfloat16 if native_bf16(device) else torch.float16
+        return torch.float32
+    dtype = getattr(torch, spec.dtype)
+    problem = dtype_problem(dtype, device)
+    if problem:
+        raise ConfigError(spec.file, "dtype", problem)
+    return dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def dtype_problem(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why `device` cannot run `dtype`, or None. Pre-Ampere GPUs (compute capability < 8, e.g. V100, T4)
+    have no bfloat16 arithmetic; torch would emulate it slowly or fail in kernels, so it is refused."""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        return f"bfloat16, but this GPU ({name}) has no native bfloat16; set float16 or float32"
+    return None
 
 
 def load(spec: ModelSpec, prepared_dir: str | Path, device: str = "auto", tokenizer=None):

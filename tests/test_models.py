@@ -6,6 +6,8 @@ from pipeline.config import load_model
 from pipeline.errors import ConfigError
 from pipeline.models import prepare
 
+from conftest import tiny_spec
+
 
 def test_checksum_mismatch_leaves_nothing(conf_copy, tmp_path):
     text = (conf_copy / "model" / "gemma-3-270m.yaml").read_text()
@@ -58,3 +60,65 @@ def test_qwen1_pads_as_the_direction_paper_does():
     from pipeline.config import DEFAULT_CONF_DIR
 
     assert load_model("qwen-1.8b-chat", DEFAULT_CONF_DIR, "test", "model").pad_token == "<|extra_0|>"
+
+
+# The dtype each paper's code loads each model in (issue 16): the base-models post's extract/apply_refusal_dir.py
+# (Qwen through HookedTransformer's float32 default; Gemma 2, LLaMA and Vicuna in float16) and the direction
+# paper's pipeline/model_utils/*_model.py (Qwen 1, Llama-2, Yi float16; Gemma, Llama-3 bfloat16).
+PAPER_DTYPES = {"qwen1.5-0.5b": "float32", "qwen1.5-0.5b-chat": "float32", "gemma-2-9b": "float16",
+                "gemma-2-9b-it": "float16", "llama-7b": "float16", "vicuna-7b-v1.1": "float16",
+                "qwen-1.8b-chat": "float16", "gemma-2b-it": "bfloat16", "llama-2-7b-chat": "float16",
+                "llama-3-8b-instruct": "bfloat16", "yi-6b-chat": "float16"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_DTYPES))
+def test_paper_models_load_in_the_papers_dtype(name):
+    import torch
+
+    from pipeline.models import pick_dtype
+
+    spec = tiny_spec(name)
+    assert spec.dtype == PAPER_DTYPES[name]
+    assert pick_dtype(spec, torch.device("cpu")) == getattr(torch, PAPER_DTYPES[name])  # CPUs run all three
+
+
+def test_a_dtype_the_gpu_cannot_run_is_one_line(monkeypatch):
+    """bfloat16 on a pre-Ampere GPU: the job stops naming the model YAML's dtype; `auto` falls back to float16."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.errors import ConfigError
+    from pipeline.models import pick_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    cuda = torch.device("cuda")
+    spec = tiny_spec("llama-3-8b-instruct")
+    with pytest.raises(ConfigError) as err:
+        pick_dtype(spec, cuda)
+    assert str(err.value) == ("conf/model/llama-3-8b-instruct.yaml: key 'dtype': bfloat16, but this GPU "
+                              "(Tesla V100-SXM2-16GB) has no native bfloat16; set float16 or float32")
+    assert pick_dtype(tiny_spec("llama-2-7b-chat"), cuda) == torch.float16
+    assert pick_dtype(dataclasses.replace(spec, dtype="auto"), cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert pick_dtype(spec, cuda) == torch.bfloat16
+    assert pick_dtype(dataclasses.replace(spec, dtype="auto"), cuda) == torch.bfloat16
+
+
+def test_the_dtype_check_runs_before_any_job(monkeypatch):
+    """With device cuda on a machine whose GPU lacks bfloat16, composing single_direction stops at Gemma's YAML."""
+    import torch
+
+    from pipeline.checks import check_dtypes
+    from pipeline.config import load_experiment
+    from pipeline.errors import ConfigError
+
+    exp = load_experiment(["experiment=single_direction", "experiment.device=cuda"], check_models=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ConfigError) as err:
+        check_dtypes(exp)
+    assert str(err.value).startswith("conf/model/gemma-2b-it.yaml: key 'dtype': bfloat16, but this GPU (Tesla T4)")
+    check_dtypes(load_experiment(["experiment=single_direction", "experiment.device=cpu"], check_models=False))
