@@ -76,7 +76,7 @@ def test_every_template_has_a_family():
     assert {t: template_family(load_template(t, DEFAULT_CONF_DIR, "test").text) for t in TEMPLATES}.items() >= {
         "llama-base": "llama2", "llama-2-chat": "llama2", "vicuna": "llama2", "llama-3-chat": "llama3",
         "gemma-chat": "gemma3", "gemma-base": "gemma3", "chatml": "qwen3", "qwen2.5-chat": "qwen3",
-        "pythia": "llama2", "pythia-vicuna": "llama2"}.items()
+        "pythia": "llama2", "pythia-vicuna": "llama2", "llama-3-chat-as-published": "llama3"}.items()
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
@@ -96,13 +96,28 @@ def test_post_instruction_tokens_are_the_template_suffix(real_tokenizer, templat
             assert ids == encode_prompt(tok, spec, text)
             plain = tok(spec.template.format(text), add_special_tokens=False)["input_ids"]
             if spec.add_bos:
-                assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, spec.name
+                # one BOS, but for a template that writes its own after other text (llama-3-chat-as-published)
+                extra = spec.template.prefix.count(tok.bos_token) if not spec.template.prefix.startswith(
+                    tok.bos_token) else 0
+                assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 + extra, spec.name
                 assert ids[1:] == plain
             else:
                 assert tok.bos_token_id is None or tok.bos_token_id not in ids
                 assert ids == plain
         assert len(posts) == 1  # the same tokens at -n..-1 for every prompt
         check_inputs(tok, spec, prompt_frame(INSTRUCTIONS), context=None)
+
+
+def test_llama_3_as_published_has_the_stray_quote_and_a_second_bos(real_tokenizer):
+    """The direction paper's published Llama-3 runs: the tokenizer's BOS, '"', the template's own BOS, then the
+    header; the corrected llama-3-chat has one BOS. Both end in the same five post-instruction tokens."""
+    tok = real_tokenizer("llama3")
+    spec = REAL["llama-3-8b-instruct"]
+    published = replace(spec, template=load_template("llama-3-chat-as-published", DEFAULT_CONF_DIR, "test"))
+    ids = encode_prompt(tok, published, "Write a poem about the sea.")
+    assert tok.convert_ids_to_tokens(ids[:4]) == ["<|begin_of_text|>", '"', "<|begin_of_text|>", "<|start_header_id|>"]
+    assert ids[2:] == encode_prompt(tok, spec, "Write a poem about the sea.")
+    assert post_instruction_ids(tok, published) == post_instruction_ids(tok, spec)
 
 
 def test_llama_base_on_llama(real_tokenizer):
