@@ -13,17 +13,21 @@ Nothing is downloaded from the hub.
 
 from __future__ import annotations
 
+import json
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 import paper_standins as ps
 from pipeline.config import load_experiment, load_model
 from pipeline.models import load_tokenizer, prepare
+from pipeline.prompts import holdout_indices
 from pipeline.refusal import refusal_token_ids
 from pipeline.templates import encode_prompt, post_instruction_ids
 
@@ -45,7 +49,7 @@ PUBLISHED_IDS = {"llama-2-7b-chat": [306], "llama-3-8b-instruct": [40], "qwen-1.
 # gemma-base adds "assistant" ":"; llama-2-chat ▁[ / INST ] ▁; llama-3-chat <|eot_id|> <|start_header_id|>
 # assistant <|end_header_id|> \n\n; llama-base / vicuna <0x0A> ASS IST ANT :
 N_POST = {name: 5 for name in ALL_MODELS} | {"gemma-2-9b": 6}
-N_TEST = 11 + 3  # the JBB-like set (tests/paper_standins.py): kept whole as the harmful test split
+N_TEST = 14  # test prompts a label in the end-to-end runs
 
 
 @pytest.fixture(scope="module")
@@ -146,25 +150,45 @@ def test_paper_experiment_end_to_end(paper, experiment, tmp_path):
     exp = load_experiment([f"experiment={experiment}", *_overrides(experiment)], conf_dir=paper["conf"],
                           check_models=False)
 
-    # prompts: JBB-like test set kept whole, its AdvBench repeats gone from the train (and val) pool;
-    # Alpaca rows with an input filtered out
+    # prompts, on local sets of the real sizes and overlaps (tests/paper_standins.py)
     prompts = pl.read_parquet(out / "prompts.parquet")
+    pools = {(p["label"], p["dataset"]): p for p in json.loads(pq.read_schema(out / "prompts.parquet").metadata[b"pools"])}
     harmful = prompts.filter(pl.col("label") == "harmful")
-    goals = {r["Goal"] for r in paper["data"]["_jbb_goals"]}
+    sets = paper["data"]["_sets"]
     test = harmful.filter(pl.col("split") == "test")
-    assert set(test["instruction"]) == goals and set(test["dataset"]) == {"jbb-harmful"}
     train = harmful.filter(pl.col("split") != "test")
-    assert train.height == exp.split.train + exp.split.val and not set(train["instruction"]) & goals
-    if experiment == "single_direction":  # the paper's pools: three train sets, HarmBench's standard val rows
+    assert train.height == exp.split.train + exp.split.val
+    if experiment == "single_direction":
+        # the test prompts from JBB; the train pool: each source capped at 128 before pooling, less everything
+        # in HarmBench val, JBB, HarmBench test and StrongREJECT (88 MaliciousInstruct, 54 TDC2023)
+        goals = {r["Goal"] for r in paper["data"]["_jbb_goals"]}
+        assert set(test["instruction"]) <= goals and set(test["dataset"]) == {"jbb-harmful"} and test.height == N_TEST
+        test_sources = goals | set(sets["harmbench-test"]) | set(sets["strongreject"])
+        assert not set(train["instruction"]) & test_sources
         assert set(harmful.filter(pl.col("split") == "train")["dataset"]) <= {"advbench", "malicious-instruct",
                                                                                "tdc2023"}
+        sample = random.Random(exp.split.seed).sample(range(520), 128)
+        adv_kept = sum(sets["advbench"][i] not in test_sources for i in sample)
+        assert [(pools[("harmful", s)]["loaded"], pools[("harmful", s)]["sampled"], pools[("harmful", s)]["kept"])
+                for s in ("advbench", "malicious-instruct", "tdc2023")] == [(520, 128, adv_kept), (100, 100, 88),
+                                                                           (100, 100, 54)]
+        assert pools[("harmful", "harmbench-val")]["kept"] == 39
         val = harmful.filter(pl.col("split") == "val")
         standard = {r["Behavior"]: r["BehaviorID"] for r in paper["data"]["_harmbench"]
                     if r["FunctionalCategory"] == "standard"}
         assert set(val["dataset"]) == {"harmbench-val"} and set(val["instruction"]) <= set(standard)
         assert all(standard[t] == i for t, i in zip(val["instruction"], val["prompt_id"]))
     else:
-        assert set(train["dataset"]) == {"advbench"}
+        # AdvBench's and Alpaca's seeded 80/20 cut (scikit-learn's train_test_split, seed 42): the test prompts
+        # lead the held-out part, the direction's the kept part
+        kept, held = holdout_indices(520, 0.2, 42)
+        assert test["instruction"].to_list() == [sets["advbench"][i] for i in held[:N_TEST]]
+        assert train["instruction"].to_list() == [sets["advbench"][i] for i in kept[:exp.split.train]]
+        assert (pools[("harmful", "advbench")]["held_out"], pools[("harmless", "alpaca")]["held_out"]) == (104, 6265)
+        kept, held = holdout_indices(31323, 0.2, 42)
+        harmless = prompts.filter(pl.col("label") == "harmless")
+        assert harmless.filter(pl.col("split") == "test")["instruction"].to_list() == \
+            [paper["data"]["_alpaca"][i] for i in held[:N_TEST]]
     assert not set(prompts["instruction"]) & set(paper["data"]["_alpaca_with_input"])
 
     n_train = 2 * exp.split.train
