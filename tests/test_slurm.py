@@ -118,7 +118,10 @@ def test_tiny_experiment_through_slurm(slurm, tmp_path):
         assert jobs[jobid] == [run_id, "COMPLETED", "debug"], (jobid, jobs.get(jobid))
     ctld_log = (slurm / "log" / "slurmctld.log").read_text()
     for jobid, _ in submitted:  # slurmctld allocated the debug node and saw the batch script exit 0
-        assert re.search(rf"sched: Allocate JobId={jobid} NodeList=\S+ #CPUs=\d+ Partition=debug", ctld_log), jobid
+        # the main scheduler logs "Allocate", the backfill scheduler "_start_job" (either may start a job)
+        started = (rf"sched: Allocate JobId={jobid} NodeList=\S+ #CPUs=\d+ Partition=debug"
+                   rf"|sched/backfill: _start_job: Started JobId={jobid} in debug on \S+")
+        assert re.search(started, ctld_log), jobid
         assert f"_job_complete: JobId={jobid} WEXITSTATUS 0" in ctld_log, jobid
 
     # every output exists: nothing left to do (by modification times: code edited meanwhile would
