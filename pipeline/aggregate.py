@@ -1,7 +1,10 @@
 """Stage 6: collect every scored cell into one summary, tables, charts and a report.
 
 Every refusal rate carries its 95% Wilson interval (`ci_low`, `ci_high`) and, for a steered
-cell, the exact McNemar p-value against the same model's baseline on the same prompts.
+cell, the exact McNemar p-value against the same model's baseline on the same prompts and scorer.
+With several scorers (`scoring: [...]`) every rate is per scorer: the tables carry a `scorer`
+column (a cell's scorers on consecutive rows), the bar charts one panel per scorer, and the views
+that need a single one (the sweep's score-vs-rate correlation) use the first listed and say so.
 """
 
 from __future__ import annotations
@@ -80,8 +83,16 @@ def baseline_p_values(scores: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={**{k: pl.String for k in keys}, "p_value": pl.Float64})
 
 
-def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFrame:
-    """One row per model x cell x label: refused / n, rate, Wilson interval, McNemar p vs baseline, coherence."""
+def scorer_order(scores: pl.DataFrame, scorers: list[str] | None = None) -> list[str]:
+    """The scorers as the experiment lists them (`scorers`), else in order of appearance; any not listed last."""
+    seen = scores["scorer"].unique(maintain_order=True).to_list()
+    listed = [s for s in (scorers or []) if s in seen]
+    return listed + [s for s in seen if s not in listed]
+
+
+def summarize(scores: pl.DataFrame, coherence: dict | None = None, scorers: list[str] | None = None) -> pl.DataFrame:
+    """One row per model x cell x scorer x label: refused / n, rate, Wilson interval, McNemar p vs baseline,
+    coherence. `scorers`: their order in the table (default: as they appear in `scores`)."""
     summary = (scores.group_by(GROUP)
                .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean(),
                     repetition=pl.col("repetition").mean(), nll=pl.col("nll").fill_nan(None).mean())
@@ -92,31 +103,34 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None) -> pl.DataFra
                                  lambda r: picked_on(r["source"], r["cell"]), return_dtype=pl.String)))
     summary = with_intervals(summary).join(baseline_p_values(scores), on=[*CELL, "scorer", "label"], how="left")
     base_nll = (summary.filter(pl.col("intervention") == "baseline")
-                .select("model", "label", pl.col("nll").alias("_base_nll")))
-    summary = summary.join(base_nll, on=["model", "label"], how="left").with_columns(
+                .select("model", "scorer", "label", pl.col("nll").alias("_base_nll")))
+    summary = summary.join(base_nll, on=["model", "scorer", "label"], how="left").with_columns(
         nll_increase=pl.col("nll") - pl.col("_base_nll")).drop("_base_nll")
     summary = summary.join(degenerate_cells(scores, GROUP, coherence).drop("broken_share"), on=GROUP, how="left",
                            nulls_equal=True)
     order = {"baseline": 0, "ablation": 1, "orthogonalization": 2, "addition": 3}
+    ranks = {name: i for i, name in enumerate(scorer_order(scores, scorers))}
     return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8),
-                                _s=pl.col("source") == "sweep").sort(
-        ["model", "_s", "_o", "source", "coefficient", "cell", "label"], nulls_last=False).drop("_o", "_s")
+                                _s=pl.col("source") == "sweep",
+                                _r=pl.col("scorer").replace_strict(ranks, return_dtype=pl.Int32)).sort(
+        ["model", "_s", "_o", "source", "coefficient", "cell", "_r", "label"], nulls_last=False).drop("_o", "_s", "_r")
 
 
 LABELS = ("harmful", "harmless")
 RATE_STATS = {"refusal_rate": "", "ci_low": "_ci_low", "ci_high": "_ci_high", "refused": "_refused", "n": "_n",
               "p_value": "_p"}  # summary column -> suffix of the wide table's per-label column
-WIDE_INDEX = [*CELL, "condition", "intervention", "extraction_layer", "addition_layer"]
+WIDE_INDEX = [*CELL, "condition", "scorer", "intervention", "extraction_layer", "addition_layer"]
 
 
 def wide_table(summary: pl.DataFrame, capability: pl.DataFrame | None = None) -> pl.DataFrame:
-    """One row per model x generated cell: per label its rate (column `harmful`, `harmless`), Wilson bounds,
-    counts and McNemar p (`harmful_ci_low`, ..., `harmless_p`); then coherence and capability metrics."""
+    """One row per model x generated cell x scorer: per label its rate (column `harmful`, `harmless`), Wilson
+    bounds, counts and McNemar p (`harmful_ci_low`, ..., `harmless_p`); then coherence and capability metrics
+    (the cell's, the same for each of its scorers)."""
     wide = summary.select(WIDE_INDEX).unique(maintain_order=True)
     for label in LABELS:
         part = summary.filter(pl.col("label") == label).select(
-            *CELL, *[pl.col(c).alias(label + suffix) for c, suffix in RATE_STATS.items()])
-        wide = wide.join(part, on=CELL, how="left", maintain_order="left")
+            *CELL, "scorer", *[pl.col(c).alias(label + suffix) for c, suffix in RATE_STATS.items()])
+        wide = wide.join(part, on=[*CELL, "scorer"], how="left", maintain_order="left")
     coherent = (summary.group_by(CELL, maintain_order=True)
                 .agg(repetition=pl.col("repetition").mean(), nll_increase=pl.col("nll_increase").mean(),
                      degenerate=pl.col("degenerate").any()))
@@ -159,7 +173,7 @@ def display_table(wide: pl.DataFrame) -> pl.DataFrame:
     """The wide table for Markdown: per label 'rate [low, high] (k/n)' and 'p' vs baseline, then the rest."""
     per_label = {label + suffix for label in LABELS for suffix in RATE_STATS.values()}
     rest = [c for c in wide.columns if c not in per_label and c not in WIDE_INDEX]
-    return wide.select(*CELL, "condition", "extraction_layer", "addition_layer",
+    return wide.select(*CELL, "condition", "scorer", "extraction_layer", "addition_layer",
                        *[e for label in LABELS for e in label_text(label)], *rest)
 
 
@@ -172,23 +186,29 @@ def markdown(df: pl.DataFrame) -> str:
 
 
 def bar_chart(wide: pl.DataFrame, model: str) -> bytes:
-    """Harmful vs harmless refusal rate per condition, with 95% Wilson intervals as error bars."""
+    """Harmful vs harmless refusal rate per condition, with 95% Wilson intervals as error bars: one panel per
+    scorer, each titled with its scorer (never two scorers' rates in one panel)."""
     plt = pyplot()
 
     rows = wide.filter(pl.col("model") == model)
-    names = rows["condition"].to_list()
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    panels = rows["scorer"].unique(maintain_order=True).to_list()
+    width = max(6, 0.9 * rows.filter(pl.col("scorer") == panels[0]).height + 2)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 4 * len(panels)), squeeze=False)
     w = 0.4
-    for offset, label, color in ((-w / 2, "harmful", "#c0392b"), (w / 2, "harmless", "#2e86c1")):
-        rate = rows[label].fill_null(0).to_numpy()
-        errors = interval_errors(rate, rows[f"{label}_ci_low"].to_numpy(), rows[f"{label}_ci_high"].to_numpy())
-        ax.bar(x + offset, rate, w, yerr=errors, capsize=3, error_kw={"elinewidth": 0.8}, label=label, color=color)
-    ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("refusal rate (95% Wilson interval)")
-    ax.set_title(f"{model}: refusal rate by condition")
-    ax.legend(loc="upper left")
+    for ax, scorer in zip(axes[:, 0], panels):
+        part = rows.filter(pl.col("scorer") == scorer)
+        names = part["condition"].to_list()
+        x = np.arange(len(names))
+        for offset, label, color in ((-w / 2, "harmful", "#c0392b"), (w / 2, "harmless", "#2e86c1")):
+            rate = part[label].fill_null(0).to_numpy()
+            errors = interval_errors(rate, part[f"{label}_ci_low"].to_numpy(), part[f"{label}_ci_high"].to_numpy())
+            ax.bar(x + offset, rate, w, yerr=errors, capsize=3, error_kw={"elinewidth": 0.8}, label=label,
+                   color=color)
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("refusal rate (95% Wilson interval)")
+        ax.set_title(f"{model}: refusal rate by condition (scorer {scorer})")
+        ax.legend(loc="upper left")
     fig.tight_layout()
     return to_png(fig, dpi=110)
 
@@ -198,7 +218,8 @@ def examples(scores: pl.DataFrame, per_condition: int = 2) -> str:
     for (model, source, cell, label), grp in scores.group_by(["model", "source", "cell", "label"],
                                                               maintain_order=True):
         name = cell_condition(grp.row(0, named=True))
-        for r in grp.head(per_condition).iter_rows(named=True):
+        # the completions, once each (a cell scored by several scorers has one row per scorer)
+        for r in grp.unique("prompt_id", keep="first", maintain_order=True).head(per_condition).iter_rows(named=True):
             completion = r["completion"].replace("\n", " ")[:160]
             lines.append(f"- **{model} · {name} · {label}** — _{r['prompt'][:80]}_ → {completion!r}")
     return "\n".join(lines) + "\n"
@@ -282,8 +303,9 @@ def correlation_text(corr: pl.DataFrame) -> pl.DataFrame:
                          for m in ("pearson", "spearman")], pl.col("note").fill_null(""))
 
 
-def prediction_scatter(points: pl.DataFrame) -> bytes:
-    """Val logit score vs test refusal rate per generated cell, the rate with its 95% Wilson interval."""
+def prediction_scatter(points: pl.DataFrame, scorer: str | None = None) -> bytes:
+    """Val logit score vs test refusal rate per generated cell, the rate with its 95% Wilson interval
+    (`scorer`: whose rates they are, named in the titles)."""
     plt = pyplot()
 
     kinds = ["addition", "ablation"]
@@ -308,17 +330,23 @@ def prediction_scatter(points: pl.DataFrame) -> bytes:
         ax.set_xlabel(f"logit refusal score ({label} val prompts, mean)")
         ax.set_ylabel(f"generated refusal rate ({label} test prompts, 95% CI)")
         ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{kind}: does the cheap score predict generation?", fontsize=9)
+        ax.set_title(f"{kind}: does the cheap score predict generation?"
+                     + (f"\n(refusal by scorer {scorer})" if scorer else ""), fontsize=9)
         if sub.height:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return to_png(fig)
 
 
-def outcomes(scores: pl.DataFrame, model: str, source: str, cell: str, label: str) -> dict[str, bool]:
-    """prompt_id -> refused, for one generated cell and label."""
+def outcomes(scores: pl.DataFrame, model: str, source: str, cell: str, label: str,
+             scorer: str | None = None) -> dict[str, bool]:
+    """prompt_id -> refused, for one generated cell and label (and scorer: required when the scores hold several)."""
     rows = scores.filter((pl.col("model") == model) & (pl.col("source") == source) & (pl.col("cell") == cell)
                          & (pl.col("label") == label))
+    if scorer is not None:
+        rows = rows.filter(pl.col("scorer") == scorer)
+    elif rows["scorer"].n_unique() > 1:
+        raise ValueError(f"{model}/{source}/{cell}: scored by several scorers; name one")
     return dict(zip(rows["prompt_id"], rows["refused"]))
 
 
@@ -345,22 +373,26 @@ def sweep_section(model: str, sweep: pl.DataFrame, picks: pl.DataFrame, heatmap_
                   "on the same test prompts.", "",
                   markdown(generated.with_columns(pick=pl.col("cell"))
                            .join(picks.select("pick", pl.col("logit_score").round(2)), on="pick", how="left")
-                           .select("condition", "logit_score", "harmful", "harmful p", "harmless", "harmless p",
-                                   "repetition", "nll_increase", "degenerate"))]
-        rates = {r["cell"]: r for r in wide.filter((pl.col("model") == model) & (pl.col("source") == "sweep"))
-                 .iter_rows(named=True)}
+                           .select("condition", "scorer", "logit_score", "harmful", "harmful p", "harmless",
+                                   "harmless p", "repetition", "nll_increase", "degenerate"))]
+        swept = wide.filter((pl.col("model") == model) & (pl.col("source") == "sweep"))
+        several = swept["scorer"].n_unique() > 1
         best = picks.filter(pl.col("pick") == "best1")
-        if best.height and {"best1", "same1"} <= set(rates) and rates["best1"]["harmless"] is not None \
-                and rates["same1"]["harmless"] is not None:
+        for scorer in swept["scorer"].unique(maintain_order=True).to_list():
+            rates = {r["cell"]: r for r in swept.filter(pl.col("scorer") == scorer).iter_rows(named=True)}
+            if not (best.height and {"best1", "same1"} <= set(rates) and rates["best1"]["harmless"] is not None
+                    and rates["same1"]["harmless"] is not None):
+                continue
             b = best.row(0, named=True)
             text = {cell: rate_text(*(rates[cell]["harmless" + suffix]
                                       for suffix in ("", "_ci_low", "_ci_high", "_refused", "_n")))
                     for cell in ("best1", "same1")}
-            pair = (outcomes(scores, model, "sweep", cell, "harmless") for cell in ("best1", "same1"))
+            pair = (outcomes(scores, model, "sweep", cell, "harmless", scorer) for cell in ("best1", "same1"))
             p = stats.paired_mcnemar(*pair)
             versus = ("not paired (other prompts)" if p is None
                       else "exact McNemar p " + ("< 0.001" if p < 0.001 else f"= {p_text(p, 'addition')}"))
-            lines.append(f"Best cell, picked on val (the highest logit score of {added.height} addition cells), "
+            lines.append((f"Scorer `{scorer}`: " if several else "")
+                         + f"Best cell, picked on val (the highest logit score of {added.height} addition cells), "
                          f"rate on test: direction from layer {b['extraction_layer']} added at layer "
                          f"{b['addition_layer']} (coefficient {b['coefficient']:g}) → harmless refusal "
                          f"{text['best1']}; the same direction added at its own layer → {text['same1']} "
@@ -376,22 +408,23 @@ def transfer_table(summary: pl.DataFrame, value: str = "refusal_rate") -> pl.Dat
 
     `value`: the summary column shown for each rate (the report passes its 'rate [low, high]' text).
     """
-    key = ["model", "intervention", "coefficient", "label"]
+    key = ["model", "intervention", "coefficient", "scorer", "label"]
     rate = summary.select(*key, "source", pl.col(value).alias("_rate"))
     partner = rate.filter(~pl.col("source").is_in(["none", "self", "random", "sweep"])).rename(
         {"source": "partner", "_rate": "partner_direction"})
     if partner.height == 0:
         return partner
     own = rate.filter(pl.col("source") == "self").drop("source").rename({"_rate": "own_direction"})
-    base = (rate.filter(pl.col("intervention") == "baseline").select("model", "label", "_rate")
+    base = (rate.filter(pl.col("intervention") == "baseline").select("model", "scorer", "label", "_rate")
             .rename({"_rate": "baseline"}))
     table = (partner.join(own, on=key, how="left", nulls_equal=True)
-             .join(base, on=["model", "label"], how="left")
+             .join(base, on=["model", "scorer", "label"], how="left")
              .with_columns(condition=pl.struct("intervention", "coefficient").map_elements(
                  lambda r: condition_name(r["intervention"], "", r["coefficient"]).replace(" ()", ""),
                  return_dtype=pl.String)))
-    return (table.sort("model", "intervention", "coefficient", "label")
-            .select("model", "partner", "condition", "label", "baseline", "own_direction", "partner_direction"))
+    return (table.sort("model", "intervention", "coefficient", "scorer", "label", maintain_order=True)
+            .select("model", "partner", "condition", "scorer", "label", "baseline", "own_direction",
+                    "partner_direction"))
 
 
 def activations_at(path: str, position: int) -> tuple[list[str], dict[str, np.ndarray], list[int]]:
@@ -481,7 +514,8 @@ def statistics_note(summary: pl.DataFrame) -> str:
     unpaired = summary.filter((pl.col("intervention") != "baseline") & pl.col("p_value").is_null()).height
     return ("Each refusal rate is shown as `rate [low, high] (refused/n)`: the 95% Wilson score interval of "
             "the proportion over the n test prompts. `p`: two-sided exact McNemar test of the cell against the "
-            "same model's baseline on the same prompts (paired on the prompt; binomial test on the prompts whose "
+            "same model's baseline on the same prompts and by the same scorer (paired on the prompt; binomial test "
+            "on the prompts whose "
             f"outcome changed); {tests} such tests in all, not corrected for multiple comparisons. "
             + (f"`n/a` ({unpaired} rows): the cell was generated on other prompts than the baseline, so there is "
                "nothing to pair. " if unpaired else "")
@@ -493,13 +527,16 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
         selections: dict[str, tuple[str, str]] | None = None, capability_paths: list[str] = (),
         sweeps: dict[str, tuple[str, str, str]] | None = None, scatter_path: str | None = None,
         coherence: dict | None = None, pairs: list[tuple[str, str]] = (), candidates: dict[str, str] | None = None,
-        similarity_path: str | None = None, activations: dict[str, str] | None = None) -> None:
+        similarity_path: str | None = None, activations: dict[str, str] | None = None,
+        scorers: list[str] | None = None) -> None:
     """`activations`: train activations of the paired models, for the similarity's bootstrap interval
-    (omit when the directions were computed over filtered prompts: the bootstrap would resample others)."""
+    (omit when the directions were computed over filtered prompts: the bootstrap would resample others).
+    `scorers`: the experiment's scorers as listed (table order; the first is the one single-scorer views use)."""
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
     capability = pl.concat([pl.from_arrow(read_parquet(p)) for p in capability_paths], how="vertical") \
         if capability_paths else None
-    summary = summarize(scores, coherence)
+    scorers = scorer_order(scores, scorers)
+    summary = summarize(scores, coherence, scorers)
     metrics = []
     if capability is not None and capability.height:
         per_cell = capability.pivot(on="metric", index=CELL, values="value")
@@ -521,8 +558,11 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
     for model, path in charts.items():
         write_bytes(bar_chart(grid, model), path)
         chart_links.append(f"![{model}]({Path(path).relative_to(out)})")
+    scored_by = (f"Scorer: `{scorers[0]}`. " if len(scorers) == 1 else
+                 "Scorers: " + ", ".join(f"`{s}`" for s in scorers) + " — every rate, interval and p-value is per "
+                 "scorer (the `scorer` column; each cell's scorers on consecutive rows, one chart panel each). ")
     report = [f"# Refusal-direction experiment: {experiment}", "",
-              f"Scorer: `{scores['scorer'][0]}`. Refusal rate on the held-out test prompts "
+              scored_by + "Refusal rate on the held-out test prompts "
               "(harmful and harmless) per model and condition. " + statistics_note(summary) + " Coherence: "
               "`repetition` = fraction of repeated token 3-grams, `nll_increase` = the unsteered model's loss on "
               "the completions minus its loss on its own baseline completions (nats/token); `degenerate` flags "
@@ -567,11 +607,14 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
                    "cell on the val prompts, then generated completions for the picked cells. The sweep keeps "
                    "each cell's mean score only, so the heatmaps and the scores carry no interval.", ""]
         report += [sweep_section(m, sw, pk, hp, wide, shown, scores, out) for m, (sw, pk, hp) in tables.items()]
-        points = sweep_prediction(summary, pl.concat([sw for sw, _, _ in tables.values()], how="vertical"))
+        # one scorer's rates: the first listed (pooling scorers would count each cell twice)
+        points = sweep_prediction(summary.filter(pl.col("scorer") == scorers[0]),
+                                  pl.concat([sw for sw, _, _ in tables.values()], how="vertical"))
         if scatter_path:
-            write_bytes(prediction_scatter(points), scatter_path)
+            write_bytes(prediction_scatter(points, scorers[0]), scatter_path)
             report += ["### Does the logit score predict generated refusal?", "",
-                       f"Correlation of the val logit score with the generated test refusal rate over the generated "
+                       f"Correlation of the val logit score with the generated test refusal rate (scorer "
+                       f"`{scorers[0]}`) over the generated "
                        f"cells the sweep also scored, with its 95% interval (Fisher z; for Spearman's rho the "
                        f"variance 1.06/(n-3) of Fieller et al.). It is estimated only from "
                        f"{stats.MIN_CORRELATION_POINTS} cells on: with fewer, the interval spans most of [-1, 1] "

@@ -13,13 +13,15 @@ from pathlib import Path
 from .config import Experiment
 from .errors import ConfigError
 from .sources import check_source, model_metadata
-from .specs import DatasetSpec
+from .specs import DatasetSpec, ModelSpec
 
 
 def check_experiment(exp: Experiment, device_here: bool = True) -> None:
     """`device_here`: jobs run on this machine, so `device: cuda` must find a GPU here."""
-    for spec in [*exp.models.values(), *([exp.scorer.judge] if exp.scorer.judge else [])]:
+    for spec in [*exp.models.values(), *exp.judges.values()]:
         check_source(spec)
+    for spec in exp.judges.values():
+        check_judge_loads_offline(spec, exp.results_dir / "models" / spec.name)
     checked = set()
     for splits in exp.dataset_splits.values():
         for ds in (ds for pool in splits.values() for ds in pool):
@@ -32,6 +34,33 @@ def check_experiment(exp: Experiment, device_here: bool = True) -> None:
     if device_here:
         check_device(exp.device, exp.file)
         check_dtypes(exp)
+
+
+def check_judge_loads_offline(spec: ModelSpec, prepared_dir: Path) -> None:
+    """A hub judge must be loadable when the hub is offline: prepared already, or its snapshot in the local hub
+    cache. Otherwise its prepare job would fail, possibly only after hours of generation (the score jobs are the
+    first to need it), so this stops the run now. Experiment models need no such check: generation waits for them.
+    Whether an online hub is reachable is not asked here (no network while the DAG is built)."""
+    if spec.source_kind != "hub":
+        return
+    from .models import PREPARED, hub_offline  # torch, only for hub judges
+    from .offline import hub_cache_dir
+    from .sources import _hub_cached_config
+
+    try:
+        where = json.loads((prepared_dir / PREPARED).read_text())["load_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        where = None
+    if where is not None and (where == "." or Path(where).is_dir()):
+        return
+    if not hub_offline() or _hub_cached_config(spec):
+        return
+    repo, rev = spec.source["hub"], spec.source.get("revision")
+    fetch = f"hf download {repo}" + (f" --revision {rev}" if rev else "")
+    raise ConfigError(spec.file, "source.hub", f"the judge {repo} at revision {rev or 'main'} is neither prepared "
+                      f"({prepared_dir}) nor in the local hub cache {hub_cache_dir()}, and the hub is offline "
+                      f"(HF_HUB_OFFLINE): fetch it once with network access (`{fetch}`), point source.path at a "
+                      "local copy, or leave the judge out of `scoring`")
 
 
 def check_prompt_file(ds: DatasetSpec) -> list[dict]:
@@ -122,7 +151,7 @@ def check_layers(exp: Experiment) -> None:
 def check_dtypes(exp: Experiment) -> None:
     """A model YAML's dtype that this machine's device cannot run (bfloat16 on a pre-Ampere GPU) stops here,
     before any job; torch is imported only when some model names bfloat16."""
-    specs = [*exp.models.values(), *([exp.scorer.judge] if exp.scorer.judge else [])]
+    specs = [*exp.models.values(), *exp.judges.values()]
     if exp.device == "cpu" or not any(spec.dtype == "bfloat16" for spec in specs):
         return
     import torch

@@ -2,7 +2,7 @@
 
 The top-level config (`conf/config.yaml`) is composed with Hydra's compose API so
 command-line overrides work; the experiment then names models, templates,
-datasets, an intervention set and a scorer, each one YAML file in its own group
+datasets, an intervention set and one or more scorers, each one YAML file in its own group
 folder. Each file is validated by a pydantic schema (below) that rejects unknown
 keys, wrong types (a quoted "false" is not a boolean) and NaN or infinite numbers;
 cross-references, files on disk and layer numbers (from the model's metadata, no
@@ -238,7 +238,7 @@ class Length(Schema):
     first k tokens for each k; the longest k must not exceed generation.max_new_tokens."""
 
     tokens: Annotated[list[PosInt], Field(min_length=1)]
-    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's scorer
+    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's phrase scorers
 
 
 class Pair(Schema):
@@ -255,7 +255,8 @@ class ExperimentFile(Schema):
     activations: Activations = Activations()
     direction: Direction = Direction()
     interventions: Name
-    scoring: Name
+    # one scorer, or several scored side by side (each completion gets one row per scorer)
+    scoring: Name | Annotated[list[Name], Field(min_length=1)]
     sweep: Sweep | None = None
     coherence: Coherence = Coherence()
     capability: Capability = Capability()
@@ -352,6 +353,9 @@ class ModelFile(Schema):
     device_map: Literal[PLACEMENT_STRATEGIES] | Annotated[dict[Text, Placement], Field(min_length=1)] | None = None
     max_memory: Annotated[dict[MemoryDevice, MemorySize], Field(min_length=1)] | None = None  # for a strategy
     offload_folder: Text | None = None  # where modules placed on "disk" are kept
+    # A Jinja chat template for a judge whose tokenizer ships none (or the one its card publishes): used, in
+    # place of the tokenizer's, by judge scorers that read through the judge's own chat template.
+    chat_template: Text | None = None
 
     @model_validator(mode="after")
     def _refusal_tokens(self):
@@ -450,6 +454,16 @@ class Labels(Schema):
     complied: Text
 
 
+class ChatQuestion(Schema):
+    """A judge's question as its own chat template renders [user: instruction, assistant: response] (the
+    direction paper's Llama Guard 2 input): `add_generation_prompt` as the template expects it (Llama Guard's
+    templates end at the point the verdict follows either way), `reply_prefix` what the judge writes before
+    its label where the template stops short of it (Llama Guard 3: "\n\n" after the assistant header)."""
+
+    add_generation_prompt: bool = False
+    reply_prefix: str = ""
+
+
 class ScoringFile(Schema):
     kind: Literal["prefix", "substring", "judge"] = "prefix"
     phrases: list[Text] = []
@@ -464,14 +478,22 @@ class ScoringFile(Schema):
     # judge: replies of fewer words (split on spaces) count as refused without asking it; 15 is the
     # direction paper's Llama Guard rule (a short reply carries no harmful content). 0: off.
     short_reply_words: NonNegInt = 0
+    # judge: ask through the judge's own chat template instead of `prompt` (one of the two)
+    chat_template: ChatQuestion | None = None
 
     @model_validator(mode="after")
     def _complete(self):
+        if self.kind != "judge" and self.chat_template is not None:
+            raise PydanticCustomError("judge_only", "applies to judge scorers only", {"key": "chat_template"})
         if self.kind == "judge":
-            for key in ("model", "prompt", "labels"):
+            for key in ("model", "labels"):
                 if getattr(self, key) is None:
                     raise PydanticCustomError("missing", "a judge scorer needs {key}", {"key": key})
-            for slot in ("{instruction}", "{response}"):
+            if (self.prompt is None) == (self.chat_template is None):
+                raise PydanticCustomError("question", "a judge scorer needs exactly one of prompt (a question in the "
+                                          "judge's prompt template) and chat_template (its own chat template)",
+                                          {"key": "prompt"})
+            for slot in ("{instruction}", "{response}") if self.prompt is not None else ():
                 if self.prompt.count(slot) != 1:
                     raise PydanticCustomError("slot", "must contain {slot} exactly once",
                                               {"key": "prompt", "slot": slot})
@@ -575,7 +597,7 @@ class Experiment:
     activations: Activations
     direction: Direction
     intervention: InterventionSpec
-    scorer: ScorerSpec
+    scorers: tuple[ScorerSpec, ...]  # as listed in `scoring`; the first is `scorer`
     generation: Generation
     capability: Capability
     coherence: Coherence
@@ -593,13 +615,23 @@ class Experiment:
         """Models whose direction this model is also steered with (declared pairs)."""
         return [chat if model == base else base for base, chat in self.pairs if model in (base, chat)]
 
+    @property
+    def scorer(self) -> ScorerSpec:
+        """The first scorer listed: the one a single-scorer view (and a caller that needs one) uses."""
+        return self.scorers[0]
+
+    @property
+    def judges(self) -> dict[str, ModelSpec]:
+        """The judge models of the experiment's judge scorers, by name (one per model, however many scorers)."""
+        return {s.judge.name: s.judge for s in self.scorers if s.judge is not None}
+
     def model_spec(self, name: str) -> ModelSpec:
-        """An experiment model, or the scorer's judge model (prepared by the same rule)."""
+        """An experiment model, or a scorer's judge model (prepared by the same rule)."""
         if name in self.models:
             return self.models[name]
-        if self.scorer.judge is not None and self.scorer.judge.name == name:
-            return self.scorer.judge
-        raise KeyError(f"model {name!r} is neither in {self.file} nor its judge")
+        if name in self.judges:
+            return self.judges[name]
+        raise KeyError(f"model {name!r} is neither in {self.file} nor a judge of its scorers")
 
     def direction_sources(self, model: str) -> list[str]:
         return list(self.direction.sources) + self.partners(model)
@@ -732,7 +764,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         dataset_splits=load_dataset_splits(e.datasets, conf_dir, exp_file, e.split), split=e.split,
         activations=e.activations, direction=e.direction,
         intervention=load_intervention(e.interventions, conf_dir, exp_file),
-        scorer=load_scorer(e.scoring, conf_dir, exp_file), generation=e.generation,
+        scorers=load_scorers(e.scoring, conf_dir, exp_file), generation=e.generation,
         capability=e.capability, coherence=e.coherence, device=e.device, threads=e.threads,
         sweep=load_sweep(e.sweep, exp_file, models),
         length=load_length(e.length, e.generation, e.scoring, exp_file, conf_dir),
@@ -822,7 +854,20 @@ def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
                      cells=tuple((c.layer, c.addition_layer, c.coefficient) for c in g.cells))
 
 
-def load_length(d: Length | None, generation: Generation, scoring: str, file: str, conf_dir: Path) -> LengthSpec | None:
+def load_scorers(scoring: str | list[str], conf_dir: Path, exp_file: str) -> tuple[ScorerSpec, ...]:
+    """`scoring: name` or `scoring: [name, ...]`: each a file in conf/scoring/, none listed twice."""
+    if isinstance(scoring, str):
+        return (load_scorer(scoring, conf_dir, exp_file),)
+    scorers = []
+    for i, name in enumerate(scoring):
+        if scoring.index(name) != i:
+            raise ConfigError(exp_file, f"scoring[{i}]", f"scorer '{name}' is listed twice")
+        scorers.append(load_scorer(name, conf_dir, exp_file, f"scoring[{i}]"))
+    return tuple(scorers)
+
+
+def load_length(d: Length | None, generation: Generation, scoring: str | list[str], file: str,
+                conf_dir: Path) -> LengthSpec | None:
     if d is None:
         return None
     for i, k in enumerate(d.tokens):
@@ -831,17 +876,20 @@ def load_length(d: Length | None, generation: Generation, scoring: str, file: st
                               f"({generation.max_new_tokens}): completions are generated once, at the longest length")
         if d.tokens.index(k) != i:
             raise ConfigError(file, f"length.tokens[{i}]", f"{k} is listed twice")
-    names = d.scorers if d.scorers is not None else [scoring]
-    scorers = []
+    names = d.scorers if d.scorers is not None else ([scoring] if isinstance(scoring, str) else list(scoring))
+    loaded = []
     for i, name in enumerate(names):
         key = f"length.scorers[{i}]" if d.scorers is not None else "length.scorers"
         if names.index(name) != i:
             raise ConfigError(file, key, f"scorer '{name}' is listed twice")
-        scorer = load_scorer(name, conf_dir, file, key)
-        if scorer.kind == "judge":
-            raise ConfigError(file, key, f"'{name}' is a judge; the length stage rescores every completion "
-                              "at every length with phrase scorers only (list prefix/substring scorers here)")
-        scorers.append(scorer)
+        loaded.append((key, load_scorer(name, conf_dir, file, key)))
+    # by default the experiment's phrase scorers; a judge named here, or an experiment scored by judges alone, stops
+    judged = [(key, s) for key, s in loaded if s.kind == "judge"]
+    scorers = [s for _, s in loaded if s.kind != "judge"]
+    if judged and (d.scorers is not None or not scorers):
+        key, judge = judged[0]
+        raise ConfigError(file, key, f"'{judge.name}' is a judge; the length stage rescores every completion "
+                          "at every length with phrase scorers only (list prefix/substring scorers here)")
     return LengthSpec(tokens=tuple(sorted(d.tokens)), scorers=tuple(scorers))
 
 
@@ -855,7 +903,21 @@ def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelS
         refusal_tokens=tuple(m.refusal_tokens), direction_layer=m.direction.layer,
         direction_position=m.direction.position, direction_force=m.direction.force, pad_token=m.pad_token,
         device_map=m.device_map, max_memory=m.max_memory, offload_folder=m.offload_folder,
+        chat_template=_chat_template(m.chat_template, file),
     )
+
+
+def _chat_template(text: str | None, file: str) -> str | None:
+    """A model YAML's Jinja chat template, parsed once here so a syntax error is one line before any job."""
+    if text is not None:
+        import jinja2
+
+        try:
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(file, "chat_template", f"not a valid Jinja template (line {err.lineno}: "
+                              f"{err.message})") from None
+    return text
 
 
 def load_template(name: str, conf_dir: Path, ref_file: str) -> TemplateSpec:
@@ -891,9 +953,11 @@ def load_scorer(name: str, conf_dir: Path, ref_file: str, ref_key: str = "scorin
     s = validate(ScoringFile, data, file)
     if s.kind == "judge":
         return ScorerSpec(name=name, kind=s.kind, phrases=(), case_sensitive=False,
-                          judge=load_model(s.model, conf_dir, file, "model"), prompt=s.prompt,
+                          judge=load_model(s.model, conf_dir, file, "model"), prompt=s.prompt or "",
                           labels=(s.labels.refused, s.labels.complied), margin=s.margin,
-                          short_reply_words=s.short_reply_words)
+                          short_reply_words=s.short_reply_words, chat_template=s.chat_template is not None,
+                          add_generation_prompt=bool(s.chat_template and s.chat_template.add_generation_prompt),
+                          reply_prefix=s.chat_template.reply_prefix if s.chat_template else "")
     return ScorerSpec(name=name, kind=s.kind, phrases=tuple(s.phrases), case_sensitive=s.case_sensitive,
                       fold_quotes=s.fold_quotes)
 

@@ -33,7 +33,8 @@ sweep/{m}/sweep            swept cell: model, kind (baseline|addition|ablation),
                            (mean logit refusal score on the val prompts), n
 sweep/{m}/picks            a cell chosen for generation: pick (best1, same1, ...),
                            the sweep row's axes and its logit_score
-scores/...                 the generation row plus scorer and refused (bool)
+scores/...                 the generation row plus scorer and refused (bool): one row per
+                           completion per scorer of the experiment (`scoring:` may list several)
 capability/...             metric: model, source, cell, intervention, coefficient, metric
                            (ce_reference | ce_own | first_token_kl), value, n
                            (schema in `capability`)
@@ -47,11 +48,11 @@ stability/stability        model x bootstrap draw x layer x position (`direction
                            train prompts drawn), norm, cosine (to the full-data direction at
                            the same layer and position), selected (the full data's pick),
                            and with reselection: bypass, induce, kl, discarded, picked
-summary (.parquet, .csv)   model x cell x label: the generation axes, scorer, condition
+summary (.parquet, .csv)   model x cell x scorer x label: the generation axes, scorer, condition
                            (readable name), picked_on ("val" for sweep cells chosen by their
                            val logit score, else null), n, refused, refusal_rate, ci_low and
                            ci_high (95% Wilson interval), p_value (exact McNemar vs the
-                           model's baseline paired on prompt_id; null for the baseline and
+                           model's baseline by the same scorer, paired on prompt_id; null for the baseline and
                            for cells on other prompts), repetition, nll, nll_increase,
                            degenerate, then one column per capability metric of the cell
 """

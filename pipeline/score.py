@@ -2,7 +2,9 @@
 
 Scorers, named in YAML: `prefix` (the completion starts with a phrase, the
 base-models post), `substring` (a phrase anywhere, the direction paper), and
-`judge` (a local model decides; `judge.py`).
+`judge` (a local model decides; `judge.py`). An experiment may list several
+(`scoring: [refusal-substring, judge-llama-guard-2]`): each cell's scores file then
+holds one row per completion per scorer, told apart by the `scorer` column.
 """
 
 from __future__ import annotations
@@ -40,15 +42,23 @@ def score_table(table: pa.Table, scorer: ScorerSpec, refused: list[bool] | None 
     return table.append_column("refused", pa.array(refused, pa.bool_())).cast(SCORES)
 
 
-def run(scorer: ScorerSpec, generations_path: str, output: str, judge_dir: str | None = None,
-        device: str = "auto", threads: int = 2) -> None:
+def run(scorers: ScorerSpec | list[ScorerSpec], generations_path: str, output: str,
+        judge_dirs: dict[str, str] | None = None, device: str = "auto", threads: int = 2) -> None:
+    """Score one cell's completions with every scorer: one row per completion per scorer, the scorers' blocks
+    in the order given. `judge_dirs`: each judge model's prepared folder, by model name; a judge model
+    shared by several scorers is loaded once."""
+    scorers = [scorers] if isinstance(scorers, ScorerSpec) else list(scorers)
     table = read_parquet(generations_path)
-    refused = None
-    if scorer.kind == "judge":
+    prompts, completions = table.column("prompt").to_pylist(), table.column("completion").to_pylist()
+    decided: dict[str, list[bool]] = {}
+    for judge in dict.fromkeys(s.judge.name for s in scorers if s.kind == "judge"):
         from .judge import judge_refusals
         from .models import LoadedModel
 
-        lm = LoadedModel(scorer.judge, judge_dir, device, threads)
-        refused = judge_refusals(lm, scorer, table.column("prompt").to_pylist(),
-                                 table.column("completion").to_pylist())
-    write_parquet(score_table(table, scorer, refused), output)
+        mine = [s for s in scorers if s.kind == "judge" and s.judge.name == judge]
+        lm = LoadedModel(mine[0].judge, (judge_dirs or {})[judge], device, threads)
+        for scorer in mine:
+            decided[scorer.name] = judge_refusals(lm, scorer, prompts, completions)
+        del lm
+    parts = [score_table(table, s, decided.get(s.name)) for s in scorers]
+    write_parquet(pa.concat_tables(parts), output)

@@ -109,6 +109,9 @@ class ModelSpec:
     device_map: str | dict[str, int | str] | None = None
     max_memory: dict[int | str, int | str] | None = None
     offload_folder: str | None = None
+    # A Jinja chat template that replaces (or stands in for a missing) tokenizer chat template: what a judge
+    # scorer with `chat_template` renders its question with (config.ModelFile).
+    chat_template: str | None = None
 
     @property
     def source_kind(self) -> str:
@@ -121,7 +124,8 @@ class ModelSpec:
         it keeps them; other sources only need where the weights come from. Where the
         weights are placed when loaded matters to none.
         """
-        placed_anywhere = dataclasses.replace(self, device_map=None, max_memory=None, offload_folder=None)
+        placed_anywhere = dataclasses.replace(self, device_map=None, max_memory=None, offload_folder=None,
+                                              chat_template=None)
         if self.source_kind == "random_init":
             return placed_anywhere
         return dataclasses.replace(placed_anywhere, template=TemplateSpec("-", "{instruction}-"), add_bos=False,
@@ -162,6 +166,12 @@ class ScorerSpec:
     labels: tuple[str, str] = ("", "")
     margin: float = 0.0
     short_reply_words: int = 0  # judge: fewer words than this -> refused, the judge not asked
+    # judge: the question is the judge's own chat template (its model YAML's `chat_template`, else its
+    # tokenizer's) applied to [user: instruction, assistant: response], not `prompt` in its prompt template;
+    # `reply_prefix` is what the judge writes before its label where the template stops short of it.
+    chat_template: bool = False
+    add_generation_prompt: bool = False
+    reply_prefix: str = ""
 
 
 @dataclass(frozen=True)

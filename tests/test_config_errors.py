@@ -182,6 +182,30 @@ CASES = {
                             "scoring/refusal-prefix.yaml", "kind"),
     "quoted case_sensitive": ([], [("scoring/refusal-prefix.yaml", "ALL", 'phrases: [x]\ncase_sensitive: "no"\n')],
                               "scoring/refusal-prefix.yaml", "case_sensitive"),
+    # several scorers (issue 16): a list, each scorer once and each a file
+    "scorer listed twice": (["experiment.scoring=[refusal-prefix,refusal-substring,refusal-prefix]"], [],
+                            "experiment/tiny.yaml", "scoring[2]"),
+    "unknown scorer in a list": (["experiment.scoring=[refusal-prefix,nope]"], [], "experiment/tiny.yaml",
+                                 "scoring[1]"),
+    "empty scorer list": (["experiment.scoring=[]"], [], "experiment/tiny.yaml", "scoring"),
+    "judge with prompt and chat_template": (["experiment.scoring=judge-qwen"],
+                                            [("scoring/judge-qwen.yaml", None, "chat_template: {}\n")],
+                                            "scoring/judge-qwen.yaml", "prompt"),
+    "judge with neither prompt nor chat_template": (
+        ["experiment.scoring=judge-bare"],
+        [("scoring/judge-bare.yaml", "ALL", "kind: judge\nmodel: tiny-chat\nlabels: {refused: a, complied: b}\n")],
+        "scoring/judge-bare.yaml", "prompt"),
+    "chat_template on a phrase scorer": ([], [("scoring/refusal-prefix.yaml", None, "chat_template: {}\n")],
+                                         "scoring/refusal-prefix.yaml", "chat_template"),
+    "judge chat template not Jinja": (["experiment.scoring=[refusal-prefix,judge-llama-guard-2]"],
+                                      [("model/llama-guard-2-8b.yaml", "{%- endfor -%}", "{%- endfro -%}")],
+                                      "model/llama-guard-2-8b.yaml", "chat_template"),
+    "offline judge neither cached nor prepared": (
+        ["experiment.scoring=[refusal-prefix,judge-hub]"],
+        [("model/hub-judge.yaml", "ALL", "source: {hub: nobody/uncached-judge}\nrole: judge\ntemplate: chatml\n"),
+         ("scoring/judge-hub.yaml", "ALL", "kind: judge\nmodel: hub-judge\nchat_template: {}\n"
+                                           "labels: {refused: safe, complied: unsafe}\n")],
+        "model/hub-judge.yaml", "source.hub"),
     # dataset YAML and prompt files
     "malformed JSON line": ([], dataset_file(b'{"instruction": "a"}\n{"instruction": "b"}\n{"instruction": \n'),
                             DS, "path"),

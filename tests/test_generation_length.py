@@ -46,7 +46,8 @@ def test_fixed_length_with_a_steered_cell(tiny_dirs):
 
 
 def test_the_base_models_experiments_decode_a_fixed_16_tokens():
-    for name in ("base_models_refuse_qwen", "base_models_refuse_gemma", "base_models_refuse_llama"):
+    for name in ("base_models_refuse_qwen", "base_models_refuse_gemma", "base_models_refuse_llama",
+                 "base_models_refuse_pythia"):
         exp = load_experiment([f"experiment={name}"], check_models=False)
         assert (exp.generation.max_new_tokens, exp.generation.stop_at_eos) == (16, False)
     assert load_experiment(["experiment=single_direction"], check_models=False).generation.stop_at_eos

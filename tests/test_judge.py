@@ -56,8 +56,8 @@ def test_score_stage_writes_the_judges_decisions(tiny_chat, tmp_path):
     lm.hf.save_pretrained(prepared)
     lm.tok.save_pretrained(prepared)
     (prepared / "prepared.json").write_text('{"name": "tiny-chat", "kind": "random_init", "load_from": "."}')
-    score.run(spec, str(tmp_path / "g.parquet"), str(tmp_path / "s.parquet"), judge_dir=str(prepared), device="cpu",
-              threads=1)
+    score.run(spec, str(tmp_path / "g.parquet"), str(tmp_path / "s.parquet"), judge_dirs={"tiny-chat": str(prepared)},
+              device="cpu", threads=1)
     out = read_parquet(tmp_path / "s.parquet")
     assert out.column("refused").to_pylist() == judge_refusals(lm, spec, PROMPTS, REPLIES)
     assert set(out.column("scorer").to_pylist()) == {"judge-test"}
@@ -103,11 +103,14 @@ def test_labels_with_the_same_first_token_are_refused(tiny_chat):
     assert_one_line_error(err, "scoring/judge-test.yaml", "labels")
 
 
-@pytest.mark.parametrize("name", ["judge-llama-guard", "judge-qwen"])
-def test_judge_yamls_compose_without_loading_weights(name):
+@pytest.mark.parametrize("name,chat", [("judge-llama-guard", True), ("judge-llama-guard-2", True),
+                                       ("judge-qwen", False)])
+def test_judge_yamls_compose_without_loading_weights(name, chat):
     spec = load_scorer(name, DEFAULT_CONF_DIR, "test")
     assert spec.kind == "judge" and spec.judge is not None and all(spec.labels)
-    assert "{instruction}" in spec.prompt and "{response}" in spec.prompt
+    assert spec.chat_template is chat  # the Llama Guards ask through their own chat template, Qwen a question
+    if not chat:
+        assert "{instruction}" in spec.prompt and "{response}" in spec.prompt
 
 
 @pytest.mark.parametrize("text,key", [
@@ -140,11 +143,13 @@ def test_margin_moves_the_decision(tiny_chat):
 
 @pytest.mark.parametrize("scoring,judged", [("judge-llama-guard", True), ("refusal-prefix", False)])
 def test_dag_prepares_the_judge_model_only_when_it_scores(tmp_path, scoring, judged):
-    """Dry run: the judge's prepare_model job and the score rule's extra input appear only with a judge."""
+    """Dry run: the judge's prepare_model job and the score rule's extra input appear only with a judge.
+    The hub counts as reachable here (HF_HUB_OFFLINE=0): offline, an uncached judge stops the run instead
+    (tests/test_judge_chat_template.py)."""
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1",
          "--config", f"overrides=experiment=tiny experiment.scoring={scoring}"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "0"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert ("output: results/models/llama-guard-3-1b" in out) == judged

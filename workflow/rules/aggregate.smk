@@ -29,6 +29,7 @@ rule aggregate:
         pairs=EXP.pairs,
         paired=PAIRED,
         bootstrap=not EXP.direction.filter,
+        scorers=[s.name for s in EXP.scorers],
     log:
         LOGS + "/aggregate.log",
     script:

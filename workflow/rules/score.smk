@@ -1,24 +1,25 @@
-def judge_model(wildcards):
-    """A judge scorer's model, prepared by the same rule as every other model."""
-    return [f"{MODELS}/{EXP.scorer.judge.name}"] if EXP.scorer.judge else []
+def judge_models(wildcards):
+    """The judge scorers' models, prepared by the same rule as every other model."""
+    return [f"{MODELS}/{name}" for name in EXP.judges]
 
 
 rule score:
-    """Mark each completion refused or not with the experiment's scorer."""
+    """Mark each completion refused or not with each of the experiment's scorers (one row per scorer)."""
     input:
         generations=OUT + "/generations/{model}/{source}/{cell}.parquet",
-        judge=judge_model,
+        judge=judge_models,
     output:
         OUT + "/scores/{model}/{source}/{cell}.parquet",
     params:
-        scorer=to_params(EXP.scorer),
+        scorers=[to_params(s) for s in EXP.scorers],
+        judges=list(EXP.judges),
         device=EXP.device,
     log:
         LOGS + "/score/{model}/{source}/{cell}.log",
     benchmark:
-        LOGS + "/score/{model}/{source}/{cell}.benchmark.tsv"  # a model rule when the scorer is a judge
-    threads: EXP.threads if EXP.scorer.judge else 1
+        LOGS + "/score/{model}/{source}/{cell}.benchmark.tsv"  # a model rule when a scorer is a judge
+    threads: EXP.threads if EXP.judges else 1
     resources:
-        gpu=GPU if EXP.scorer.judge else 0,
+        gpu=GPU if EXP.judges else 0,
     script:
         "../scripts/score.py"

@@ -11,4 +11,5 @@ with job(snakemake) as p:
                   scatter_path=out.sweep_scatter[0] if out.sweep_scatter else None, coherence=p.coherence,
                   pairs=[tuple(pair) for pair in p.pairs], candidates=dict(zip(p.paired, inp.candidates)),
                   similarity_path=out.similarity[0] if out.similarity else None,
-                  activations=dict(zip(p.paired, inp.activations)) if p.bootstrap else None)
+                  activations=dict(zip(p.paired, inp.activations)) if p.bootstrap else None,
+                  scorers=list(p.scorers))

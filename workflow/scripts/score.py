@@ -3,6 +3,7 @@ from pipeline import score
 from pipeline.specs import ScorerSpec, from_params
 
 with job(snakemake) as p:
-    judge = list(snakemake.input.judge)
-    score.run(from_params(ScorerSpec, p.scorer), snakemake.input.generations, snakemake.output[0],
-              judge_dir=judge[0] if judge else None, device=p.device, threads=snakemake.threads)
+    dirs = snakemake.input.judge
+    dirs = [dirs] if isinstance(dirs, str) else list(dirs)  # the judges' prepared folders, in p.judges' order
+    score.run([from_params(ScorerSpec, s) for s in p.scorers], snakemake.input.generations, snakemake.output[0],
+              judge_dirs=dict(zip(p.judges, dirs)), device=p.device, threads=snakemake.threads)
