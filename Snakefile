@@ -16,12 +16,26 @@ from pipeline.config import load_experiment
 from pipeline.errors import ConfigError
 from pipeline.specs import CELL_NAME_PATTERN, Cell, Kind, to_params
 
+# The only keys this workflow reads from --config; any other (a typo such as `overides=`) would be
+# ignored by Snakemake, and the run would silently use the defaults.
+CONFIG_KEYS = {"overrides": "Hydra overrides, e.g. overrides=\"experiment=tiny\"",
+               "conf_dir": "another conf/ folder"}
 config.setdefault("overrides", "")
 config.setdefault("conf_dir", str(Path(workflow.basedir) / "conf"))
 try:
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError("--config", unknown[0], "not a key of this workflow; it reads only "
+                          + " and ".join(f"{k} ({what})" for k, what in CONFIG_KEYS.items())
+                          + "; Snakemake's own options (--cores, --profile) are not --config keys")
+    try:
+        overrides = shlex.split(str(config["overrides"]))
+    except ValueError as err:  # an unbalanced quote
+        raise ConfigError("--config", "overrides", f"cannot split {config['overrides']!r} into overrides "
+                          f"({err}); quote a value with spaces in single quotes inside the double-quoted "
+                          "string: overrides=\"experiment=tiny experiment.name='my run'\"") from None
     # On a cluster the login node builds the DAG; a GPU is only asked for where jobs run.
-    EXP = load_experiment(shlex.split(str(config["overrides"])), conf_dir=config["conf_dir"],
-                          device_here=workflow.local_exec)
+    EXP = load_experiment(overrides, conf_dir=config["conf_dir"], device_here=workflow.local_exec)
 except ConfigError as err:
     sys.stderr.write(f"refusal-directions: config error: {err}\n")
     sys.exit(1)
@@ -50,10 +64,18 @@ include: "workflow/rules/length.smk"
 include: "workflow/rules/stability.smk"
 
 
+# Every artifact the README lists, not only the final ones: a deleted or damaged intermediate file
+# (activations, candidates) is then rebuilt by a plain rerun, as the README says.
 rule all:
     input:
         f"{OUT}/summary.parquet",
         f"{OUT}/report.md",
+        f"{OUT}/prompts.parquet",
+        expand(OUT + "/activations/{model}.parquet", model=list(EXP.models)),
+        expand(OUT + "/directions/{model}/{name}", model=list(EXP.models),
+               name=["candidates.parquet", "selection.parquet", "selected.parquet", "selection.png"]),
+        grid_files("generations"),
+        grid_files("scores"),
         LENGTH_TARGETS,  # experiments with `length:`
         STABILITY_TARGETS,  # experiments with `direction.bootstrap`
     default_target: True

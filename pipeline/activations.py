@@ -86,4 +86,6 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, output: str, *, b
         acts, scores = capture(lm, prompts["instruction"].to_list(), batch_size, with_scores=True)
     else:
         acts, scores = capture(lm, prompts["instruction"].to_list(), batch_size), None
-    write_parquet(to_table(spec, prompts, acts, dtype, scores), output, vector_columns=("act",))
+    # refusal_score is NaN on purpose only when the model has no refusal tokens to score
+    write_parquet(to_table(spec, prompts, acts, dtype, scores), output, vector_columns=("act",),
+                  nan_ok=("refusal_score",) if scores is None else ())

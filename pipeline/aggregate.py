@@ -545,7 +545,7 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
     out = Path(out_dir)
     schema = summary_schema(metrics)
     summary = pl.from_arrow(summary.select(schema.names).to_arrow().cast(schema))
-    write_parquet(summary.to_arrow(), out / "summary.parquet")
+    write_parquet(summary.to_arrow(), out / "summary.parquet", nan_ok=())  # no NaN reaches a summary
     buf = io.StringIO()
     summary.write_csv(buf)
     write_text(buf.getvalue(), out / "summary.csv")

@@ -1,7 +1,7 @@
 """Checks on what the config points at: files, prompt sets, layers, the device.
 
 They run when the DAG is built (after the YAML itself validated), cheaply: local
-prompt files are parsed line by line, layer numbers are checked against the
+prompt files are parsed (and the split sizes counted on them), layer numbers are checked against the
 model's metadata (no weights loaded). Each problem is one ConfigError line.
 """
 
@@ -22,15 +22,13 @@ def check_experiment(exp: Experiment, device_here: bool = True) -> None:
         check_source(spec)
     for spec in exp.judges.values():
         check_judge_loads_offline(spec, exp.results_dir / "models" / spec.name)
-    checked = set()
-    for splits in exp.dataset_splits.values():
-        for ds in (ds for pool in splits.values() for ds in pool):
-            if ds.path is not None and ds.format == "json" and ds.name not in checked:
-                check_prompt_file(ds)
-                checked.add(ds.name)
+    check_prompt_sets(exp)
     exp.meta = {m: model_metadata(spec, exp.results_dir / "models" / m) or {} for m, spec in exp.models.items()}
+    check_model_facts(exp)
     check_pairs(exp)
     check_layers(exp)
+    check_sweep_counts(exp)
+    check_capability_reference(exp)
     if device_here:
         check_device(exp.device, exp.file)
         check_dtypes(exp)
@@ -63,45 +61,34 @@ def check_judge_loads_offline(spec: ModelSpec, prepared_dir: Path) -> None:
                       "local copy, or leave the judge out of `scoring`")
 
 
-def check_prompt_file(ds: DatasetSpec) -> list[dict]:
-    """Parse a local JSON Lines prompt set: UTF-8, one object per line, the field present, no duplicates."""
-    path = Path(ds.path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
-        raise ConfigError(ds.file, "path", f"{path.name} line {line}: not UTF-8 text") from None
-    rows, seen_text, seen_id = [], {}, {}
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as err:
-            raise ConfigError(ds.file, "path", f"{path.name} line {n}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict):
-            raise ConfigError(ds.file, "path", f"{path.name} line {n}: a line must be a JSON object")
-        if ds.field not in rec:
-            raise ConfigError(ds.file, "field", f"{path.name} line {n}: no '{ds.field}' key")
-        value = rec[ds.field]
-        if not isinstance(value, str):
-            raise ConfigError(ds.file, "field", f"{path.name} line {n}: '{ds.field}' is not a string")
-        norm = " ".join(value.lower().split())
-        if norm in seen_text:
-            raise ConfigError(ds.file, "path", f"{path.name} line {n}: duplicate prompt (as line {seen_text[norm]})")
-        seen_text[norm] = n
-        if ds.id_field:
-            if ds.id_field not in rec:
-                raise ConfigError(ds.file, "id_field", f"{path.name} line {n}: no '{ds.id_field}' key")
-            pid = str(rec[ds.id_field])
-            if pid in seen_id:
-                raise ConfigError(ds.file, "id_field", f"{path.name} line {n}: duplicate id {pid!r} "
-                                  f"(as line {seen_id[pid]})")
-            seen_id[pid] = n
-        rows.append(rec)
-    if not rows:
-        raise ConfigError(ds.file, "path", f"{path.name} is empty: the prompt set has no prompt")
-    return rows
+def check_prompt_sets(exp: Experiment) -> None:
+    """Every local prompt file parsed now, as the prompts job will parse it (check_prompt_file); then the
+    split sizes counted on them, by the job's own draw, as far as they are known before the hub sets
+    download (pipeline/prompts.draw)."""
+    from .prompts import draw
+
+    parsed: dict[DatasetSpec, tuple[list[dict], dict[str, int]]] = {}
+
+    def load(ds: DatasetSpec):
+        if ds.path is None:
+            return None  # a hub or URL set: checked in the prompts job, before it writes
+        if ds not in parsed:
+            parsed[ds] = check_prompt_file(ds)
+        return parsed[ds]
+
+    for splits in exp.dataset_splits.values():  # every file, an excluded one too, before any count
+        for ds in (ds for pool in splits.values() for ds in pool):
+            load(ds)
+    draw(exp.dataset_splits, exp.split, exp.file, load)
+
+
+def check_prompt_file(ds: DatasetSpec) -> tuple[list[dict], dict[str, int]]:
+    """Parse a local prompt file (JSON Lines, a JSON array of objects, or CSV with a header): UTF-8,
+    records that are objects or rows as long as the header, every key the dataset YAML names a column, the
+    field present, no repeated instruction or id. Returns its prompts and the rows dropped by reason."""
+    from .prompts import load_instructions
+
+    return load_instructions(ds)
 
 
 def check_pairs(exp: Experiment) -> None:
@@ -137,6 +124,14 @@ def check_layers(exp: Experiment) -> None:
         if forced and iv.addition_offset is not None and iv.coefficients:
             need(layer + iv.addition_offset, iv.file, "addition.layer.offset",
                  f"addition layer {layer}{iv.addition_offset:+d} =")
+        elif iv.addition_offset and iv.addition_absolute is None and iv.coefficients:
+            # the layer is selected later, among these: at least one must leave the target inside the model
+            rules = exp.direction.selection
+            candidates = [x for x in (rules.layer_set() or range(n)) if x < int(rules.max_layer_fraction * n)]
+            if candidates and not any(0 <= x + iv.addition_offset < n for x in candidates):
+                raise ConfigError(iv.file, "addition.layer.offset", f"{iv.addition_offset:+d} puts the addition "
+                                  f"outside {name} (blocks 0..{n - 1}) from every layer selection may pick "
+                                  f"({min(candidates)}..{max(candidates)})")
         if iv.ablation_layers is not None and iv.ablation_layers[1] > n:
             raise ConfigError(iv.file, "ablation.layers.stop",
                               f"{iv.ablation_layers[1]} is past the last block of {name} ({n} blocks)")
@@ -172,3 +167,71 @@ def check_device(device: str, file: str) -> None:
 
     if not torch.cuda.is_available():
         raise ConfigError(file, "device", "cuda, but no CUDA device is visible here (use auto or cpu)")
+
+
+def check_model_facts(exp: Experiment) -> None:
+    """What a model YAML says of a model agrees with the model's own config: its hidden size (pairs and
+    directions are sized by it) and at least one block."""
+    for name, spec in exp.models.items():
+        meta = exp.meta[name]
+        declared = spec.source.get("hidden_size")
+        if declared and meta.get("hidden_size") and declared != meta["hidden_size"]:
+            raise ConfigError(spec.file, "source.hidden_size", f"{declared}, but {name}'s config says "
+                              f"{meta['hidden_size']}: remove the key or correct it")
+        if meta.get("n_layers") is not None and meta["n_layers"] < 1:
+            raise ConfigError(spec.file, "source", f"{name}'s config has {meta['n_layers']} blocks: the residual "
+                              "stream needs at least one")
+
+
+def check_sweep_counts(exp: Experiment) -> None:
+    """Offsets that reach no block, and more picks than the sweep has cells (the picks would repeat)."""
+    sweep = exp.sweep
+    if sweep is None:
+        return
+    for name in sweep.models:
+        n = exp.meta[name].get("n_layers")
+        if not n:
+            continue
+        layers = sweep.extraction_layers if sweep.extraction_layers is not None else range(n)
+        for offset in (o for o in sweep.offsets if o != 0):  # 0 is always swept (the same-layer comparison)
+            if not any(0 <= e + offset < n for e in layers):
+                raise ConfigError(exp.file, "sweep.addition_offsets", f"{offset:+d} puts every addition "
+                                  f"target outside {name} (blocks 0..{n - 1}) for extraction layers "
+                                  f"{min(layers)}..{max(layers)}")
+        cells = len({(e, e + o, c) for e in layers for o in sweep.offsets for c in sweep.coefficients
+                     if 0 <= e + o < n})
+        if sweep.top + sweep.spread > cells:
+            key = "sweep.generate.top" if sweep.top > cells else "sweep.generate.spread"
+            raise ConfigError(exp.file, key, f"top {sweep.top} + spread {sweep.spread} picks, but the sweep of "
+                              f"{name} has {cells} addition cells: picks would repeat")
+        if sweep.ablation and sweep.top_ablation > len(layers):
+            raise ConfigError(exp.file, "sweep.generate.top_ablation", f"{sweep.top_ablation} picks, but the sweep "
+                              f"of {name} has {len(layers)} ablation cells (one per extraction layer)")
+
+
+def check_capability_reference(exp: Experiment) -> None:
+    """The capability reference answers: JSON Lines of {instruction, response}, read now, not in a job."""
+    if not exp.capability.enabled:
+        return
+    from .config import resolve_data_path
+
+    path = resolve_data_path(exp.capability.reference)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(exp.file, "capability.reference", f"cannot read {path}: {err}") from None
+    rows = 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ConfigError(exp.file, "capability.reference", f"{path} line {n}: not JSON (JSON Lines of "
+                              "{\"instruction\": ..., \"response\": ...} expected)") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "response")):
+            raise ConfigError(exp.file, "capability.reference", f"{path} line {n}: needs string fields "
+                              "'instruction' and 'response'")
+        rows += 1
+    if rows == 0:
+        raise ConfigError(exp.file, "capability.reference", f"{path} has no reference answers")

@@ -13,6 +13,7 @@ the file and the key, raised while the DAG is built, before any job runs.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,34 @@ class RandomInit(Schema):
     pad: Text | None = None
     config: dict[str, Any]
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        # the byte-level BPE always holds the 256 bytes and the special tokens: a smaller vocab_size is ignored
+        least = BYTE_ALPHABET + len(set(self.special_tokens))
+        if self.vocab_size < least:
+            raise PydanticCustomError("vocab", "{n} is fewer than the tokenizer's 256 byte tokens plus its {k} "
+                                      "special tokens: at least {least}",
+                                      {"key": "vocab_size", "n": self.vocab_size, "k": len(set(self.special_tokens)),
+                                       "least": least})
+        for role in ("bos", "eos", "pad"):
+            token = getattr(self, role)
+            if token is not None and token not in self.special_tokens:
+                raise PydanticCustomError("special", "'{token}' is not one of special_tokens",
+                                          {"key": role, "token": token})
+        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in self.config:  # set from the trained tokenizer; a second value contradicts it
+                raise PydanticCustomError("derived", "is set from the tokenizer built here; remove it from config",
+                                          {"key": f"config.{key}"})
+        layers = self.config.get("num_hidden_layers", self.config.get("n_layer"))
+        if isinstance(layers, int) and layers < 1:
+            raise PydanticCustomError("layers", "a model needs at least one block",
+                                      {"key": "config.num_hidden_layers" if "num_hidden_layers" in self.config
+                                       else "config.n_layer"})
+        return self
+
+
+BYTE_ALPHABET = 256  # symbols of the byte-level pre-tokenizer's initial alphabet
+
 
 class ModelSource(Schema):
     hub: Text | None = None
@@ -435,6 +464,32 @@ class Addition(Schema):
     # hooks: the stream leaves the block with 3x the vector). interventions.ADDITION_FORMS, same names.
     form: Literal["block_input", "every_write"] = "block_input"
 
+    @model_validator(mode="after")
+    def _sane_magnitudes(self):
+        for i, c in enumerate(self.coefficients):
+            problem = coefficient_problem(c, self.normalize)
+            if problem:
+                raise PydanticCustomError("magnitude", "{problem}", {"key": f"coefficients[{i}]", "problem": problem})
+        return self
+
+
+# The largest |coefficient| that is still steering, by addition.normalize (issue 17). A unit direction
+# times 1e6 is 1e3-1e4 times the residual-stream norms of the models here (tens to a few thousand); the
+# raw direction is itself a difference of hidden states, so 1e3 times it is as far out. Past these the
+# stream is the vector alone, or float16/bfloat16 overflow to inf and the outputs turn NaN; smaller
+# values can still overflow a float16 model, which the generate stage's logit check catches.
+MAX_COEFFICIENT = {True: 1.0e6, False: 1.0e3}
+
+
+def coefficient_problem(c: float, normalize: bool) -> str | None:
+    """Why an addition coefficient is absurd for this normalisation, or None."""
+    bound = MAX_COEFFICIENT[normalize]
+    if abs(c) <= bound:
+        return None
+    times = "the unit direction (normalize: true)" if normalize else "the raw direction (normalize: false)"
+    return (f"{c:g} x {times} is beyond any steering (|coefficient| at most {bound:g}): the vector swamps the "
+            "hidden state, and larger ones overflow to NaN")
+
 
 class InterventionFile(Schema):
     ablation: bool | AblationRange = True
@@ -499,6 +554,14 @@ class ScoringFile(Schema):
                                               {"key": "prompt", "slot": slot})
         elif not self.phrases:
             raise PydanticCustomError("missing", "lists no phrase", {"key": "phrases"})
+        for i, phrase in enumerate(self.phrases):
+            if not phrase.strip():  # "" or " " is in (or starts) nearly every completion
+                raise PydanticCustomError("blank", "{phrase} is blank: it would count nearly every completion as a "
+                                          "refusal", {"key": f"phrases[{i}]", "phrase": repr(phrase)})
+            if self.kind == "prefix" and phrase != phrase.lstrip():
+                raise PydanticCustomError("dead", "{phrase} starts with whitespace, and a prefix is matched on the "
+                                          "stripped completion: it can never match", {"key": f"phrases[{i}]",
+                                                                                       "phrase": repr(phrase)})
         return self
 
 
@@ -700,13 +763,16 @@ def compose(overrides: list[str] | None = None, conf_dir: Path | str | None = No
     conf_dir = Path(conf_dir or DEFAULT_CONF_DIR).resolve()
     if not (conf_dir / "config.yaml").exists():
         raise ConfigError(conf_dir / "config.yaml", "-", "missing top-level config file")
+    overrides = list(overrides or [])
+    _check_override_syntax(overrides, _rel(conf_dir / "config.yaml", conf_dir))
+    # Hydra reports a broken YAML file without naming it: parse the files it will read first
+    _composed_files(conf_dir, overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []),
-                                return_hydra_config=True)
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0]
+        first = " ".join(str(e).strip().split("\n", 2)[:2])  # Hydra's reason is often on its second line
         raise ConfigError(_rel(conf_dir / "config.yaml", conf_dir), "overrides", first) from None
     finally:
         GlobalHydra.instance().clear()
@@ -738,10 +804,56 @@ def load_experiment(overrides: list[str] | None = None, conf_dir: Path | str | N
         raise ConfigError(top_file, "results_dir", f"'{root}' exists and is not a folder")
     exp = build_experiment(e, exp_file, conf_dir, root)
     if check_models:
+        check_results_dir(root, top_file)
         from .checks import check_experiment  # file and metadata checks; imports this module
 
         check_experiment(exp, device_here)
     return exp
+
+
+def check_pairs(pairs: list[Pair], models: dict[str, ModelSpec], exp_file: str) -> None:
+    """Each pair: two different models of the experiment, a base and a chat model as their YAMLs' `role`
+    says, declared once (either way round); anything else plans cells that mean nothing or collide."""
+    seen = {}
+    for i, p in enumerate(pairs):
+        for side in ("base", "chat"):
+            name = getattr(p, side)
+            if name not in models:
+                raise ConfigError(exp_file, f"pairs[{i}].{side}", f"model '{name}' is not in this experiment's models")
+        if p.base == p.chat:
+            raise ConfigError(exp_file, f"pairs[{i}].chat", f"'{p.chat}' is also the pair's base: a model paired "
+                              "with itself would steer it with its own direction twice (the `self` cells already do)")
+        for side in ("base", "chat"):
+            spec = models[getattr(p, side)]
+            if spec.role != side:
+                raise ConfigError(exp_file, f"pairs[{i}].{side}", f"'{spec.name}' has role '{spec.role}' in "
+                                  f"{spec.file}, not '{side}': swap the pair's sides or fix the model's role")
+        key = frozenset((p.base, p.chat))
+        if key in seen:
+            raise ConfigError(exp_file, f"pairs[{i}]", f"{p.base} / {p.chat} is declared twice (pairs[{seen[key]}])")
+        seen[key] = i
+
+
+def check_results_dir(root: Path, top_file: str) -> None:
+    """The results folder can be created and written: found now, not when Snakemake makes the first output.
+    Tried for real (a temp folder made and removed in the nearest existing folder), since permission bits
+    say nothing of read-only mounts or /proc."""
+    import tempfile
+
+    path = root.absolute()
+    for part in [path, *path.parents]:
+        if part.is_symlink() and not part.exists():
+            raise ConfigError(top_file, "results_dir", f"'{part}' is a symbolic link to a missing target "
+                              f"({os.readlink(part)})")
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(top_file, "results_dir", f"'{part}' is not a folder")
+            try:
+                os.rmdir(tempfile.mkdtemp(dir=part, prefix=".results-check-"))
+            except OSError as err:
+                raise ConfigError(top_file, "results_dir", f"cannot create '{root}': '{part}' is not writable "
+                                  f"({err.strerror})") from None
+            return
 
 
 def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_dir: Path) -> Experiment:
@@ -749,11 +861,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
     for i, m in enumerate(e.models):
         if e.models.index(m) != i:
             raise ConfigError(exp_file, f"models[{i}]", f"model '{m}' is listed twice")
-    for i, p in enumerate(e.pairs):
-        for side in ("base", "chat"):
-            if getattr(p, side) not in models:
-                raise ConfigError(exp_file, f"pairs[{i}].{side}",
-                                  f"model '{getattr(p, side)}' is not in this experiment's models")
+    check_pairs(e.pairs, models, exp_file)
     for i, f in enumerate(e.direction.force):
         if f.model not in models:
             raise ConfigError(exp_file, f"direction.force[{i}].model",
@@ -769,6 +877,8 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         sweep=load_sweep(e.sweep, exp_file, models),
         length=load_length(e.length, e.generation, e.scoring, exp_file, conf_dir),
     )
+    if e.sweep is not None and e.sweep.enabled:
+        check_sweep_magnitudes(e.sweep, exp.intervention.normalize, exp_file, exp.intervention.file)
     if exp.capability.enabled and not resolve_data_path(exp.capability.reference).exists():
         raise ConfigError(exp_file, "capability.reference", f"file not found: {exp.capability.reference}")
     if exp.sweep is not None and e.split.val == 0:
@@ -827,6 +937,7 @@ def load_dataset_splits(ds: Datasets, conf_dir: Path, exp_file: str,
 def load_intervention(name: str, conf_dir: Path, ref_file: str) -> InterventionSpec:
     file, data = _load_group(conf_dir, "intervention", name, ref_file, "interventions")
     iv = validate(InterventionFile, data, file)
+    _distinct_names(iv.addition.coefficients, file, "addition.coefficients")
     ranged = isinstance(iv.ablation, AblationRange)
     return InterventionSpec(
         file=file, ablation=True if ranged else iv.ablation, orthogonalization=iv.orthogonalization,
@@ -836,9 +947,37 @@ def load_intervention(name: str, conf_dir: Path, ref_file: str) -> InterventionS
         addition_form=iv.addition.form)
 
 
+def _distinct_names(coefficients: list[float], file: str, key: str) -> None:
+    """Coefficients name files (`addition_2`): two that format alike would be one file written twice."""
+    from .specs import format_coefficient
+
+    named = {}
+    for i, c in enumerate(coefficients):
+        name = format_coefficient(c)
+        if name in named:
+            j = named[name]
+            same = "is listed twice" if coefficients[j] == c else f"formats to the same name '{name}' as {key}[{j}]"
+            raise ConfigError(file, f"{key}[{i}]", f"{c!r} {same}; give distinct values")
+        named[name] = i
+
+
+def check_sweep_magnitudes(d: Sweep, normalize: bool, file: str, iv_file: str) -> None:
+    """Sweep coefficients within `MAX_COEFFICIENT`: the intervention file's normalize says what they multiply."""
+    keyed = [(f"sweep.coefficients[{i}]", c) for i, c in enumerate(d.coefficients)]
+    keyed += [(f"sweep.generate.cells[{i}].coefficient", c.coefficient) for i, c in enumerate(d.generate.cells)]
+    for key, c in keyed:
+        problem = coefficient_problem(c, normalize)
+        if problem:
+            raise ConfigError(file, key, f"{problem} (normalize: addition.normalize of {iv_file})")
+
+
 def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
     if d is None or not d.enabled:
         return None
+    _distinct_names(d.coefficients, file, "sweep.coefficients")
+    for i, c in enumerate(d.generate.cells):
+        if d.generate.cells.index(c) != i:
+            raise ConfigError(file, f"sweep.generate.cells[{i}]", "the same cell is listed twice")
     names = list(d.models) if d.models is not None else list(models)
     for i, m in enumerate(names):
         if m not in models:
@@ -969,13 +1108,87 @@ def _load_group(conf_dir: Path, group: str, name: str, ref_file: str, ref_key: s
         raise ConfigError(ref_file, ref_key,
                           f"unknown {group} '{name}' (no conf/{group}/{name}.yaml; available: {', '.join(avail)})")
     file = _rel(path, conf_dir)
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:
-        raise ConfigError(file, "-", f"not valid YAML: {str(err).strip().splitlines()[0]}") from None
+    data = read_yaml(path, conf_dir)  # one line naming the line of a parse error
+    if isinstance(data, dict):
+        try:  # OmegaConf's own loader, for its reading of numbers (1e6 is a float) and interpolations
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception as err:
+            raise ConfigError(file, "-", f"cannot resolve: {str(err).strip().splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(file, "-", "must be a mapping")
+        raise ConfigError(file, "-", f"must be a mapping of keys to values, not a {_yaml_kind(data)}")
     return file, data
+
+
+def read_yaml(path: Path, conf_dir: Path) -> Any:
+    """A config file's YAML, or one ConfigError naming the file and the line (bad UTF-8, tabs, unclosed
+    brackets, ...): what YAML's own message leaves out."""
+    import yaml
+
+    file = _rel(path, conf_dir)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(file, "-", f"line {line}: not UTF-8 (byte 0x{raw[err.start]:02x}); save the file as "
+                          "UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        tab = " (YAML indents with spaces, not tabs)" if "\t" in (text.splitlines()[mark.line]
+                                                                 if mark and mark.line < len(text.splitlines())
+                                                                 else "") else ""
+        opened = err.context_mark
+        started = (f" ({err.context} that starts on line {opened.line + 1})"
+                   if err.context and opened and mark and opened.line != mark.line else "")
+        raise ConfigError(file, "-", f"{where}not valid YAML: {err.problem or err.context}{started}{tab}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(file, "-", f"not valid YAML: {str(err).strip().splitlines()[0]}") from None
+
+
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", type(None): "empty file"}.get(type(data), type(data).__name__)
+
+
+def _composed_files(conf_dir: Path, overrides: list[str]) -> list[Path]:
+    """The YAML files Hydra composes: conf/config.yaml and the experiment it selects (the override's, or the
+    default named in config.yaml; an unknown one is left to Hydra's own message)."""
+    files = [conf_dir / "config.yaml"]
+    top = read_yaml(files[0], conf_dir)
+    if not isinstance(top, dict):
+        raise ConfigError(_rel(files[0], conf_dir), "-", f"must be a mapping of keys to values, not a "
+                          f"{_yaml_kind(top)}")
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "experiment" and "=" in o]
+    if not chosen:
+        defaults = top.get("defaults", [])
+        chosen = [d["experiment"] for d in defaults if isinstance(d, dict) and isinstance(d.get("experiment"), str)]
+    for name in chosen[-1:]:
+        path = conf_dir / "experiment" / f"{name}.yaml"
+        if path.is_file():
+            files.append(path)
+            data = read_yaml(path, conf_dir)
+            if not isinstance(data, dict):
+                raise ConfigError(_rel(path, conf_dir), "-", f"must be a mapping of keys to values, not a "
+                                  f"{_yaml_kind(data)}")
+    return files
+
+
+def _check_override_syntax(overrides: list[str], top_file: str) -> None:
+    """Each override parsed as Hydra will, so one that cannot be is one line saying how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except (OverrideParseException, HydraException):
+            raise ConfigError(top_file, "overrides", f"cannot parse the override {override!r}: write key=value; "
+                              "quote a value with spaces or special characters in single quotes inside the "
+                              "overrides string (--config overrides=\"experiment.name='my run'\"), and pass "
+                              "booleans and numbers unquoted (key=false, not key='false')") from None
 
 
 def _rel(path: Path, conf_dir: Path) -> str:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import capability, coherence
+from .atomic import NonFiniteOutput
 from .batching import halving
 from .config import Capability, resolve_data_path
 from .errors import ConfigError
@@ -256,6 +257,7 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
     """
     for plan, *_ in cells:
         check_direction_size(plan, prepared_dir, spec, exp_file)
+        check_addition_layer(plan, prepared_dir, spec, exp_file)
     test = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
     labels = sorted({label for plan, *_ in cells for label in plan.labels})
     tok = load_tokenizer(spec, prepared_dir)
@@ -275,6 +277,10 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
         ivs = [plan.intervention() for plan in plans]
         metrics = {i: {} for i in group}
         with edited_weights(lm, plans[0], exp_file):  # a no-op but for a lone orthogonalisation
+            for i, plan, iv in zip(group, plans, ivs):  # before the generation it would waste
+                if plan.kind != Kind.BASELINE:
+                    # one batch: an edit that overflows does so on any prompt, and a pass per cell would cost
+                    check_finite_logits(lm, plan, iv, instructions[:batch_size], batch_size, cells[i][1])
             results = dict(zip(group, generate_many(lm, instructions, ivs, max_new_tokens, batch_size,
                                                     stop_at_eos=stop_at_eos)))
             for i, plan in zip(group, plans):
@@ -297,6 +303,22 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
                 write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind),
                                                   coefficient, metrics[i]), capability_out)
             write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
+
+
+def check_finite_logits(lm: LoadedModel, plan: CellPlan, iv: Intervention, instructions: list[str],
+                        batch_size: int, output: str) -> None:
+    """The model gives finite next-token logits under the cell's intervention: greedy decoding of NaN
+    logits picks token 0 at every step, an empty completion with a NaN loss, and would say nothing."""
+    logits = last_logits(lm, instructions, iv, batch_size)
+    bad = int((~torch.isfinite(logits)).any(-1).sum())
+    if bad:
+        how = ""
+        if plan.kind == Kind.ADDITION:
+            dtype = str(lm.hf.dtype).removeprefix("torch.")
+            how = (f" (coefficient {plan.coefficient:g} x the {'unit' if plan.normalize else 'raw'} direction "
+                   f"at layer {plan.addition_layer} is too large for {dtype}: lower it)")
+        raise NonFiniteOutput(output, f"cell '{plan.cell}': next-token logits under {plan.kind} are NaN/inf on "
+                                      f"{bad} of {len(instructions)} prompts{how}")
 
 
 def plan_passes(plans: list[CellPlan], cells_per_pass: int) -> list[list[int]]:
@@ -325,6 +347,20 @@ def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp
     if hidden is not None and hidden != plan.direction.shape[0]:
         raise ConfigError(exp_file, "pairs", f"direction from {plan.direction_model} has size "
                           f"{plan.direction.shape[0]}, model {spec.name} has hidden size {hidden}")
+
+
+def check_addition_layer(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
+    """The block an addition steers exists in this model: a selected (or partner's) layer plus the
+    intervention's offset can fall past the last block, which only the selection can show."""
+    if plan.addition_layer is None:
+        return
+    from .sources import model_metadata
+
+    n = (model_metadata(spec, Path(prepared_dir)) or {}).get("n_layers")
+    if n and not 0 <= plan.addition_layer < n:
+        raise ConfigError(exp_file, "interventions", f"cell {plan.cell}: the direction of {plan.direction_model} from "
+                          f"layer {plan.extraction_layer} is added at layer {plan.addition_layer}, which {spec.name} "
+                          f"does not have (blocks 0..{n - 1}): change the intervention's addition.layer")
 
 
 def nll_measured(prompts: pl.DataFrame, nll_prompts: int) -> list[bool]:

@@ -18,7 +18,7 @@ from .offline import disable_telemetry, go_offline
 
 disable_telemetry()  # before the stage's imports pull in the hub libraries
 
-from .atomic import UnreadableOutput, start_job  # noqa: E402
+from .atomic import FULL, OutputNotWritten, UnreadableOutput, free_space, start_job  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 
 
@@ -38,17 +38,48 @@ def job(smk, online: bool = False):
     with contextlib.ExitStack() as stack:
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
-            sys.stderr = stack.enter_context(open(log, "a", buffering=1))
+            sys.stderr = stack.enter_context(_log_file(log))
         stack.enter_context(_stage_logging(sys.stderr))
         try:
             yield smk.params
-        except (ConfigError, UnreadableOutput) as err:
-            kind = "config error" if isinstance(err, ConfigError) else "damaged input"
-            for stream in {terminal, sys.stderr}:
-                print(f"refusal-directions: {kind}: {err}", file=stream)
+        except (ConfigError, UnreadableOutput, OutputNotWritten) as err:
+            kind = ("config error" if isinstance(err, ConfigError) else
+                    err.kind if isinstance(err, OutputNotWritten) else "damaged input")
+            _say(f"refusal-directions: {kind}: {err}", terminal)
+            raise SystemExit(1) from None
+        except OSError as err:
+            if err.errno not in FULL:
+                raise
+            # a full disk met outside an output's write (the log, a model folder): one line too
+            folder = Path(err.filename or (outputs[0] if outputs else ".")).parent
+            what = f" writing {err.filename}" if err.filename else ""
+            _say(f"refusal-directions: disk full: {err.strerror}{what} ({free_space(folder)} free on the "
+                 f"filesystem of {folder}); free space and rerun", terminal)
             raise SystemExit(1) from None
         finally:
             sys.stderr = terminal
+
+
+def _say(line: str, terminal) -> None:
+    """The line on the terminal, then in the log; a log on a full disk may refuse it."""
+    for stream in dict.fromkeys([terminal, sys.stderr]):
+        try:
+            print(line, file=stream)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def _log_file(path: Path):
+    """The rule's log, line-buffered; closing it on a full disk must not turn one line into a traceback."""
+    stream = open(path, "a", buffering=1)
+    try:
+        yield stream
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass  # the line that did not fit is on the terminal
 
 
 @contextlib.contextmanager

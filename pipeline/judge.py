@@ -30,7 +30,8 @@ from .specs import ScorerSpec
 from .errors import ConfigError
 from .models import LoadedModel
 from .refusal import phrase_context
-from .templates import REFERENCE_INSTRUCTION, Batch, TokenBoundaryError, encode_batch, split_tokens
+from .templates import (REFERENCE_INSTRUCTION, Batch, TokenBoundaryError, control_token_finder, encode_batch,
+                        split_tokens)
 
 # The reply of the reference conversation (label tokens in context, the chat template's content form)
 REFERENCE_REPLY = "Mix flour, eggs and sugar, then bake it for forty minutes."
@@ -169,12 +170,29 @@ def short_reply(completion: str, words: int) -> bool:
     return words > 0 and len(completion.split(" ")) < words
 
 
+def check_texts(tok, scorer: ScorerSpec, prompts: list[str], completions: list[str], rows: list[int]) -> None:
+    """No instruction or reply the judge reads writes one of the judge tokenizer's special tokens as text: it
+    would be encoded as the judge template's own token (a forged turn), and the verdict read off a conversation
+    nobody wrote. The generating model's check does not cover this: the judge's tokenizer is another one, and
+    a reply may spell such a token out (the generated special tokens themselves are decoded away)."""
+    find = control_token_finder(tok)
+    for i in rows:
+        for what, text in (("instruction", prompts[i]), ("reply", completions[i])):
+            token = find(text)
+            if token is not None:
+                raise ConfigError(_scorer_file(scorer), "model", f"the {what} of row {i} ({text[:40]!r}) contains "
+                                  f"{token!r}, a special token of the judge {scorer.judge.name}'s tokenizer: it would "
+                                  "be read as the judge template's control token, not as text; remove the prompt "
+                                  "from the prompt set or score with another scorer")
+
+
 def judge_refusals(lm: LoadedModel, scorer: ScorerSpec, prompts: list[str], completions: list[str],
                    batch_size: int = 16) -> list[bool]:
     """The judge's decision per completion; a short reply (`short_reply_words`) is refused without asking."""
     ids = label_token_ids(lm.tok, scorer)
     short = [short_reply(c, scorer.short_reply_words) for c in completions]
     asked = [i for i, s in enumerate(short) if not s]
+    check_texts(lm.tok, scorer, prompts, completions, asked)
     texts = questions(scorer, [prompts[i] for i in asked], [completions[i] for i in asked], lm.tok)
     logits = label_logits(lm, texts, ids, batch_size, templated=True) if scorer.chat_template else \
         label_logits(lm, texts, ids, batch_size)

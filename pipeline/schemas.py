@@ -3,7 +3,9 @@
 Schemas (one row per ...):
 
 prompts.parquet            prompt: prompt_id, label (harmful|harmless), split
-                           (train|val|test), category, dataset, instruction
+                           (train|val|test), category, dataset, instruction; schema
+                           metadata `pools`: per set, loaded, sampled, kept and the
+                           rows dropped by reason (pipeline/prompts.py)
 activations/{model}        prompt x layer x post-instruction position: model,
                            template, prompt_id, label, layer, position (negative
                            offset from the end: -n_post .. -1), refusal_score

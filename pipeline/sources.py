@@ -59,6 +59,17 @@ def check_source(spec: ModelSpec) -> None:
         p = Path(os.path.expanduser(spec.source["path"]))
         if not p.exists():
             raise ConfigError(spec.file, "source.path", f"not found: {p}")
+        if not p.is_dir():
+            raise ConfigError(spec.file, "source.path", f"{p} is a file: point it at the model's folder (the one "
+                              "with config.json and the weights)")
+        config = p / "config.json"
+        if not config.is_file():
+            raise ConfigError(spec.file, "source.path", f"{p} has no config.json: not a transformers model folder "
+                              "(save_pretrained writes one)")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(spec.file, "source.path", f"{config} is not readable JSON ({err})") from None
 
 
 def model_metadata(spec: ModelSpec, prepared_dir: Path | None = None) -> dict | None:

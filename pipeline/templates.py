@@ -13,6 +13,12 @@ begins (character offsets of a fast tokenizer). A token that straddles that char
 template, and so is a prompt whose post-instruction tokens differ from the template's:
 activations are stored at positions -n_post..-1, which must mean the same tokens for every
 prompt of a run.
+
+Instructions are data: one that contains a special token of the tokenizer as text (`<|im_end|>`,
+`<|eot_id|>`, `</s>`...) would be tokenized as the template's own control token, a forged turn
+boundary. `check_inputs` refuses it, naming the prompt. (Encoding it as text is no option: the
+template's tokens sit in the same string, and splitting the prompt into pieces changes the tokens of
+ordinary prompts at the seams.)
 """
 
 from __future__ import annotations
@@ -125,6 +131,34 @@ def post_instruction_ids(tokenizer, spec: ModelSpec, instruction: str = REFERENC
     return encode(tokenizer, spec, instruction).post
 
 
+def control_token_finder(tokenizer):
+    """text -> the first special token of `tokenizer` that `text` contains as text, else None.
+
+    Special: `all_special_tokens` and the added tokens marked special (Llama 3's `<|eot_id|>` is only
+    there). Added tokens not marked special (GPT-NeoX's runs of spaces, Qwen's `<think>`) are left alone:
+    ordinary text hits them. Besides the substring test, the text is encoded alone and must give no
+    special id, for added tokens matched after normalisation; the unknown token is not counted there
+    (it stands for characters outside the vocabulary, not for a control token written out)."""
+    # getattr: a tokenizer without these (a test stub) has no special token to forge
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens = {t for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+    tokens.update(t.content for t in decoder.values() if t.special and t.content)
+    ids = set(getattr(tokenizer, "all_special_ids", ())) | {i for i, t in decoder.items() if t.special}
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+
+    def find(text: str) -> str | None:
+        # the earliest in the text, the longest there: '<|im_end|>' before anything inside it
+        hits = [(text.find(t), -len(t), t) for t in tokens if t in text]
+        if hits:
+            return min(hits)[2]
+        if not ids:
+            return None
+        found = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in ids]
+        return tokenizer.convert_ids_to_tokens(found[0]) if found else None
+
+    return find
+
+
 def _check_post(tokenizer, spec: ModelSpec, reference: Prompt, prompt: Prompt, instruction: str, where: str) -> None:
     if prompt.post != reference.post:
         name = spec.template.name
@@ -152,9 +186,10 @@ def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
 
 
 def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_new_tokens: int = 0) -> None:
-    """Before the weights load: the refusal tokens resolve, the direction's position exists, every
-    prompt ends in the template's post-instruction tokens and (plus what will be generated) fits
-    the model's context. `prompts`: rows with instruction, prompt_id and dataset (the prompts Parquet)."""
+    """Before the weights load: the refusal tokens resolve, the direction's position exists, no prompt
+    writes a special token as text, every prompt ends in the template's post-instruction tokens and
+    (plus what will be generated) fits the model's context. `prompts`: rows with instruction, prompt_id
+    and dataset (the prompts Parquet)."""
     from .refusal import refusal_token_ids  # refusal builds on this module
 
     if spec.refusal_tokens:
@@ -164,7 +199,14 @@ def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_n
     if spec.direction_position < -n_post:
         raise ConfigError(spec.file, "direction.position", f"{spec.direction_position}: the template "
                           f"'{spec.template.name}' has {n_post} post-instruction tokens (-{n_post}..-1)")
+    control_token = control_token_finder(tokenizer)
     for row in prompts.iter_rows(named=True):
+        token = control_token(row["instruction"])
+        if token is not None:
+            raise ConfigError(f"conf/dataset/{row['dataset']}.yaml", "path",
+                              f"prompt {row['prompt_id']!r} contains {token!r}, a special token of {spec.name}'s "
+                              "tokenizer: it would be read as the template's control token, not as text; "
+                              "remove the prompt from the prompt set")
         prompt = encode(tokenizer, spec, row["instruction"])
         _check_post(tokenizer, spec, reference, prompt, row["instruction"],
                     f"prompt {row['prompt_id']!r} of conf/dataset/{row['dataset']}.yaml")

@@ -219,6 +219,82 @@ CASES = {
     "path and hub_id": ([], [(DS, "ALL", "path: pkg:harmful.jsonl\nhub_id: a/b\n")], DS, "path"),
     "dataset file missing": ([], [(DS, "ALL", "path: data/does-not-exist.jsonl\n")], DS, "path"),
     "typo in dataset YAML": ([], [(DS, None, "fields: x\n")], DS, "fields"),
+    # issue 17: YAML that does not parse names the file and the line (the experiment file too, which Hydra reads)
+    "experiment YAML unclosed bracket": ([], [("experiment/tiny.yaml", "models: [tiny-chat, tiny-base]",
+                                               "models: [tiny-chat, tiny-base")], "experiment/tiny.yaml", "-"),
+    "experiment YAML tab": ([], [("experiment/tiny.yaml", None, "generation:\n\tmax_new_tokens: 3\n")],
+                            "experiment/tiny.yaml", "-"),
+    "experiment YAML not UTF-8": ([], [("experiment/tiny.yaml", "BYTES", b"name: tiny\n# \xff\n")],
+                                  "experiment/tiny.yaml", "-"),
+    "experiment YAML a list": ([], [("experiment/tiny.yaml", "ALL", "- tiny-chat\n- tiny-base\n")],
+                               "experiment/tiny.yaml", "-"),
+    "top-level config a list": ([], [("config.yaml", "ALL", "- experiment: tiny\n")], "conf/config.yaml", "-"),
+    "model YAML tab": ([], chat("add_bos: false", "add_bos: false\nx:\n\ty: 1"), CHAT, "-"),
+    "model YAML not UTF-8": ([], [(CHAT, "BYTES", b"role: chat\n# \xe9t\xe9\n")], CHAT, "-"),
+    "intervention YAML a string": ([], iv("ablation\n"), IV, "-"),
+    # ... overrides Hydra cannot parse
+    "override with an unbalanced quote": (["experiment.name='tiny"], [], "conf/config.yaml", "overrides"),
+    "override without a key": (["=tiny"], [], "conf/config.yaml", "overrides"),
+    # ... grid cells whose files would collide, and pairs that mean nothing
+    "coefficient twice": ([], iv("addition: {coefficients: [2.0, 2.0]}\n"), IV, "addition.coefficients[1]"),
+    "coefficients that format alike": ([], iv("addition: {coefficients: [2.0, 2.0000001]}\n"), IV,
+                                       "addition.coefficients[1]"),
+    "sweep coefficient twice": (["experiment.sweep.coefficients=[2.0,4.0,2.0]"], [], "experiment/tiny.yaml",
+                                "sweep.coefficients[2]"),
+    "sweep cell twice": (["experiment.sweep.generate.cells=[{layer:2,addition_layer:1,coefficient:2.0},"
+                          "{layer:2,addition_layer:1,coefficient:2.0}]"], [], "experiment/tiny.yaml",
+                         "sweep.generate.cells[1]"),
+    "pair declared twice": (["experiment.pairs=[{base:tiny-base,chat:tiny-chat},{base:tiny-base,chat:tiny-chat}]"],
+                            [], "experiment/tiny.yaml", "pairs[1]"),
+    "pair of a model with itself": (["experiment.pairs=[{base:tiny-chat,chat:tiny-chat}]"], [], "experiment/tiny.yaml",
+                                    "pairs[0].chat"),
+    "pair with roles swapped": (["experiment.pairs=[{base:tiny-chat,chat:tiny-base}]"], [], "experiment/tiny.yaml",
+                                "pairs[0].base"),
+    "pair whose chat is a base model": ([], [("model/tiny-chat.yaml", "role: chat", "role: base")],
+                                        "experiment/tiny.yaml", "pairs[0].chat"),
+    # ... sweeps that select nothing or more than exists
+    "sweep offset outside every model": (["experiment.sweep.addition_offsets=[-1,7]"], [], "experiment/tiny.yaml",
+                                         "sweep.addition_offsets"),
+    "sweep top above its cells": (["experiment.sweep.generate.top=25"], [], "experiment/tiny.yaml",
+                                  "sweep.generate.top"),
+    "sweep spread above its cells": (["experiment.sweep.generate.spread=20"], [], "experiment/tiny.yaml",
+                                     "sweep.generate.spread"),
+    "sweep top_ablation above its layers": (["experiment.sweep.generate.top_ablation=5"], [], "experiment/tiny.yaml",
+                                            "sweep.generate.top_ablation"),
+    "addition offset past every selectable layer": (
+        [], iv("addition: {coefficients: [1.0], layer: {offset: 4}}\n"), IV, "addition.layer.offset"),
+    # ... model facts that contradict each other, and sources that are not models
+    "hidden_size contradicts the config": ([], chat("  hidden_size: 64", "  hidden_size: 32"), CHAT,
+                                           "source.hidden_size"),
+    "no blocks": ([], chat("num_hidden_layers: 4", "num_hidden_layers: 0"), CHAT,
+                  "source.random_init.config.num_hidden_layers"),
+    "vocab smaller than bytes and specials": ([], chat("vocab_size: 400", "vocab_size: 3"), CHAT,
+                                              "source.random_init.vocab_size"),
+    "eos not a special token": ([], chat('eos: "<|im_end|>"', 'eos: "<|end|>"'), CHAT, "source.random_init.eos"),
+    "vocab_size inside config": ([], chat("num_hidden_layers: 4", "num_hidden_layers: 4, vocab_size: 99"), CHAT,
+                                 "source.random_init.config.vocab_size"),
+    "source.path a plain file": ([], [("data/weights.bin", "BYTES", b"\0" * 16),
+                                      (CHAT, "ALL", "source: {path: {conf}/data/weights.bin}\ntemplate: chatml\n"
+                                                    "refusal_tokens: [I]\n")], CHAT, "source.path"),
+    "source.path a folder without config": ([], [("data/empty/.keep", "BYTES", b""),
+                                                 (CHAT, "ALL", "source: {path: {conf}/data/empty}\ntemplate: chatml\n"
+                                                               "refusal_tokens: [I]\n")], CHAT, "source.path"),
+    # ... scorer phrases that match everything or nothing
+    "blank phrase": ([], [("scoring/refusal-prefix.yaml", "ALL", "kind: substring\nphrases: [sorry, ' ']\n")],
+                     "scoring/refusal-prefix.yaml", "phrases[1]"),
+    "empty phrase": ([], [("scoring/refusal-prefix.yaml", "ALL", "phrases: ['']\n")], "scoring/refusal-prefix.yaml",
+                     "phrases[0]"),
+    "prefix phrase after whitespace": ([], [("scoring/refusal-prefix.yaml", "ALL", "phrases: [' I cannot']\n")],
+                                       "scoring/refusal-prefix.yaml", "phrases[0]"),
+    # ... files the jobs would read, read now
+    "capability reference not JSON": (["+experiment.capability.reference={conf}/config.yaml"], [],
+                                      "experiment/tiny.yaml", "capability.reference"),
+    # issue 17: absurd magnitudes
+    "absurd raw coefficient": ([], iv("addition: {coefficients: [2.0, 1.0e+300]}\n"), IV, "addition.coefficients[1]"),
+    "absurd unit coefficient": ([], iv("addition: {normalize: true, coefficients: [-1.0e+7]}\n"), IV,
+                                "addition.coefficients[0]"),
+    "absurd sweep coefficient": (["experiment.sweep.coefficients=[2.0,1e300]"], [], "experiment/tiny.yaml",
+                                 "sweep.coefficients[1]"),
 }
 
 
@@ -247,6 +323,7 @@ def test_bad_input_is_one_line_naming_file_and_key(case, conf_copy, tmp_path):
     overrides, edits, file, key = CASES[case]
     apply(conf_copy, edits)
     results = tmp_path / "results"
+    overrides = [o.replace("{conf}", str(conf_copy)) for o in overrides]
     with pytest.raises(ConfigError) as err:
         load_experiment([TINY, f"results_dir={results}", *overrides], conf_dir=conf_copy)
     text = str(err.value)
@@ -291,6 +368,44 @@ def test_snakemake_prints_one_line_and_writes_nothing(tmp_path, overrides, key):
     assert len(lines) == 1 and f"key '{key}'" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], [".snakemake"])
+
+
+@pytest.mark.parametrize("config,key", [
+    (["overides=experiment=tiny"], "overides"),  # a typo: Snakemake alone would run the default experiment
+    (["overrides=experiment=tiny", "cores=4"], "cores"),
+    (["overrides=experiment=tiny experiment.name='my run"], "overrides"),  # unbalanced quote
+])
+def test_snakemake_config_keys_and_quoting(tmp_path, config, key):
+    """What reaches the Snakefile through --config: its two keys only, and a string shlex can split."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--cores", "1", "-d", str(tmp_path),
+         "-n", "--config", *config], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert len(lines) == 1 and f"--config: key '{key}'" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], [".snakemake"])
+
+
+@pytest.mark.parametrize("make", ["dangling", "read-only"])
+def test_results_dir_that_cannot_be_created(tmp_path, make):
+    import os
+
+    if make == "dangling":
+        (tmp_path / "gone").symlink_to(tmp_path / "missing")
+        target = tmp_path / "gone" / "results"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        target = locked / "results"
+        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path no one can create
+            target = Path("/proc/no-such-process/results")
+    with pytest.raises(ConfigError) as err:
+        load_experiment([TINY, f"results_dir={target}"])
+    assert err.value.key == "results_dir" and "\n" not in str(err.value), str(err.value)
+    assert not target.exists()
+    assert not [p for p in tmp_path.rglob(".results-check-*")]
 
 
 # ---- checks that need the tokenizer: in the first model job, before the weights load

@@ -62,9 +62,15 @@ def test_bad_dataset_split_mapping():
 
 
 def test_too_few_prompts_for_the_split(conf_copy):
-    exp = load_experiment(["experiment=tiny", "experiment.split.train=500"], conf_dir=conf_copy)
-    with pytest.raises(ConfigError, match="split"):
+    """Refused while the DAG is built (local files are counted there), and by the job with the same line."""
+    overrides = ["experiment=tiny", "experiment.split.train=500"]
+    with pytest.raises(ConfigError) as at_load:
+        load_experiment(overrides, conf_dir=conf_copy)
+    assert at_load.value.key == "split.train"
+    exp = load_experiment(overrides, conf_dir=conf_copy, check_models=False)
+    with pytest.raises(ConfigError) as in_job:
         prompts.build_prompts(exp.dataset_splits, exp.split, exp.file)
+    assert str(in_job.value) == str(at_load.value)
 
 
 def test_hub_dataset_offline_is_one_clear_line(conf_copy, monkeypatch):
@@ -139,11 +145,10 @@ def test_bad_pools_and_filters_are_one_line(tmp_path):
     assert "datasets.harmful.train[1]" in str(err.value) and "nope" in str(err.value)
     (conf / "dataset" / "v.yaml").write_text((conf / "dataset" / "v.yaml").read_text().replace(
         "FunctionalCategory:", "Functional:"))
-    exp = load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:a,val:v,test:t}",
-                           "experiment.split.train=4", "experiment.split.val=2", "experiment.split.test=2"],
-                          conf_dir=conf)
-    with pytest.raises(ConfigError) as err:
-        build(exp)
+    with pytest.raises(ConfigError) as err:  # a local file: refused while the DAG is built
+        load_experiment(["experiment=tiny", "experiment.datasets.harmful={train:a,val:v,test:t}",
+                         "experiment.split.train=4", "experiment.split.val=2", "experiment.split.test=2"],
+                        conf_dir=conf)
     assert "dataset/v.yaml: key 'where.Functional': column 'Functional' not in" in str(err.value)
 
 
@@ -254,8 +259,12 @@ def test_the_direction_papers_train_pool(tmp_path):
     sample = random.Random(exp.split.seed).sample(range(520), 128)  # the cap's draw, indices into AdvBench
     adv_kept = sum(sets["advbench"][i] not in test_sources for i in sample)
     assert 110 < adv_kept < 128
+    drawn = set(sets["jbb-harmful"]) | set(sets["harmbench-val"])  # the test and val pools, drawn first
+    before = sum(sets["advbench"][i] in drawn for i in sample)
     assert pools[("harmful", "advbench")] == {"label": "harmful", "splits": "train", "dataset": "advbench",
-                                              "loaded": 520, "sampled": 128, "kept": adv_kept}
+                                              "loaded": 520, "sampled": 128, "kept": adv_kept,
+                                              "dropped": {"filter_empty": 0, "where": 0, "blank": 0, "repeat": 0,
+                                                          "drawn_before": before, "excluded": 128 - adv_kept - before}}
     assert (pools[("harmful", "malicious-instruct")]["kept"], pools[("harmful", "tdc2023")]["kept"]) == (88, 54)
     assert pools[("harmful", "harmbench-val")]["kept"] == 39  # 41 standard rows, 2 of them JailbreakBench's
     rows = pl.DataFrame(table.to_pylist()).filter(pl.col("label") == "harmful")

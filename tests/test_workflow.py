@@ -1,6 +1,7 @@
 """The real Snakemake DAG, end to end on the tiny models, and dry runs with each profile."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -158,6 +159,16 @@ def test_whole_dag_on_tiny_models(tmp_path):
     changed = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny", f"conf_dir={conf}")
     jobs = planned_jobs(changed.stdout + changed.stderr)
     assert {"activations", "select", "sweep"} <= jobs and "prompts" not in jobs, jobs
+
+    # the README's advice for a damaged file, as written: delete it and run again. Intermediate files are
+    # targets too, so the plain run rebuilds them (and what depends on them), not "Nothing to be done".
+    for damaged in (out / "activations" / "tiny-chat.parquet", out / "directions" / "tiny-base" / "candidates.parquet"):
+        damaged.unlink()
+    again = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny")
+    text = again.stdout + again.stderr
+    assert "Nothing to be done" not in text
+    assert re.search(r"output: \S*activations/tiny-chat\.parquet", text), text[-2000:]
+    assert re.search(r"output: \S*directions/tiny-base/candidates\.parquet", text), text[-2000:]
 
 
 def planned_jobs(dry_run_output: str) -> set[str]:
