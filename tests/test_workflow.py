@@ -139,6 +139,11 @@ def test_whole_dag_on_tiny_models(tmp_path):
     again = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny")
     assert "Nothing to be done" in again.stdout + again.stderr
 
+    # a speed knob whose outputs are identical by design reruns nothing
+    knob = snakemake(tmp_path, "-n", "--cores", "2", "--config",
+                     "overrides=experiment=tiny experiment.generation.cells_per_pass=1")
+    assert "Nothing to be done" in knob.stdout + knob.stderr, (knob.stdout + knob.stderr)[-2000:]
+
     # changing a generation setting reruns generation, not activations
     changed = snakemake(tmp_path, "-n", "--cores", "2", "--config",
                         "overrides=experiment=tiny experiment.generation.max_new_tokens=3")

@@ -3,6 +3,11 @@
 # job, as a job's outputs are its cells: generate_<model>_grid1, generate_<model>_sweep1, ...
 
 
+# Generation settings that cannot change a completion: not params, so changing them reruns nothing
+# (cells_per_job is read while the DAG is built, to group cells into jobs, and by no job).
+SPEED_KNOBS = ("cells_per_pass", "cells_per_job")
+
+
 def generate_job_inputs(job):
     sweep = job.cells[0].source == "sweep"
     needs_baseline = EXP.capability.enabled and not sweep and all(c.name != "baseline" for c in job.cells)
@@ -30,7 +35,9 @@ for gen_job in EXP.generate_jobs():
             model=to_params(EXP.models[gen_job.model]),
             cells=[{"cell": to_params(c), "intervention": cell_intervention(c), "direction": cell_direction_file(c)}
                    for c in gen_job.cells],
-            generation=to_params(EXP.generation),
+            # what changes the completions; the speed knobs (cells_per_pass: outputs identical by design,
+            # tests/test_generate_jobs.py) ride in resources, which are no rerun trigger
+            generation={k: v for k, v in to_params(EXP.generation).items() if k not in SPEED_KNOBS},
             capability=to_params(EXP.capability),
             nll_prompts=EXP.coherence.nll_prompts,
             device=EXP.device,
@@ -42,5 +49,6 @@ for gen_job in EXP.generate_jobs():
         threads: EXP.threads
         resources:
             gpu=GPU,
+            cells_per_pass=EXP.generation.cells_per_pass,
         script:
             "../scripts/generate.py"

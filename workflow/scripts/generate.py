@@ -15,4 +15,4 @@ with job(snakemake) as p:
                        max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, device=p.device,
                        threads=snakemake.threads, exp_file=p.file, capability_cfg=from_params(Capability, p.capability),
                        baseline_path=inp.baseline[0] if inp.baseline else None, nll_prompts=p.nll_prompts,
-                       cells_per_pass=gen.cells_per_pass, stop_at_eos=gen.stop_at_eos)
+                       cells_per_pass=snakemake.resources.cells_per_pass, stop_at_eos=gen.stop_at_eos)
