@@ -31,7 +31,7 @@ from .errors import ConfigError
 from .models import LoadedModel
 from .refusal import phrase_context
 from .templates import (REFERENCE_INSTRUCTION, Batch, TokenBoundaryError, control_token_finder, encode_batch,
-                        split_tokens)
+                        left_padded, split_tokens)
 
 # The reply of the reference conversation (label tokens in context, the chat template's content form)
 REFERENCE_REPLY = "Mix flour, eggs and sugar, then bake it for forty minutes."
@@ -140,14 +140,7 @@ def encode_templated(tok, spec, texts: list[str]) -> Batch:
             if not text.lstrip().startswith(tok.bos_token):
                 ids = [tok.bos_token_id] + ids
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return Batch(input_ids=input_ids, attention_mask=mask, n_post=0)
+    return left_padded(tok, rows, n_post=0)
 
 
 @torch.no_grad()

@@ -174,7 +174,11 @@ def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
     prompts = [encode(tokenizer, spec, text) for text in instructions]
     for prompt, text in zip(prompts, instructions):
         _check_post(tokenizer, spec, reference, prompt, text, repr(text[:40]))
-    rows = [p.ids for p in prompts]
+    return left_padded(tokenizer, [p.ids for p in prompts], reference.n_post)
+
+
+def left_padded(tokenizer, rows: list[list[int]], n_post: int) -> Batch:
+    """Token id rows as one batch, padded on the left (pad id, else EOS) so every row ends at the last column."""
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -182,7 +186,7 @@ def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    return Batch(input_ids=input_ids, attention_mask=mask, n_post=reference.n_post)
+    return Batch(input_ids=input_ids, attention_mask=mask, n_post=n_post)
 
 
 def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_new_tokens: int = 0) -> None:

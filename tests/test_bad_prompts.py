@@ -23,6 +23,7 @@ import pytest
 from pipeline import prompts
 from pipeline.config import load_experiment
 from pipeline.errors import ConfigError
+from tests.test_config_errors import apply, expect_one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "experiment=tiny"
@@ -125,28 +126,10 @@ CASES = {
 }
 
 
-def apply(conf: Path, edits) -> None:
-    for rel, how, new in edits:
-        path = conf / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if how == "BYTES":
-            path.write_bytes(new)
-        else:
-            path.write_text(new.replace("{conf}", str(conf)))
-
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_prompt_set_is_one_line_naming_file_and_key(case, conf_copy, tmp_path):
-    overrides, edits, file, key = CASES[case]
-    apply(conf_copy, edits)
-    results = tmp_path / "results"
-    with pytest.raises(ConfigError) as err:
-        load_experiment([TINY, f"results_dir={results}", *overrides], conf_dir=conf_copy)
-    text = str(err.value)
-    assert "\n" not in text and "Traceback" not in text, text
-    assert err.value.file.endswith(file), text
-    assert err.value.key == key, text
-    assert not results.exists()
+    expect_one_line(CASES[case], conf_copy, tmp_path / "results")
 
 
 def test_the_lines_named(conf_copy):

@@ -318,19 +318,25 @@ def test_the_table_is_large_enough():
     assert len(CASES) >= 60
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_naming_file_and_key(case, conf_copy, tmp_path):
-    overrides, edits, file, key = CASES[case]
-    apply(conf_copy, edits)
-    results = tmp_path / "results"
-    overrides = [o.replace("{conf}", str(conf_copy)) for o in overrides]
+def expect_one_line(case, conf: Path, results: Path) -> ConfigError:
+    """Load the tiny experiment with a case's overrides and edits: one ConfigError line naming its file and key,
+    and no results folder. "{conf}" in an override or an edit is the conf copy's path."""
+    overrides, edits, file, key = case
+    apply(conf, edits)
+    overrides = [o.replace("{conf}", str(conf)) for o in overrides]
     with pytest.raises(ConfigError) as err:
-        load_experiment([TINY, f"results_dir={results}", *overrides], conf_dir=conf_copy)
+        load_experiment([TINY, f"results_dir={results}", *overrides], conf_dir=conf)
     text = str(err.value)
     assert "\n" not in text and "Traceback" not in text, text
     assert err.value.file.endswith(file), text
     assert err.value.key == key, text
     assert not results.exists()
+    return err.value
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_naming_file_and_key(case, conf_copy, tmp_path):
+    expect_one_line(CASES[case], conf_copy, tmp_path / "results")
 
 
 def test_results_dir_that_is_a_file(tmp_path):
