@@ -20,7 +20,8 @@ from .specs import ModelSpec
 from .models import LoadedModel, context_length, load_tokenizer
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import activations_schema, read_parquet, vectors_column, write_parquet
-from .templates import check_inputs, encode_batch
+from .inputs import check_inputs
+from .templates import encode_batch
 
 
 @torch.no_grad()

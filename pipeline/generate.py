@@ -29,7 +29,8 @@ from .orthogonalize import orthogonalized
 from .probes import completion_losses, last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 from .specs import Cell, Kind, ModelSpec, Source, addition_layer, cell_name
-from .templates import check_inputs, encode_batch
+from .inputs import check_inputs
+from .templates import encode_batch
 
 
 @dataclass(frozen=True)

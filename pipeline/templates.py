@@ -16,7 +16,7 @@ prompt of a run.
 
 Instructions are data: one that contains a special token of the tokenizer as text (`<|im_end|>`,
 `<|eot_id|>`, `</s>`...) would be tokenized as the template's own control token, a forged turn
-boundary. `check_inputs` refuses it, naming the prompt. (Encoding it as text is no option: the
+boundary. `inputs.check_inputs` refuses it, naming the prompt. (Encoding it as text is no option: the
 template's tokens sit in the same string, and splitting the prompt into pieces changes the tokens of
 ordinary prompts at the seams.)
 """
@@ -159,7 +159,7 @@ def control_token_finder(tokenizer):
     return find
 
 
-def _check_post(tokenizer, spec: ModelSpec, reference: Prompt, prompt: Prompt, instruction: str, where: str) -> None:
+def check_post(tokenizer, spec: ModelSpec, reference: Prompt, prompt: Prompt, instruction: str, where: str) -> None:
     if prompt.post != reference.post:
         name = spec.template.name
         raise ConfigError(spec.file, "template", f"template '{name}': after {where} the text after the instruction is "
@@ -173,7 +173,7 @@ def encode_batch(tokenizer, spec: ModelSpec, instructions: list[str]) -> Batch:
     reference = encode(tokenizer, spec, REFERENCE_INSTRUCTION)
     prompts = [encode(tokenizer, spec, text) for text in instructions]
     for prompt, text in zip(prompts, instructions):
-        _check_post(tokenizer, spec, reference, prompt, text, repr(text[:40]))
+        check_post(tokenizer, spec, reference, prompt, text, repr(text[:40]))
     return left_padded(tokenizer, [p.ids for p in prompts], reference.n_post)
 
 
@@ -187,35 +187,3 @@ def left_padded(tokenizer, rows: list[list[int]], n_post: int) -> Batch:
         input_ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     return Batch(input_ids=input_ids, attention_mask=mask, n_post=n_post)
-
-
-def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_new_tokens: int = 0) -> None:
-    """Before the weights load: the refusal tokens resolve, the direction's position exists, no prompt
-    writes a special token as text, every prompt ends in the template's post-instruction tokens and
-    (plus what will be generated) fits the model's context. `prompts`: rows with instruction, prompt_id
-    and dataset (the prompts Parquet)."""
-    from .refusal import refusal_token_ids  # refusal builds on this module
-
-    if spec.refusal_tokens:
-        refusal_token_ids(tokenizer, spec)
-    reference = encode(tokenizer, spec, REFERENCE_INSTRUCTION)
-    n_post = reference.n_post
-    if spec.direction_position < -n_post:
-        raise ConfigError(spec.file, "direction.position", f"{spec.direction_position}: the template "
-                          f"'{spec.template.name}' has {n_post} post-instruction tokens (-{n_post}..-1)")
-    control_token = control_token_finder(tokenizer)
-    for row in prompts.iter_rows(named=True):
-        token = control_token(row["instruction"])
-        if token is not None:
-            raise ConfigError(f"conf/dataset/{row['dataset']}.yaml", "path",
-                              f"prompt {row['prompt_id']!r} contains {token!r}, a special token of {spec.name}'s "
-                              "tokenizer: it would be read as the template's control token, not as text; "
-                              "remove the prompt from the prompt set")
-        prompt = encode(tokenizer, spec, row["instruction"])
-        _check_post(tokenizer, spec, reference, prompt, row["instruction"],
-                    f"prompt {row['prompt_id']!r} of conf/dataset/{row['dataset']}.yaml")
-        n = len(prompt.ids) + max_new_tokens
-        if context and n > context:
-            raise ConfigError(f"conf/dataset/{row['dataset']}.yaml", "path",
-                              f"prompt {row['prompt_id']!r} is {n} tokens with the template and generation, "
-                              f"past {spec.name}'s context of {context}")

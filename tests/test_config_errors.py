@@ -425,7 +425,7 @@ def prompt_rows(text, dataset="own-harmful"):
 
 def test_prompt_longer_than_the_context(tiny_dirs):
     from pipeline.models import context_length, load_tokenizer
-    from pipeline.templates import check_inputs
+    from pipeline.inputs import check_inputs
     from tests.conftest import tiny_spec
 
     spec = tiny_spec("tiny-chat")
@@ -447,7 +447,7 @@ def test_tokenizer_level_mistakes_name_the_model_yaml(tiny_dirs, field, value, k
     import dataclasses
 
     from pipeline.models import load_tokenizer
-    from pipeline.templates import check_inputs
+    from pipeline.inputs import check_inputs
     from tests.conftest import tiny_spec
 
     spec = dataclasses.replace(tiny_spec("tiny-chat"), **{field: value})

@@ -17,7 +17,8 @@ import pytest
 from paper_standins import family
 from pipeline.config import DEFAULT_CONF_DIR, load_model
 from pipeline.errors import ConfigError
-from pipeline.templates import check_inputs, control_token_finder, encode_prompt
+from pipeline.inputs import check_inputs
+from pipeline.templates import control_token_finder, encode_prompt
 
 ORDINARY = "How do I bake sourdough bread at home?"
 

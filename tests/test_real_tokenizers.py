@@ -24,7 +24,8 @@ from paper_standins import family, template_family
 from pipeline.config import DEFAULT_CONF_DIR, TemplateSpec, load_model, load_template
 from pipeline.errors import ConfigError
 from pipeline.refusal import refusal_token_ids
-from pipeline.templates import check_inputs, encode_batch, encode_prompt, post_instruction_ids
+from pipeline.inputs import check_inputs
+from pipeline.templates import encode_batch, encode_prompt, post_instruction_ids
 
 TEMPLATES = sorted(p.stem for p in (DEFAULT_CONF_DIR / "template").glob("*.yaml"))
 MODEL_NAMES = sorted(p.stem for p in (DEFAULT_CONF_DIR / "model").glob("*.yaml"))

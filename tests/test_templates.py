@@ -138,7 +138,7 @@ def test_split_tokens_absorbs_only_whitespace():
 def test_check_inputs_checks_every_prompt(tiny_dirs):
     import polars as pl
 
-    from pipeline.templates import check_inputs
+    from pipeline.inputs import check_inputs
 
     tok = CharTokenizer()
     spec = replace(_char_spec(), refusal_tokens=())
