@@ -20,6 +20,7 @@ from . import stats
 from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
+from .specs import COEFFICIENT_KINDS, KIND_ORDER
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
          "intervention", "addition_layer", "coefficient", "normalized", "ablation_layers", "scorer", "label"]
@@ -29,9 +30,9 @@ CELL = ["model", "source", "cell"]  # a generated cell: cell is its file name (b
 def condition_name(intervention: str, source: str, coefficient: float | None) -> str:
     if intervention == "baseline":
         return "baseline"
-    if intervention in ("ablation", "orthogonalization"):
+    if coefficient is None or intervention not in COEFFICIENT_KINDS:
         return f"{intervention} ({source})"
-    return f"addition {coefficient:+g} ({source})"
+    return f"{intervention} {coefficient:+g} ({source})"
 
 
 PICKED_ON_VAL = ("best", "same", "spread", "ablate")  # sweep picks chosen by their val logit score
@@ -108,9 +109,8 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None, scorers: list
         nll_increase=pl.col("nll") - pl.col("_base_nll")).drop("_base_nll")
     summary = summary.join(degenerate_cells(scores, GROUP, coherence).drop("broken_share"), on=GROUP, how="left",
                            nulls_equal=True)
-    order = {"baseline": 0, "ablation": 1, "orthogonalization": 2, "addition": 3}
     ranks = {name: i for i, name in enumerate(scorer_order(scores, scorers))}
-    return summary.with_columns(_o=pl.col("intervention").replace_strict(order, return_dtype=pl.Int8),
+    return summary.with_columns(_o=pl.col("intervention").replace_strict(KIND_ORDER, return_dtype=pl.Int8),
                                 _s=pl.col("source") == "sweep",
                                 _r=pl.col("scorer").replace_strict(ranks, return_dtype=pl.Int32)).sort(
         ["model", "_s", "_o", "source", "coefficient", "cell", "_r", "label"], nulls_last=False).drop("_o", "_s", "_r")

@@ -40,9 +40,15 @@ class Source(enum.StrEnum):
 
 # Sweep picks are named <prefix><i>: best1, same1, spread1, ablate1, cell1.
 PICK_PREFIXES = ("best", "same", "spread", "ablate", "cell")
-# Every cell file name, as the Snakefile's wildcard constraint: one definition for config, jobs and DAG.
-CELL_NAME_PATTERN = (r"baseline|ablation|orthogonalization|addition_[-+0-9.e]+|"
-                     rf"({'|'.join(PICK_PREFIXES)})[0-9]+")
+# Kinds whose cells are one per coefficient (file `<kind>_<c>`); every other kind is one cell named for itself.
+COEFFICIENT_KINDS = (Kind.ADDITION,)
+# The report's order of kinds: their declaration order above.
+KIND_ORDER = {str(k): i for i, k in enumerate(Kind)}
+# Every cell file name, as the Snakefile's wildcard constraint: one definition for config, jobs and DAG,
+# built from `Kind` so that a new kind needs no second list.
+CELL_NAME_PATTERN = "|".join([*(str(k) for k in Kind if k not in COEFFICIENT_KINDS),
+                              *(rf"{k}_[-+0-9.e]+" for k in COEFFICIENT_KINDS),
+                              rf"({'|'.join(PICK_PREFIXES)})[0-9]+"])
 
 
 def format_coefficient(c: float) -> str:
@@ -51,8 +57,8 @@ def format_coefficient(c: float) -> str:
 
 def cell_name(kind: Kind | str, coefficient: float | None = None) -> str:
     """A grid cell's file name: `addition_<c>` for additions, the kind otherwise."""
-    if Kind(kind) is Kind.ADDITION:
-        return f"addition_{format_coefficient(coefficient)}"
+    if Kind(kind) in COEFFICIENT_KINDS:
+        return f"{Kind(kind)}_{format_coefficient(coefficient)}"
     return str(Kind(kind))
 
 
