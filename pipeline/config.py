@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .registry import load_plugins
 from .specs import (SOURCE_KINDS, Cell, DatasetSpec, InterventionSpec, Kind, LengthSpec, ModelSpec, ScorerSpec,
                     Source, SweepSpec, TemplateSpec)
 
@@ -265,6 +266,10 @@ class ExperimentFile(Schema):
     length: Length | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PosInt = 2
+    # Your own methods: Python files (relative to the conf folder) or importable module names, each
+    # registering an intervention kind or a direction method (pipeline.registry); loaded before the
+    # intervention file is read, and by every job that looks a method up.
+    plugins: list[Text] = []
 
 
 class TopLevel(Schema):
@@ -669,6 +674,7 @@ class Experiment:
     sweep: SweepSpec | None = None
     length: LengthSpec | None = None
     meta: dict[str, dict] = field(default_factory=dict)  # model -> n_layers, hidden_size, context (if known)
+    plugins: tuple[str, ...] = ()  # as `resolve_plugins` gives them: what jobs load (`job.job`)
 
     @property
     def out(self) -> Path:
@@ -799,10 +805,11 @@ def load_experiment(overrides: list[str] | None = None, conf_dir: Path | str | N
     if top.experiment is None:
         raise ConfigError(top_file, "experiment", "no experiment selected")
     e = validate(ExperimentFile, top.experiment, exp_file)
+    plugins = resolve_plugins(e.plugins, conf_dir, exp_file)
     root = Path(results_dir or top.results_dir)
     if root.exists() and not root.is_dir():
         raise ConfigError(top_file, "results_dir", f"'{root}' exists and is not a folder")
-    exp = build_experiment(e, exp_file, conf_dir, root)
+    exp = build_experiment(e, exp_file, conf_dir, root, plugins)
     if check_models:
         check_results_dir(root, top_file)
         from .checks import check_experiment  # file and metadata checks; imports this module
@@ -856,7 +863,26 @@ def check_results_dir(root: Path, top_file: str) -> None:
             return
 
 
-def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_dir: Path) -> Experiment:
+def resolve_plugins(entries: list[str], conf_dir: Path, exp_file: str) -> tuple[str, ...]:
+    """Each plugin loaded (so its methods are registered before any YAML names them), as jobs will load
+    it: a file as its absolute path, a module by name. A plugin that fails to import is one line."""
+    resolved = []
+    for i, entry in enumerate(entries):
+        if entry.endswith(".py"):
+            path = (conf_dir / entry).resolve()
+            if not path.is_file():
+                raise ConfigError(exp_file, f"plugins[{i}]", f"file not found: {path}")
+            entry = str(path)
+        try:
+            load_plugins([entry])
+        except Exception as err:  # the plugin's own code: any error is the plugin's
+            raise ConfigError(exp_file, f"plugins[{i}]", f"cannot load {entry}: {type(err).__name__}: {err}") from None
+        resolved.append(entry)
+    return tuple(resolved)
+
+
+def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_dir: Path,
+                     plugins: tuple[str, ...] = ()) -> Experiment:
     models = {m: load_model(m, conf_dir, exp_file, f"models[{i}]") for i, m in enumerate(e.models)}
     for i, m in enumerate(e.models):
         if e.models.index(m) != i:
@@ -867,7 +893,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
             raise ConfigError(exp_file, f"direction.force[{i}].model",
                               f"model '{f.model}' is not in this experiment's models")
     exp = Experiment(
-        name=e.name, file=exp_file, results_dir=results_dir, models=models,
+        name=e.name, file=exp_file, results_dir=results_dir, models=models, plugins=plugins,
         pairs=[(p.base, p.chat) for p in e.pairs],
         dataset_splits=load_dataset_splits(e.datasets, conf_dir, exp_file, e.split), split=e.split,
         activations=e.activations, direction=e.direction,

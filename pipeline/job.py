@@ -20,6 +20,7 @@ disable_telemetry()  # before the stage's imports pull in the hub libraries
 
 from .atomic import FULL, OutputNotWritten, UnreadableOutput, free_space, start_job  # noqa: E402
 from .errors import ConfigError  # noqa: E402
+from .registry import load_plugins  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -41,6 +42,8 @@ def job(smk, online: bool = False):
             sys.stderr = stack.enter_context(_log_file(log))
         stack.enter_context(_stage_logging(sys.stderr))
         try:
+            # the experiment's own methods, registered before the stage looks one up by name
+            load_plugins(getattr(smk.params, "plugins", None) or ())
             yield smk.params
         except (ConfigError, UnreadableOutput, OutputNotWritten) as err:
             kind = ("config error" if isinstance(err, ConfigError) else
