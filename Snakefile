@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import load_experiment
 from pipeline.errors import ConfigError
-from pipeline.specs import CELL_NAME_PATTERN, Cell, Kind, to_params
+from pipeline.specs import Cell, cell_name_pattern, to_params
 
 # The only keys this workflow reads from --config; any other (a typo such as `overides=`) would be
 # ignored by Snakemake, and the run would silently use the defaults.
@@ -48,7 +48,7 @@ GPU = 0 if EXP.device == "cpu" else 1  # a resource, so local runs never start t
 wildcard_constraints:
     model=r"[^/]+",
     source=r"[^/]+",
-    cell=CELL_NAME_PATTERN,
+    cell=cell_name_pattern(),  # after the config: plugins' kinds are registered
 
 
 include: "workflow/rules/common.smk"

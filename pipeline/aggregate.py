@@ -20,7 +20,7 @@ from . import stats
 from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
-from .specs import COEFFICIENT_KINDS, KIND_ORDER
+from .interventions import INTERVENTIONS
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
          "intervention", "addition_layer", "coefficient", "normalized", "ablation_layers", "scorer", "label"]
@@ -28,11 +28,16 @@ CELL = ["model", "source", "cell"]  # a generated cell: cell is its file name (b
 
 
 def condition_name(intervention: str, source: str, coefficient: float | None) -> str:
-    if intervention == "baseline":
-        return "baseline"
-    if coefficient is None or intervention not in COEFFICIENT_KINDS:
-        return f"{intervention} ({source})"
-    return f"{intervention} {coefficient:+g} ({source})"
+    """The kind's own wording (its label, coefficient and source); a kind no longer registered (a summary
+    from a plugin not loaded) by its name."""
+    if intervention in INTERVENTIONS:
+        return INTERVENTIONS.get(intervention).condition(source, coefficient)
+    return f"{intervention} ({source})"
+
+
+def kind_order() -> dict[str, int]:
+    """The report's order of kinds: their registration order (built-ins first, then plugins)."""
+    return {name: i for i, name in enumerate(INTERVENTIONS.names())}
 
 
 PICKED_ON_VAL = ("best", "same", "spread", "ablate")  # sweep picks chosen by their val logit score
@@ -110,7 +115,8 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None, scorers: list
     summary = summary.join(degenerate_cells(scores, GROUP, coherence).drop("broken_share"), on=GROUP, how="left",
                            nulls_equal=True)
     ranks = {name: i for i, name in enumerate(scorer_order(scores, scorers))}
-    return summary.with_columns(_o=pl.col("intervention").replace_strict(KIND_ORDER, return_dtype=pl.Int8),
+    return summary.with_columns(_o=pl.col("intervention").replace_strict(kind_order(), default=len(kind_order()),
+                                                                              return_dtype=pl.Int16),
                                 _s=pl.col("source") == "sweep",
                                 _r=pl.col("scorer").replace_strict(ranks, return_dtype=pl.Int32)).sort(
         ["model", "_s", "_o", "source", "coefficient", "cell", "_r", "label"], nulls_last=False).drop("_o", "_s", "_r")

@@ -18,7 +18,7 @@ import json
 import pyarrow as pa
 import torch
 
-from .interventions import Intervention
+from .interventions import Edit, make_edit
 from .models import LoadedModel
 from .schemas import CAPABILITY
 from .probes import completion_loss, kl_divergence, last_logits
@@ -30,7 +30,7 @@ def load_pairs(path: str, limit: int) -> list[tuple[str, str]]:
     return [(r["instruction"], r["response"]) for r in rows[:limit]]
 
 
-def measure(lm: LoadedModel, iv: Intervention, reference: list[tuple[str, str]], own: list[tuple[str, str]],
+def measure(lm: LoadedModel, iv: Edit, reference: list[tuple[str, str]], own: list[tuple[str, str]],
             harmless: list[str], baseline_logits: torch.Tensor, batch_size: int) -> dict[str, tuple[float, int]]:
     own = [(p, c) for p, c in own if c.strip()]
     metrics = {

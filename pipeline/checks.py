@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import Experiment
 from .errors import ConfigError
+from .interventions.ablation import layer_range
 from .sources import check_source, model_metadata
 from .specs import DatasetSpec, ModelSpec
 
@@ -120,21 +121,23 @@ def check_layers(exp: Experiment) -> None:
             need(layer, spec.file, "direction.layer")
         for value in exp.direction.selection.layer_set() or ():
             need(value, exp.file, "direction.selection.layers")
-        need(iv.addition_absolute, iv.file, "addition.layer.absolute", "addition layer")
-        if forced and iv.addition_offset is not None and iv.coefficients:
-            need(layer + iv.addition_offset, iv.file, "addition.layer.offset",
-                 f"addition layer {layer}{iv.addition_offset:+d} =")
-        elif iv.addition_offset and iv.addition_absolute is None and iv.coefficients:
+        added = iv["addition"]
+        offset, absolute = added.layer.offset, added.layer.absolute
+        need(absolute, iv.file, "addition.layer.absolute", "addition layer")
+        if forced and offset is not None and added.coefficients:
+            need(layer + offset, iv.file, "addition.layer.offset", f"addition layer {layer}{offset:+d} =")
+        elif offset and absolute is None and added.coefficients:
             # the layer is selected later, among these: at least one must leave the target inside the model
             rules = exp.direction.selection
             candidates = [x for x in (rules.layer_set() or range(n)) if x < int(rules.max_layer_fraction * n)]
-            if candidates and not any(0 <= x + iv.addition_offset < n for x in candidates):
-                raise ConfigError(iv.file, "addition.layer.offset", f"{iv.addition_offset:+d} puts the addition "
+            if candidates and not any(0 <= x + offset < n for x in candidates):
+                raise ConfigError(iv.file, "addition.layer.offset", f"{offset:+d} puts the addition "
                                   f"outside {name} (blocks 0..{n - 1}) from every layer selection may pick "
                                   f"({min(candidates)}..{max(candidates)})")
-        if iv.ablation_layers is not None and iv.ablation_layers[1] > n:
+        ablated = layer_range(iv["ablation"])
+        if ablated is not None and ablated[1] > n:
             raise ConfigError(iv.file, "ablation.layers.stop",
-                              f"{iv.ablation_layers[1]} is past the last block of {name} ({n} blocks)")
+                              f"{ablated[1]} is past the last block of {name} ({n} blocks)")
         if exp.sweep is not None and name in exp.sweep.models:
             for value in exp.sweep.extraction_layers or ():
                 need(value, exp.file, "sweep.extraction_layers")

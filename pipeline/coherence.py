@@ -51,12 +51,12 @@ def per_token(loss_and_count: tuple[float, int]) -> float:
 def neutral_nll(lm, completions: list[str], batch_size: int, measured: list[bool] | None = None) -> list[float | None]:
     """Per-token loss of the unsteered model on each completion after NEUTRAL_INSTRUCTION (None where
     not measured; NaN for an empty completion)."""
-    from .interventions import Intervention
+    from .interventions import Edit, make_edit
     from .probes import completion_losses
 
     measured = measured if measured is not None else [True] * len(completions)
     pairs = [(NEUTRAL_INSTRUCTION, c) for c, m in zip(completions, measured) if m]
-    sums = iter(completion_losses(lm, pairs, Intervention("baseline"), batch_size))
+    sums = iter(completion_losses(lm, pairs, Edit(), batch_size))
     return [per_token(next(sums)) if m else None for m in measured]
 
 

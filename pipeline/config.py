@@ -24,57 +24,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .yamlschema import (LayerRange, Name, NegInt, NonNegFloat, NonNegInt, PosInt, Schema, Text,  # noqa: F401
+                         validate)
 from .registry import load_plugins
-from .specs import (SOURCE_KINDS, Cell, DatasetSpec, InterventionSpec, Kind, LengthSpec, ModelSpec, ScorerSpec,
+from .interventions import INTERVENTIONS, configurable, file_schema
+from .interventions.ablation import layer_range
+from .interventions.addition import coefficient_problem
+from .interventions.base import duplicate_name
+from .specs import (SOURCE_KINDS, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec,
                     Source, SweepSpec, TemplateSpec)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
-
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-NegInt = Annotated[int, Field(lt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-# Names become file names (conf/<group>/<name>.yaml, results/<experiment>/...): no paths.
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
-Text = Annotated[str, Field(min_length=1)]
-
-
-# --------------------------------------------------------------------------- YAML schemas
-
-
-class Schema(BaseModel):
-    """A YAML mapping: known keys only, exact types, finite numbers."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
-                    hint = f"did you mean '{close[0]}'? " if close else ""
-                    raise PydanticCustomError("unknown_key", "unknown key ({hint}known: {known})",
-                                              {"key": str(key), "hint": hint, "known": ", ".join(cls.model_fields)})
-        return data
-
-
-class LayerRange(Schema):
-    start: NonNegInt = 0
-    stop: PosInt
-    step: PosInt = 1
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.start >= self.stop:
-            raise ValueError(f"needs start < stop, got {self.start}..{self.stop}")
-        return self
-
-    def layers(self) -> tuple[int, ...]:
-        return tuple(range(self.start, self.stop, self.step))
-
 
 # One set, or a pool of sets drawn as one (the direction paper trains on AdvBench +
 # MaliciousInstruct + TDC2023).
@@ -445,70 +406,6 @@ class DatasetFile(Schema):
         return self
 
 
-class AblationRange(Schema):
-    layers: LayerRange
-
-
-class AdditionLayer(Schema):
-    offset: int | None = None
-    absolute: NonNegInt | None = None
-
-    @model_validator(mode="after")
-    def _one(self):
-        if (self.offset is None) == (self.absolute is None):
-            raise ValueError("is {offset: K} (from the extraction layer) or {absolute: L}")
-        return self
-
-
-class Addition(Schema):
-    normalize: bool = False  # true: add coefficient x the unit vector (the base-models post)
-    coefficients: list[float] = []
-    layer: AdditionLayer = AdditionLayer(offset=0)
-    # block_input: add once, to the block's input (the direction paper); every_write: also to each of
-    # the block's attention and MLP outputs (the base-models post's resid_pre + resid_mid + resid_post
-    # hooks: the stream leaves the block with 3x the vector). interventions.ADDITION_FORMS, same names.
-    form: Literal["block_input", "every_write"] = "block_input"
-
-    @model_validator(mode="after")
-    def _sane_magnitudes(self):
-        for i, c in enumerate(self.coefficients):
-            problem = coefficient_problem(c, self.normalize)
-            if problem:
-                raise PydanticCustomError("magnitude", "{problem}", {"key": f"coefficients[{i}]", "problem": problem})
-        return self
-
-
-# The largest |coefficient| that is still steering, by addition.normalize (issue 17). A unit direction
-# times 1e6 is 1e3-1e4 times the residual-stream norms of the models here (tens to a few thousand); the
-# raw direction is itself a difference of hidden states, so 1e3 times it is as far out. Past these the
-# stream is the vector alone, or float16/bfloat16 overflow to inf and the outputs turn NaN; smaller
-# values can still overflow a float16 model, which the generate stage's logit check catches.
-MAX_COEFFICIENT = {True: 1.0e6, False: 1.0e3}
-
-
-def coefficient_problem(c: float, normalize: bool) -> str | None:
-    """Why an addition coefficient is absurd for this normalisation, or None."""
-    bound = MAX_COEFFICIENT[normalize]
-    if abs(c) <= bound:
-        return None
-    times = "the unit direction (normalize: true)" if normalize else "the raw direction (normalize: false)"
-    return (f"{c:g} x {times} is beyond any steering (|coefficient| at most {bound:g}): the vector swamps the "
-            "hidden state, and larger ones overflow to NaN")
-
-
-class InterventionFile(Schema):
-    ablation: bool | AblationRange = True
-    orthogonalization: bool = False
-    addition: Addition = Addition()
-
-    @model_validator(mode="after")
-    def _compatible(self):
-        if isinstance(self.ablation, AblationRange) and self.orthogonalization:
-            raise PydanticCustomError("combo", "weight orthogonalisation edits every layer; it cannot be combined "
-                                      "with an ablation layer range", {"key": "orthogonalization"})
-        return self
-
-
 class Labels(Schema):
     refused: Text
     complied: Text
@@ -568,77 +465,6 @@ class ScoringFile(Schema):
                                           "stripped completion: it can never match", {"key": f"phrases[{i}]",
                                                                                        "phrase": repr(phrase)})
         return self
-
-
-_SCHEMA_NAMES = {c.__name__ for c in Schema.__subclasses__()} | {"Schema"}
-_TYPE_MISMATCH = {"list_type", "dict_type", "model_type", "model_attributes_type", "literal_error", "string_type",
-                  "int_type", "float_type", "bool_type", "none_required", "is_instance_of", "dataclass_type"}
-
-
-def validate(schema: type[Schema], data: Any, file: str, prefix: str = "") -> Any:
-    """`schema(**data)`, or one ConfigError naming the file and the dotted key."""
-    if not isinstance(data, dict):
-        raise ConfigError(file, prefix.rstrip(".") or "-", f"must be a mapping, got {data!r}")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as err:
-        key, problem = _explain(err)
-        raise ConfigError(file, prefix + key if key != "-" else (prefix.rstrip(".") or "-"), problem) from None
-
-
-def _explain(err: ValidationError) -> tuple[str, str]:
-    """The most specific error as (dotted key, problem)."""
-    errors = err.errors()
-    # unions report every member: take the deepest, and a broken value over "wrong type" for the other members
-    chosen = max(errors, key=lambda e: (len(_key_path(e)), e["type"] not in _TYPE_MISMATCH))
-    path = _key_path(chosen)
-    ctx = chosen.get("ctx") or {}
-    if "key" in ctx:
-        path = path + [str(ctx["key"])]
-    key = ".".join(path).replace(".[", "[") or "-"
-    return key, _problem(chosen)
-
-
-def _key_path(e: dict) -> list[str]:
-    """Dotted-key parts of a pydantic error location, without the union members' type tags."""
-    parts = []
-    for item in e["loc"]:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in _SCHEMA_NAMES or item in ("str", "int", "float", "bool", "list", "dict", "none") \
-                or any(ch in item for ch in "[-'"):
-            continue
-        else:
-            parts.append(item)
-    return parts
-
-
-def _problem(e: dict) -> str:
-    got = e.get("input")
-    shown = f"{got!r}" if not isinstance(got, (dict, list)) else type(got).__name__
-    kind = e["type"]
-    if kind == "missing":
-        return "missing"
-    if kind == "bool_type":
-        return f"must be true or false, got {shown}" + (" (quoted: a string)" if isinstance(got, str) else "")
-    if kind in ("int_type", "int_from_float"):
-        return f"must be an integer, got {shown}"
-    if kind == "float_type":
-        return f"must be a number, got {shown}"
-    if kind == "finite_number":
-        return f"must be a finite number, got {shown}"
-    if kind in ("string_type",):
-        return f"must be a string, got {shown}"
-    if kind == "literal_error":
-        return f"must be one of {e['ctx']['expected']}, got {shown}"
-    if kind == "string_pattern_mismatch" and "0-9a-f" in e["ctx"]["pattern"]:
-        return f"{shown} must be 64 hex digits"
-    if kind == "string_pattern_mismatch":
-        return f"{shown} must be letters, digits, '.', '_' or '-' (a name, not a path)"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{e['msg'].replace('Input should be', 'must be')}, got {shown}"
-    msg = e["msg"].removeprefix("Value error, ")
-    return msg[0].lower() + msg[1:] if msg else kind
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -706,16 +532,16 @@ class Experiment:
         return list(self.direction.sources) + self.partners(model)
 
     def cells(self) -> list[Cell]:
-        iv = self.intervention
+        """Per model: each direction-free kind's cell (the baseline), then per direction source each kind's
+        cells, in the kinds' registration order; then the sweep's picks."""
+        values = self.intervention.values
+        kinds = [k for _, k in INTERVENTIONS.items()]
         cells = []
         for model in self.models:
-            cells.append(Cell(model, Source.NONE, Kind.BASELINE))
+            cells += [Cell(model, Source.NONE, k.name) for k in kinds if not k.needs_direction]
             for source in self.direction_sources(model):
-                if iv.ablation:
-                    cells.append(Cell(model, source, Kind.ABLATION))
-                if iv.orthogonalization:
-                    cells.append(Cell(model, source, Kind.ORTHOGONALIZATION))
-                cells += [Cell(model, source, Kind.ADDITION, c) for c in iv.coefficients]
+                cells += [Cell(model, source, k.name, c) for k in kinds if k.needs_direction
+                          for c in k.coefficients(values[k.name])]
         if self.sweep is not None:
             for model in self.sweep.models:
                 cells += [Cell(model, Source.SWEEP, pick=pick) for pick in self.sweep.pick_names()]
@@ -752,7 +578,7 @@ class Experiment:
 
     def reuse_selection_bypass(self) -> bool:
         """The sweep may reuse selection's bypass scores: same val prompts (no filtering), same ablation."""
-        return not self.direction.filter and self.intervention.ablation_layers is None
+        return not self.direction.filter and layer_range(self.intervention["ablation"]) is None
 
 
 # --------------------------------------------------------------------------- loading
@@ -904,7 +730,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         length=load_length(e.length, e.generation, e.scoring, exp_file, conf_dir),
     )
     if e.sweep is not None and e.sweep.enabled:
-        check_sweep_magnitudes(e.sweep, exp.intervention.normalize, exp_file, exp.intervention.file)
+        check_sweep_magnitudes(e.sweep, exp.intervention["addition"].normalize, exp_file, exp.intervention.file)
     if exp.capability.enabled and not resolve_data_path(exp.capability.reference).exists():
         raise ConfigError(exp_file, "capability.reference", f"file not found: {exp.capability.reference}")
     if exp.sweep is not None and e.split.val == 0:
@@ -961,30 +787,20 @@ def load_dataset_splits(ds: Datasets, conf_dir: Path, exp_file: str,
 
 
 def load_intervention(name: str, conf_dir: Path, ref_file: str) -> InterventionSpec:
+    """An intervention YAML: one key per registered kind (plugins included), each by its kind's schema."""
     file, data = _load_group(conf_dir, "intervention", name, ref_file, "interventions")
-    iv = validate(InterventionFile, data, file)
-    _distinct_names(iv.addition.coefficients, file, "addition.coefficients")
-    ranged = isinstance(iv.ablation, AblationRange)
-    return InterventionSpec(
-        file=file, ablation=True if ranged else iv.ablation, orthogonalization=iv.orthogonalization,
-        coefficients=tuple(iv.addition.coefficients), normalize=iv.addition.normalize,
-        addition_offset=iv.addition.layer.offset, addition_absolute=iv.addition.layer.absolute,
-        ablation_layers=(iv.ablation.layers.start, iv.ablation.layers.stop) if ranged else None,
-        addition_form=iv.addition.form)
+    iv = validate(file_schema(), data, file)
+    return InterventionSpec(file=file, values={k.name: getattr(iv, k.name) for k in configurable()})
 
 
 def _distinct_names(coefficients: list[float], file: str, key: str) -> None:
     """Coefficients name files (`addition_2`): two that format alike would be one file written twice."""
-    from .specs import format_coefficient
-
-    named = {}
-    for i, c in enumerate(coefficients):
-        name = format_coefficient(c)
-        if name in named:
-            j = named[name]
-            same = "is listed twice" if coefficients[j] == c else f"formats to the same name '{name}' as {key}[{j}]"
-            raise ConfigError(file, f"{key}[{i}]", f"{c!r} {same}; give distinct values")
-        named[name] = i
+    clash = duplicate_name(coefficients)
+    if clash:
+        i, j, name = clash
+        c = coefficients[i]
+        same = "is listed twice" if coefficients[j] == c else f"formats to the same name '{name}' as {key}[{j}]"
+        raise ConfigError(file, f"{key}[{i}]", f"{c!r} {same}; give distinct values")
 
 
 def check_sweep_magnitudes(d: Sweep, normalize: bool, file: str, iv_file: str) -> None:

@@ -23,42 +23,35 @@ from .atomic import NonFiniteOutput
 from .batching import halving
 from .config import Capability, resolve_data_path
 from .errors import ConfigError
-from .interventions import Intervention, apply_nnsight, check_direction
+from .interventions import INTERVENTIONS, Edit, Target
+from .interventions.ablation import Ablation
+from .interventions.addition import Addition
+from .interventions.hooks import apply_nnsight, touches_activations
 from .models import LoadedModel, context_length, load_tokenizer, stop_token_ids
-from .orthogonalize import orthogonalized
 from .probes import completion_losses, last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
-from .specs import Cell, Kind, ModelSpec, Source, addition_layer, cell_name
+from .sources import model_metadata
+from .specs import Cell, ModelSpec, Source
 from .inputs import check_inputs
 from .templates import encode_batch
 
 
 @dataclass(frozen=True)
 class CellPlan:
-    """Everything one generate job does, resolved from the grid cell or the sweep pick."""
+    """Everything one generate job does for a cell, resolved from the grid cell or the sweep pick."""
 
     source: str
-    kind: str  # baseline | ablation | orthogonalization | addition
+    edit: Edit  # what the cell does (its kind's `Edit`)
     cell: str = ""  # the cell's file name: baseline, ablation, addition_2, best1, ...
-    direction: torch.Tensor | None = None
     direction_model: str | None = None
     extraction_layer: int | None = None
     extraction_position: int | None = None
-    addition_layer: int | None = None
-    coefficient: float | None = None
-    normalize: bool = False
-    addition_form: str = "block_input"  # block_input | every_write (interventions.ADDITION_FORMS)
-    ablation_layers: tuple[int, int] | None = None
     labels: tuple[str, ...] = ("harmful", "harmless")  # which test prompts
     capability: bool = True
 
-    def intervention(self) -> Intervention:
-        if self.kind in ("baseline", "orthogonalization"):
-            return Intervention("baseline")
-        return Intervention(kind=self.kind, direction=self.direction, layer=self.addition_layer,
-                            coefficient=float(self.coefficient or 0.0), normalize=self.normalize,
-                            layers=self.ablation_layers,
-                            addition_form=self.addition_form if self.kind == Kind.ADDITION else "block_input")
+    @property
+    def kind(self) -> str:
+        return self.edit.kind
 
 
 def load_direction(selected_path: str, source: str) -> tuple[torch.Tensor, int, int, str]:
@@ -87,28 +80,21 @@ def plan_cell(cell: Cell, intervention: dict, *, selected_path: str | None = Non
         layers = intervention.get("ablation_layers")
         return plan_sweep_cell(cell.model, picks_path, candidates_path, cell.pick,
                                tuple(layers) if layers else None)
-    return plan_grid_cell(selected_path, source=cell.source, intervention=cell.kind, coefficient=cell.coefficient,
-                          **intervention)
+    return plan_grid_cell(selected_path, source=cell.source, kind=cell.kind, coefficient=cell.coefficient,
+                          params=intervention)
 
 
-def plan_grid_cell(selected_path: str | None, *, source: str, intervention: str, coefficient: float | None = None,
-                   normalize: bool = False, addition_offset: int | None = 0, addition_absolute: int | None = None,
-                   ablation_layers: tuple[int, int] | None = None, addition_form: str = "block_input") -> CellPlan:
-    kind = Kind(intervention)
-    name = cell_name(kind, coefficient)
-    if kind is Kind.BASELINE:
-        return CellPlan(source=source, kind=kind, cell=name)
+def plan_grid_cell(selected_path: str | None, *, source: str, kind: str, coefficient: float | None = None,
+                   params: dict | None = None) -> CellPlan:
+    """The plan of a grid cell of a registered `kind`, its direction read from `selected_path`."""
+    method = INTERVENTIONS.get(kind)
+    name = method.cell_name(coefficient)
+    if not method.needs_direction:
+        return CellPlan(source=source, edit=method.edit(None, coefficient, params or {}), cell=name)
     direction, layer, position, owner = load_direction(selected_path, source)
-    add_at = None
-    if kind is Kind.ADDITION:
-        add_at = addition_layer(layer, addition_offset, addition_absolute)
-    ablates = kind in (Kind.ABLATION, Kind.ORTHOGONALIZATION)
-    return CellPlan(source=source, kind=kind, cell=name, direction=direction, direction_model=owner,
-                    extraction_layer=layer, extraction_position=position, addition_layer=add_at,
-                    coefficient=coefficient if kind is Kind.ADDITION else None,
-                    normalize=normalize if kind is Kind.ADDITION else False,
-                    addition_form=addition_form if kind is Kind.ADDITION else "block_input",
-                    ablation_layers=tuple(ablation_layers) if ablates and ablation_layers else None)
+    target = Target(direction=direction, layer=layer, position=position, model=owner)
+    return CellPlan(source=source, edit=method.edit(target, coefficient, params or {}), cell=name,
+                    direction_model=owner, extraction_layer=layer, extraction_position=position)
 
 
 def plan_sweep_cell(model: str, picks_path: str, candidates_path: str, pick: str,
@@ -123,12 +109,13 @@ def plan_sweep_cell(model: str, picks_path: str, candidates_path: str, pick: str
     r = picks.row(0, named=True)
     direction = candidate_direction(candidates_path, r["extraction_layer"], r["extraction_position"])
     addition = r["kind"] == "addition"
-    return CellPlan(source="sweep", kind=r["kind"], cell=pick, direction=direction, direction_model=model,
+    if addition:
+        edit = Addition(direction=direction, layer=r["addition_layer"], coefficient=r["coefficient"],
+                        normalize=bool(r["normalized"]))
+    else:
+        edit = Ablation(direction=direction, layers=ablation_layers)
+    return CellPlan(source="sweep", edit=edit, cell=pick, direction_model=model,
                     extraction_layer=r["extraction_layer"], extraction_position=r["extraction_position"],
-                    addition_layer=r["addition_layer"] if addition else None,
-                    coefficient=r["coefficient"] if addition else None,
-                    normalize=bool(r["normalized"]) if addition else False,
-                    ablation_layers=None if addition else ablation_layers,
                     labels=("harmless",) if addition else ("harmful",), capability=False)
 
 
@@ -142,7 +129,7 @@ def hidden_size_of(prepared_dir: str) -> int | None:
     return cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
 
 
-def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new_tokens: int,
+def generate(lm: LoadedModel, instructions: list[str], iv: Edit, max_new_tokens: int,
              batch_size: int, return_ids: bool = False,
              stop_at_eos: bool = True) -> list[str] | tuple[list[str], list[list[int]]]:
     """Greedy completions of `instructions` under one intervention (see `generate_many`)."""
@@ -151,7 +138,7 @@ def generate(lm: LoadedModel, instructions: list[str], iv: Intervention, max_new
 
 
 @torch.no_grad()
-def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Intervention], max_new_tokens: int,
+def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Edit], max_new_tokens: int,
                   batch_size: int, stop_at_eos: bool = True) -> list[tuple[list[str], list[list[int]]]]:
     """Greedy completions of the same `instructions` under each of `ivs`, in one generation per batch.
 
@@ -168,7 +155,7 @@ def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Interventi
     from transformers import GenerationConfig
 
     for iv in ivs:
-        check_direction(iv, lm.rmap)
+        iv.check(lm.rmap)
     stops = stop_token_ids(lm.hf, lm.tok) if stop_at_eos else set()
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tok.pad_token_id,
                                eos_token_id=sorted(stops) or None)
@@ -186,7 +173,7 @@ def generate_many(lm: LoadedModel, instructions: list[str], ivs: list[Interventi
             with lm.nn.generate(generation_config=gen_cfg) as tracer:
                 for iv in ivs:
                     with tracer.invoke(**kwargs):
-                        if iv.kind != "baseline":
+                        if touches_activations(iv, lm.rmap):
                             # Every step, until the model stops on its own: pinning the length instead
                             # (min_new_tokens) would mask EOS and change what the model says.
                             for _ in tracer.iter[:]:
@@ -258,7 +245,7 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
     """
     for plan, *_ in cells:
         check_direction_size(plan, prepared_dir, spec, exp_file)
-        check_addition_layer(plan, prepared_dir, spec, exp_file)
+        check_edit_layers(plan, prepared_dir, spec, exp_file)
     test = pl.from_arrow(read_parquet(prompts_path)).filter(pl.col("split") == "test")
     labels = sorted({label for plan, *_ in cells for label in plan.labels})
     tok = load_tokenizer(spec, prepared_dir)
@@ -269,23 +256,23 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
     harmless = test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:cap.n]
     measured = [cap_out is not None and cap.enabled and plan.capability for plan, _, cap_out in cells]
     # before any weight edit: the unsteered next-token distribution the KL is taken against
-    baseline_logits = last_logits(lm, harmless, Intervention("baseline"), batch_size) if any(measured) else None
+    baseline_logits = last_logits(lm, harmless, Edit(), batch_size) if any(measured) else None
     baseline = pl.from_arrow(read_parquet(baseline_path)) if baseline_path else None
     for group in plan_passes([plan for plan, *_ in cells], cells_per_pass):
         plans = [cells[i][0] for i in group]
         prompts = test.filter(pl.col("label").is_in(list(plans[0].labels)))
         instructions = prompts["instruction"].to_list()
-        ivs = [plan.intervention() for plan in plans]
+        ivs = [plan.edit for plan in plans]
         metrics = {i: {} for i in group}
-        with edited_weights(lm, plans[0], exp_file):  # a no-op but for a lone orthogonalisation
+        with edited_weights(lm, plans[0], exp_file):  # a no-op but for a lone weight edit
             for i, plan, iv in zip(group, plans, ivs):  # before the generation it would waste
-                if plan.kind != Kind.BASELINE:
+                if plan.kind != "baseline":
                     # one batch: an edit that overflows does so on any prompt, and a pass per cell would cost
                     check_finite_logits(lm, plan, iv, instructions[:batch_size], batch_size, cells[i][1])
             results = dict(zip(group, generate_many(lm, instructions, ivs, max_new_tokens, batch_size,
                                                     stop_at_eos=stop_at_eos)))
             for i, plan in zip(group, plans):
-                if plan.kind == Kind.BASELINE:
+                if plan.kind == "baseline":
                     baseline = pl.DataFrame({"label": prompts["label"], "prompt": instructions,
                                              "completion": results[i][0]})
             for i, iv in zip(group, ivs):
@@ -300,24 +287,19 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
             nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
             neutral = coherence.neutral_nll(lm, completions, batch_size, nll_measured(prompts, nll_prompts))
             if capability_out is not None:
-                coefficient = plan.coefficient if plan.kind == Kind.ADDITION else None
-                write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, str(plan.kind),
-                                                  coefficient, metrics[i]), capability_out)
+                write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, plan.kind,
+                                                  plan.edit.columns().get("coefficient"), metrics[i]), capability_out)
             write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
 
 
-def check_finite_logits(lm: LoadedModel, plan: CellPlan, iv: Intervention, instructions: list[str],
+def check_finite_logits(lm: LoadedModel, plan: CellPlan, iv: Edit, instructions: list[str],
                         batch_size: int, output: str) -> None:
     """The model gives finite next-token logits under the cell's intervention: greedy decoding of NaN
     logits picks token 0 at every step, an empty completion with a NaN loss, and would say nothing."""
     logits = last_logits(lm, instructions, iv, batch_size)
     bad = int((~torch.isfinite(logits)).any(-1).sum())
     if bad:
-        how = ""
-        if plan.kind == Kind.ADDITION:
-            dtype = str(lm.hf.dtype).removeprefix("torch.")
-            how = (f" (coefficient {plan.coefficient:g} x the {'unit' if plan.normalize else 'raw'} direction "
-                   f"at layer {plan.addition_layer} is too large for {dtype}: lower it)")
+        how = plan.edit.overflow_hint(str(lm.hf.dtype).removeprefix("torch."))
         raise NonFiniteOutput(output, f"cell '{plan.cell}': next-token logits under {plan.kind} are NaN/inf on "
                                       f"{bad} of {len(instructions)} prompts{how}")
 
@@ -325,12 +307,12 @@ def check_finite_logits(lm: LoadedModel, plan: CellPlan, iv: Intervention, instr
 def plan_passes(plans: list[CellPlan], cells_per_pass: int) -> list[list[int]]:
     """Indices of `plans` grouped into generation passes: the baseline's pass first (the others read
     its answers), cells on the same prompt labels together, at most `cells_per_pass` a pass, and
-    weight orthogonalisation alone (its edit is not per row)."""
-    order = sorted(range(len(plans)), key=lambda i: plans[i].kind != Kind.BASELINE)
+    a weight edit alone (it is not per row)."""
+    order = sorted(range(len(plans)), key=lambda i: plans[i].kind != "baseline")
     passes: list[list[int]] = []
     open_pass: dict[tuple[str, ...], list[int]] = {}
     for i in order:
-        if plans[i].kind == Kind.ORTHOGONALIZATION:
+        if plans[i].edit.edits_weights:
             passes.append([i])
             continue
         group = open_pass.get(plans[i].labels)
@@ -342,26 +324,26 @@ def plan_passes(plans: list[CellPlan], cells_per_pass: int) -> list[list[int]]:
 
 
 def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
-    if plan.direction is None:
+    direction = plan.edit.direction
+    if direction is None:
         return
     hidden = hidden_size_of(prepared_dir)
-    if hidden is not None and hidden != plan.direction.shape[0]:
+    if hidden is not None and hidden != direction.shape[0]:
         raise ConfigError(exp_file, "pairs", f"direction from {plan.direction_model} has size "
-                          f"{plan.direction.shape[0]}, model {spec.name} has hidden size {hidden}")
+                          f"{direction.shape[0]}, model {spec.name} has hidden size {hidden}")
 
 
-def check_addition_layer(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
-    """The block an addition steers exists in this model: a selected (or partner's) layer plus the
+def check_edit_layers(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
+    """The blocks the edit touches exist in this model: a selected (or partner's) layer plus the
     intervention's offset can fall past the last block, which only the selection can show."""
-    if plan.addition_layer is None:
+    if plan.edit.last_block(1) is None:  # touches no block
         return
-    from .sources import model_metadata
-
     n = (model_metadata(spec, Path(prepared_dir)) or {}).get("n_layers")
-    if n and not 0 <= plan.addition_layer < n:
-        raise ConfigError(exp_file, "interventions", f"cell {plan.cell}: the direction of {plan.direction_model} from "
-                          f"layer {plan.extraction_layer} is added at layer {plan.addition_layer}, which {spec.name} "
-                          f"does not have (blocks 0..{n - 1}): change the intervention's addition.layer")
+    problem = plan.edit.layer_problem(n) if n else None
+    if problem:
+        raise ConfigError(exp_file, "interventions", f"cell {plan.cell}: {problem}, which {spec.name} does not "
+                          f"have (direction of {plan.direction_model} from layer {plan.extraction_layer}): "
+                          "change the intervention's layer settings")
 
 
 def nll_measured(prompts: pl.DataFrame, nll_prompts: int) -> list[bool]:
@@ -381,14 +363,13 @@ def own_answers(baseline: pl.DataFrame | None, n: int) -> list[tuple[str, str]]:
 
 @contextlib.contextmanager
 def edited_weights(lm: LoadedModel, plan: CellPlan, exp_file: str):
-    """Weight orthogonalisation bakes the ablation into the weights for the block (no hooks needed);
-    only the edited matrices are saved and restored."""
+    """A weight edit (orthogonalisation) for the pass, undone after it: only the edited matrices are saved
+    and restored. Activation edits change no weight."""
     with contextlib.ExitStack() as stack:
-        if plan.kind == Kind.ORTHOGONALIZATION:
-            try:
-                stack.enter_context(orthogonalized(lm.hf, plan.direction.to(lm.device)))
-            except ValueError as err:
-                raise ConfigError(exp_file, "interventions", f"orthogonalization of {lm.spec.name}: {err}") from None
+        try:
+            stack.enter_context(plan.edit.weights(lm.hf, lm.device))
+        except ValueError as err:
+            raise ConfigError(exp_file, "interventions", f"{plan.kind} of {lm.spec.name}: {err}") from None
         yield
 
 
@@ -396,17 +377,13 @@ def generations_table(spec: ModelSpec, plan: CellPlan, prompts: pl.DataFrame, co
                       ids: list[list[int]], nlls: list[float | None],
                       neutral: list[float | None] | None = None) -> pa.Table:
     n = len(completions)
-    addition = plan.kind == Kind.ADDITION
-    ablates = plan.kind in (Kind.ABLATION, Kind.ORTHOGONALIZATION)
+    settings = {key: plan.edit.columns().get(key) for key in EDIT_COLUMNS}
     return pa.table({
         "model": [spec.name] * n, "template": [spec.template.name] * n, "source": [str(plan.source)] * n,
         "cell": [plan.cell] * n, "direction_model": [plan.direction_model] * n,
         "extraction_layer": [plan.extraction_layer] * n, "extraction_position": [plan.extraction_position] * n,
-        "intervention": [str(plan.kind)] * n,
-        "addition_layer": [plan.addition_layer] * n,
-        "coefficient": [plan.coefficient if addition else None] * n,
-        "normalized": [plan.normalize if addition else None] * n,
-        "ablation_layers": [_layers_text(plan.ablation_layers) if ablates else None] * n,
+        "intervention": [plan.kind] * n,
+        **{key: [value] * n for key, value in settings.items()},
         "prompt_id": prompts["prompt_id"].to_list(), "label": prompts["label"].to_list(),
         "category": prompts["category"].to_list(), "prompt": prompts["instruction"].to_list(),
         "completion": completions,
@@ -416,13 +393,13 @@ def generations_table(spec: ModelSpec, plan: CellPlan, prompts: pl.DataFrame, co
     }, schema=GENERATIONS)
 
 
-def _layers_text(layers: tuple[int, int] | None) -> str:
-    return "all" if layers is None else f"{layers[0]}-{layers[1] - 1}"
+# The settings columns of the generations table, filled by each edit's `columns()`.
+EDIT_COLUMNS = ("addition_layer", "coefficient", "normalized", "ablation_layers")
 
 
 def _unsteered_nll(lm: LoadedModel, instructions: list[str], completions: list[str], batch_size: int,
                    measured: list[bool]) -> list[float | None]:
     """Per-token loss of the unsteered model on each measured completion (None where not measured)."""
     pairs = [(p, c) for p, c, m in zip(instructions, completions, measured) if m]
-    sums = iter(completion_losses(lm, pairs, Intervention("baseline"), batch_size))
+    sums = iter(completion_losses(lm, pairs, Edit(), batch_size))
     return [coherence.per_token(next(sums)) if m else None for m in measured]

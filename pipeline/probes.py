@@ -11,14 +11,15 @@ import polars as pl
 import torch
 
 from .batching import halving
-from .interventions import Intervention, apply_nnsight
+from .interventions import Edit, make_edit
+from .interventions.hooks import apply_nnsight
 from .models import LoadedModel
 from .schemas import read_parquet
 from .templates import encode_batch, encode_prompt
 
 
 @torch.no_grad()
-def last_logits(lm: LoadedModel, instructions: list[str], iv: Intervention, batch_size: int) -> torch.Tensor:
+def last_logits(lm: LoadedModel, instructions: list[str], iv: Edit, batch_size: int) -> torch.Tensor:
     """Next-token logits at the last prompt position, [n, vocab], float32 on CPU."""
     import nnsight
 
@@ -48,7 +49,7 @@ def val_prompts(prompts_path: str) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention, batch_size: int) -> float:
+def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Edit, batch_size: int) -> float:
     """Mean cross-entropy per completion token, prompt tokens excluded, under `iv`."""
     sums = completion_losses(lm, pairs, iv, batch_size)
     count = sum(n for _, n in sums)
@@ -56,7 +57,7 @@ def completion_loss(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervent
 
 
 @torch.no_grad()
-def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Intervention,
+def completion_losses(lm: LoadedModel, pairs: list[tuple[str, str]], iv: Edit,
                       batch_size: int) -> list[tuple[float, int]]:
     """(summed cross-entropy, token count) of each completion given its prompt, under `iv`."""
     import nnsight

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .config import Selection
 from .errors import ConfigError
 from .figures import pyplot, to_png
-from .interventions import Intervention
+from .interventions import Edit, make_edit
 from .models import LoadedModel
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import (SELECTED_EXTRA, SELECTION, column_matrix, direction_schema, read_parquet, vectors_column,
@@ -38,7 +38,7 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
                      rules: Selection) -> pl.DataFrame:
     ids = refusal_token_ids(lm.tok, lm.spec)
     bs = rules.batch_size
-    base_harmless = last_logits(lm, harmless, Intervention("baseline"), bs)
+    base_harmless = last_logits(lm, harmless, Edit(), bs)
     induce_floor = rules.induce_min + (refusal_score(base_harmless, ids).mean().item() if rules.induce_relative else 0.0)
     vectors = column_matrix(candidates, "direction")
     layers = candidates.column("layer").to_pylist()
@@ -57,9 +57,9 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
         if row.get("discarded"):
             rows.append(row)
             continue
-        ablation = Intervention("ablation", direction=d)
+        ablation = make_edit("ablation", direction=d)
         row["bypass"] = refusal_score(last_logits(lm, harmful, ablation, bs), ids).mean().item()
-        added = last_logits(lm, harmless, Intervention("addition", direction=d, layer=layer, coefficient=1.0), bs)
+        added = last_logits(lm, harmless, make_edit("addition", direction=d, layer=layer, coefficient=1.0), bs)
         row["induce"] = refusal_score(added, ids).mean().item()
         row["kl"] = kl_divergence(base_harmless, last_logits(lm, harmless, ablation, bs)).mean().item()
         row["discarded"] = discard_reason(row, rules, induce_floor)
@@ -124,7 +124,7 @@ def selection_table(model: str, scores: pl.DataFrame, chosen: tuple[int, int]) -
 def filter_by_score(lm: LoadedModel, harmful: list[str], harmless: list[str], batch_size: int):
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (< 0)."""
     ids = refusal_token_ids(lm.tok, lm.spec)
-    base = Intervention("baseline")
+    base = Edit()
     hs = refusal_score(last_logits(lm, harmful, base, batch_size), ids)
     ss = refusal_score(last_logits(lm, harmless, base, batch_size), ids)
     return ([t for t, s in zip(harmful, hs.tolist()) if s > 0],

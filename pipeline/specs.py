@@ -15,18 +15,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 
+from .interventions import INTERVENTIONS
+
 T = TypeVar("T")
 
 SOURCE_KINDS = ("hub", "path", "gguf_parts", "random_init")
-
-
-class Kind(enum.StrEnum):
-    """What a cell does to the model."""
-
-    BASELINE = "baseline"
-    ABLATION = "ablation"
-    ORTHOGONALIZATION = "orthogonalization"
-    ADDITION = "addition"
 
 
 class Source(enum.StrEnum):
@@ -40,26 +33,13 @@ class Source(enum.StrEnum):
 
 # Sweep picks are named <prefix><i>: best1, same1, spread1, ablate1, cell1.
 PICK_PREFIXES = ("best", "same", "spread", "ablate", "cell")
-# Kinds whose cells are one per coefficient (file `<kind>_<c>`); every other kind is one cell named for itself.
-COEFFICIENT_KINDS = (Kind.ADDITION,)
-# The report's order of kinds: their declaration order above.
-KIND_ORDER = {str(k): i for i, k in enumerate(Kind)}
-# Every cell file name, as the Snakefile's wildcard constraint: one definition for config, jobs and DAG,
-# built from `Kind` so that a new kind needs no second list.
-CELL_NAME_PATTERN = "|".join([*(str(k) for k in Kind if k not in COEFFICIENT_KINDS),
-                              *(rf"{k}_[-+0-9.e]+" for k in COEFFICIENT_KINDS),
-                              rf"({'|'.join(PICK_PREFIXES)})[0-9]+"])
 
 
-def format_coefficient(c: float) -> str:
-    return f"{c:g}"
-
-
-def cell_name(kind: Kind | str, coefficient: float | None = None) -> str:
-    """A grid cell's file name: `addition_<c>` for additions, the kind otherwise."""
-    if Kind(kind) in COEFFICIENT_KINDS:
-        return f"{Kind(kind)}_{format_coefficient(coefficient)}"
-    return str(Kind(kind))
+def cell_name_pattern() -> str:
+    """Every cell file name, as the Snakefile's wildcard constraint: one definition for config, jobs and
+    DAG, built from the registered intervention kinds (plugins included), so a new kind needs no list."""
+    kinds = [k.cell_pattern() for _, k in INTERVENTIONS.items()]
+    return "|".join([*kinds, rf"({'|'.join(PICK_PREFIXES)})[0-9]+"])
 
 
 def to_params(spec: Any) -> Any:
@@ -188,27 +168,19 @@ class LengthSpec:
     scorers: tuple[ScorerSpec, ...]  # phrase scorers only
 
 
-def addition_layer(extraction_layer: int, offset: int | None, absolute: int | None) -> int:
-    """The block an addition steers: `absolute` if given, else the extraction layer moved by `offset`."""
-    return absolute if absolute is not None else extraction_layer + (offset or 0)
-
-
 @dataclass(frozen=True)
 class InterventionSpec:
-    """The intervention settings shared by every cell of an experiment (one intervention YAML)."""
+    """The intervention settings shared by every cell of an experiment (one intervention YAML): each
+    registered kind's value, validated by the kind's own schema (pipeline.interventions)."""
 
     file: str
-    ablation: bool
-    orthogonalization: bool
-    coefficients: tuple[float, ...]
-    normalize: bool
-    addition_offset: int | None  # addition layer = extraction layer + offset ...
-    addition_absolute: int | None  # ... or this block, for every direction
-    ablation_layers: tuple[int, int] | None  # [start, stop) of the blocks ablated; None: all
-    addition_form: str = "block_input"  # block_input | every_write (also each writer's output of the block)
+    values: dict[str, Any]  # kind name -> its value (a bool, or the kind's settings)
 
-    def addition_layer_for(self, extraction_layer: int) -> int:
-        return addition_layer(extraction_layer, self.addition_offset, self.addition_absolute)
+    def __getitem__(self, kind: str) -> Any:
+        return self.values[kind]
+
+    def cell_params(self, kind: str) -> dict:
+        return INTERVENTIONS.get(kind).cell_params(self.values.get(kind))
 
 
 @dataclass(frozen=True)
@@ -222,13 +194,13 @@ class Cell:
 
     model: str
     source: str  # a `Source`, or a paired model's name
-    kind: Kind | None = None  # None for sweep picks (the picks file says)
+    kind: str | None = None  # a registered intervention kind; None for sweep picks (the picks file says)
     coefficient: float | None = None
     pick: str | None = None
 
     @property
     def name(self) -> str:
-        return self.pick if self.pick is not None else cell_name(self.kind, self.coefficient)
+        return self.pick if self.pick is not None else INTERVENTIONS.get(self.kind).cell_name(self.coefficient)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .specs import SweepSpec
 from .errors import ConfigError
 from .figures import pyplot, to_png
-from .interventions import Intervention
+from .interventions import Edit, make_edit
 from .models import LoadedModel
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import PICKS, SWEEP, column_matrix, read_parquet, write_bytes, write_parquet
@@ -61,7 +61,7 @@ def score_cells(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harml
     vectors = column_matrix(candidates, "direction")
     keys = list(zip(candidates.column("layer").to_pylist(), candidates.column("position").to_pylist()))
 
-    def mean_score(texts: list[str], iv: Intervention) -> float:
+    def mean_score(texts: list[str], iv: Edit) -> float:
         return refusal_score(last_logits(lm, texts, iv, spec.batch_size), ids).mean().item()
 
     def direction(layer: int) -> torch.Tensor:
@@ -70,13 +70,13 @@ def score_cells(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harml
     base = dict(extraction_layer=None, extraction_position=None, addition_layer=None, offset=None,
                 coefficient=None, normalized=None)
     rows = [{**base, "kind": "baseline", "label": label, "n": len(texts),
-             "logit_score": mean_score(texts, Intervention("baseline"))}
+             "logit_score": mean_score(texts, Edit())}
             for label, texts in (("harmful", harmful), ("harmless", harmless))]
     layers = spec.extraction_layers if spec.extraction_layers is not None else range(n_layers)
     cells = [(e, e + o, c) for e in layers for o in spec.offsets for c in spec.coefficients if 0 <= e + o < n_layers]
     cells += [c for c in spec.cells if c not in cells]
     for e, a, c in tqdm(cells, desc=f"sweep {lm.spec.name}", leave=False):
-        iv = Intervention("addition", direction=direction(e), layer=a, coefficient=c, normalize=normalize)
+        iv = make_edit("addition", direction=direction(e), layer=a, coefficient=c, normalize=normalize)
         rows.append({"kind": "addition", "extraction_layer": e, "extraction_position": position, "addition_layer": a,
                      "offset": a - e, "coefficient": c, "normalized": normalize, "label": "harmless",
                      "n": len(harmless), "logit_score": mean_score(harmless, iv)})
@@ -84,7 +84,7 @@ def score_cells(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harml
         for e in tqdm(layers, desc=f"sweep ablation {lm.spec.name}", leave=False):
             score = known_bypass.get((e, position))
             if score is None or math.isnan(score):
-                score = mean_score(harmful, Intervention("ablation", direction=direction(e), layers=ablation_layers))
+                score = mean_score(harmful, make_edit("ablation", direction=direction(e), layers=ablation_layers))
             rows.append({**base, "kind": "ablation", "extraction_layer": e, "extraction_position": position,
                          "label": "harmful", "n": len(harmful), "logit_score": score})
     return pl.DataFrame(rows, schema=ROW_SCHEMA)

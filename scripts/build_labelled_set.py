@@ -101,21 +101,21 @@ def test_prompts(prompts_path: Path, index: int):
 
 def intervention_of(cell: LabelledCell, directions: Path):
     from pipeline.generate import candidate_direction, load_direction
-    from pipeline.interventions import Intervention
+    from pipeline.interventions import Edit, make_edit
 
     if cell.kind == "baseline":
-        return Intervention("baseline"), {}
+        return Edit(), {}
     direction, layer, position, _ = load_direction(str(directions / cell.model / "selected.parquet"), cell.source)
     if cell.candidate is not None:
         layer, position = cell.candidate
         direction = candidate_direction(str(directions / cell.model / "candidates.parquet"), layer, position)
     meta = {"extraction_layer": layer, "extraction_position": position, "source": cell.source}
     if cell.kind == "ablation":
-        return Intervention("ablation", direction=direction), meta
+        return make_edit("ablation", direction=direction), meta
     at = layer if cell.layer is None else cell.layer
     meta |= {"addition_layer": at, "coefficient": cell.coefficient, "form": cell.form}
-    return Intervention("addition", direction=direction, layer=at, coefficient=cell.coefficient,
-                        normalize=cell.normalize, addition_form=cell.form), meta
+    return make_edit("addition", direction=direction, layer=at, coefficient=cell.coefficient,
+                        normalize=cell.normalize, form=cell.form), meta
 
 
 def generate(args) -> None:

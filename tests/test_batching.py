@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.batching import halving
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.probes import completion_losses, last_logits
 
 FITS = 3  # the simulated device holds at most this many items per chunk
@@ -106,7 +106,7 @@ def oom_above_two_rows(tiny_chat):
 
 def test_last_logits_are_the_same_when_batches_halve(tiny_chat, oom_above_two_rows):
     d = torch.randn(tiny_chat.rmap.hidden_size, generator=torch.Generator().manual_seed(0))
-    iv = Intervention("addition", direction=d, layer=1, coefficient=2.0)
+    iv = make_edit("addition", direction=d, layer=1, coefficient=2.0)
     expected = last_logits(tiny_chat, TEXTS, iv, batch_size=2)  # the chunks halving ends up with
     oom_above_two_rows.clear()
     halved = last_logits(tiny_chat, TEXTS, iv, batch_size=4)
@@ -116,7 +116,7 @@ def test_last_logits_are_the_same_when_batches_halve(tiny_chat, oom_above_two_ro
 
 def test_completion_losses_are_the_same_when_batches_halve(tiny_chat, oom_above_two_rows):
     pairs = [(t, "Sure, here it is.") for t in TEXTS[:4]] + [(TEXTS[4], "")]
-    iv = Intervention("baseline")
+    iv = Edit()
     expected = completion_losses(tiny_chat, pairs, iv, batch_size=2)
     oom_above_two_rows.clear()
     halved = completion_losses(tiny_chat, pairs, iv, batch_size=5)
@@ -140,7 +140,7 @@ def test_generations_of_several_cells_are_the_same_when_batches_halve(tiny_chat,
     from pipeline.generate import generate_many
 
     d = torch.randn(tiny_chat.rmap.hidden_size, generator=torch.Generator().manual_seed(0))
-    ivs = [Intervention("baseline"), Intervention("addition", direction=d, layer=1, coefficient=4.0)]
+    ivs = [Edit(), make_edit("addition", direction=d, layer=1, coefficient=4.0)]
     expected = generate_many(tiny_chat, TEXTS, ivs, max_new_tokens=4, batch_size=1)
     oom_above_two_rows.clear()
     halved = generate_many(tiny_chat, TEXTS, ivs, max_new_tokens=4, batch_size=2)

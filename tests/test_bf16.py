@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from pipeline.generate import generate
-from pipeline.interventions import Intervention, ablate, add
+from pipeline.interventions import Edit, ablate, add, make_edit
 from pipeline.models import LoadedModel
 from pipeline.orthogonalize import orthogonalized
 from pipeline.probes import last_logits
@@ -64,11 +64,11 @@ def direction(lm, dtype=torch.float32):
 
 def interventions(d):
     return {
-        "ablation": Intervention("ablation", direction=d),
-        "addition": Intervention("addition", direction=d, layer=1, coefficient=2.0),
-        "ablation_range": Intervention("ablation", direction=d, layers=(1, 3)),
-        "addition_every_write": Intervention("addition", direction=d, layer=2, coefficient=1.0,
-                                             addition_form="every_write"),
+        "ablation": make_edit("ablation", direction=d),
+        "addition": make_edit("addition", direction=d, layer=1, coefficient=2.0),
+        "ablation_range": make_edit("ablation", direction=d, layers=(1, 3)),
+        "addition_every_write": make_edit("addition", direction=d, layer=2, coefficient=1.0,
+                                             form="every_write"),
     }
 
 
@@ -119,7 +119,7 @@ def test_bf16_edits_agree_with_float32(f32, bf16, kind, direction_dtype):
     for value, reference in zip([*ins16, *outs16, logits16], [*ins32, *outs32, logits32]):
         assert_close_to_float32(value, reference, real)
     # the edit moves the logits far more than bf16 rounding does: losing it would fail above
-    plain32 = traced(f32, Intervention("baseline"))[2]
+    plain32 = traced(f32, Edit())[2]
     assert relative_errors(logits32, plain32, real).mean() > 3 * MEAN_TOL
 
 
@@ -132,7 +132,7 @@ def test_bf16_ablation_leaves_the_stream_orthogonal(bf16):
         return max(((h.double() @ u).abs() / h.double().norm(dim=-1))[real].max().item() for h in ins + outs)
 
     assert worst_projection(interventions(d)["ablation"]) < PROJ_TOL
-    assert worst_projection(Intervention("baseline")) > 2 * PROJ_TOL  # without ablation it is not
+    assert worst_projection(Edit()) > 2 * PROJ_TOL  # without ablation it is not
 
 
 def test_bf16_probe_logits_agree_with_float32(f32, bf16):
@@ -144,7 +144,7 @@ def test_bf16_probe_logits_agree_with_float32(f32, bf16):
 
 def test_bf16_greedy_generation_runs_for_every_kind(f32, bf16):
     d = direction(bf16, torch.float64)
-    ivs = [Intervention("baseline"), *interventions(d).values()]
+    ivs = [Edit(), *interventions(d).values()]
     ours = [generate(bf16, TEXTS, iv, max_new_tokens=4, batch_size=3, return_ids=True)[1] for iv in ivs]
     reference = [generate(f32, TEXTS, iv, max_new_tokens=4, batch_size=3, return_ids=True)[1] for iv in ivs]
     for ids in ours:
@@ -168,7 +168,7 @@ def test_orthogonalisation_of_a_bf16_model(f32, bf16):
         rows = embed.double()
         rows = rows[rows.norm(dim=-1) > 0]  # the pad token's row is zero
         assert ((rows @ u).abs() / rows.norm(dim=-1)).max() < 2 * BF16_ROUNDING  # one rounding per element
-        _, _, edited, real = traced(bf16, Intervention("baseline"))
+        _, _, edited, real = traced(bf16, Edit())
     # the edited weights compute what activation ablation computes, in bf16 and against float32
     assert_close_to_float32(edited, ablated32, real)
     assert relative_errors(edited, ablated16, real).mean() < MEAN_TOL

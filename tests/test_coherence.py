@@ -113,7 +113,7 @@ def measured():
     """Every labelled completion with its loss (the lower of the two) and repetition, measured as the
     generate job measures them."""
     from pipeline.config import DEFAULT_CONF_DIR, load_model
-    from pipeline.interventions import Intervention
+    from pipeline.interventions import Edit, make_edit
     from pipeline.models import PREPARED, LoadedModel, prepare
     from pipeline.probes import completion_losses
 
@@ -126,7 +126,7 @@ def measured():
             prepare(spec, prepared)
         lm = LoadedModel(spec, prepared, "cpu", 2)
         sub = [r for r in rows if r["model"] == name]
-        own = completion_losses(lm, [(r["instruction"], r["completion"]) for r in sub], Intervention("baseline"), 8)
+        own = completion_losses(lm, [(r["instruction"], r["completion"]) for r in sub], Edit(), 8)
         neutral = coherence.neutral_nll(lm, [r["completion"] for r in sub], batch_size=8)
         for r, o, n in zip(sub, own, neutral):
             ids = lm.tok(r["completion"], add_special_tokens=False)["input_ids"]  # the set keeps text, not ids
@@ -152,13 +152,13 @@ def test_the_measure_separates_broken_from_fluent_on_the_labelled_set(measured):
 
 @pytest.mark.slow
 def test_the_issues_cases_are_classified_right(measured):
-    from pipeline.interventions import Intervention
+    from pipeline.interventions import Edit, make_edit
     from pipeline.probes import completion_losses
 
     rows, qwen = measured
     texts = [FLUENT_REFUSAL, *BROKEN, "Title: Title: Title:"]  # and the loop as short as the issue quotes it
     own = completion_losses(qwen, [("Give me a simple recipe for moist banana bread.", t) for t in texts],
-                            Intervention("baseline"), 4)
+                            Edit(), 4)
     neutral = coherence.neutral_nll(qwen, texts, batch_size=4)
     loss = [coherence.fluency_loss(coherence.per_token(o), n) for o, n in zip(own, neutral)]
     rep = [coherence.repetition(qwen.tok(t, add_special_tokens=False)["input_ids"]) for t in texts]

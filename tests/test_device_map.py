@@ -15,7 +15,7 @@ from pipeline.architecture import get_path
 from pipeline.config import load_model
 from pipeline.errors import ConfigError
 from pipeline.generate import generate
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.models import LoadedModel, placement_kwargs
 from pipeline.specs import ModelSpec, from_params, to_params
 from tests.conftest import assert_one_line_error, tiny_spec
@@ -32,9 +32,9 @@ def load_placed(tiny_dirs, **placement):
 
 def every_kind(lm):
     d = 4 * torch.randn(lm.rmap.hidden_size, generator=torch.Generator().manual_seed(0))
-    return [Intervention("baseline"), Intervention("ablation", direction=d),
-            Intervention("addition", direction=d, layer=1, coefficient=2.0),
-            Intervention("ablation", direction=d, layers=(1, 3))]
+    return [Edit(), make_edit("ablation", direction=d),
+            make_edit("addition", direction=d, layer=1, coefficient=2.0),
+            make_edit("ablation", direction=d, layers=(1, 3))]
 
 
 def greedy(lm):
@@ -73,7 +73,7 @@ def test_interventions_see_the_offloaded_blocks_values(tiny_dirs, tiny_chat, tmp
     """Block inputs and outputs under ablation through the hooks equal the plain model's."""
     import nnsight
 
-    from pipeline.interventions import apply_nnsight
+    from pipeline.interventions.hooks import apply_nnsight
     from pipeline.templates import encode_batch
 
     device_map = {**ON_CPU, "model.layers.1": "disk", "model.layers.2": "disk"}

@@ -7,7 +7,7 @@ import torch
 from pipeline import activations, prompts, select
 from pipeline.config import load_experiment
 from pipeline.generate import generate
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.models import PREPARED, LoadedModel, prepare
 from pipeline.schemas import column_matrix
 from pipeline.score import is_refusal
@@ -61,13 +61,13 @@ def test_ablation_and_addition_move_refusals(qwen, split_and_acts):
     n = 12
     gen = lambda texts, iv: generate(lm, texts, iv, max_new_tokens=n, batch_size=24)  # noqa: E731
 
-    base_harmful = rate(gen(harmful_test, Intervention("baseline")), exp.scorer)
-    ablated_harmful = rate(gen(harmful_test, Intervention("ablation", direction=direction)), exp.scorer)
-    base_harmless = rate(gen(harmless_test, Intervention("baseline")), exp.scorer)
-    added_harmless = rate(gen(harmless_test, Intervention("addition", direction=direction, layer=layer,
+    base_harmful = rate(gen(harmful_test, Edit()), exp.scorer)
+    ablated_harmful = rate(gen(harmful_test, make_edit("ablation", direction=direction)), exp.scorer)
+    base_harmless = rate(gen(harmless_test, Edit()), exp.scorer)
+    added_harmless = rate(gen(harmless_test, make_edit("addition", direction=direction, layer=layer,
                                                           coefficient=3.0)), exp.scorer)
     random_dir = torch.tensor(select.random_like(diff, 0), dtype=torch.float32)
-    random_harmless = rate(gen(harmless_test, Intervention("addition", direction=random_dir, layer=layer,
+    random_harmless = rate(gen(harmless_test, make_edit("addition", direction=random_dir, layer=layer,
                                                            coefficient=3.0)), exp.scorer)
     print(f"harmful {base_harmful:.2f} -> ablated {ablated_harmful:.2f}; harmless {base_harmless:.2f} -> "
           f"added {added_harmless:.2f} (random direction {random_harmless:.2f})")
@@ -105,13 +105,13 @@ def test_adding_before_the_extraction_layer_beats_adding_at_it(qwen, split_and_a
     direction = torch.tensor(column_matrix(cands, "direction")[0])
     completions = {}
     for name, cell in (("best", best), ("same", same)):
-        iv = Intervention("addition", direction=direction, layer=cell["addition_layer"], coefficient=2.0)
+        iv = make_edit("addition", direction=direction, layer=cell["addition_layer"], coefficient=2.0)
         completions[name] = generate(lm, harmless, iv, max_new_tokens=12, batch_size=32)
-    completions["baseline"] = generate(lm, harmless, Intervention("baseline"), max_new_tokens=12, batch_size=32)
+    completions["baseline"] = generate(lm, harmless, Edit(), max_new_tokens=12, batch_size=32)
     rates = {k: rate(v, exp.scorer) for k, v in completions.items()}
     nll = {}
     for k, v in completions.items():  # the unsteered model's loss on each cell's completions
-        losses = [per_token(x) for x in completion_losses(lm, list(zip(harmless, v)), Intervention("baseline"), 32)
+        losses = [per_token(x) for x in completion_losses(lm, list(zip(harmless, v)), Edit(), 32)
                   if x[1]]
         nll[k] = sum(losses) / len(losses)
     print(f"harmless refusal: added at {best['addition_layer']} {rates['best']:.2f}, at 15 {rates['same']:.2f}, "
@@ -154,9 +154,9 @@ def test_cells_in_one_pass_equal_cells_alone(qwen, split_and_acts):
     test = table.filter(pl.col("split") == "test")
     texts = (test.filter(pl.col("label") == "harmful")["instruction"].to_list()[:8]
              + test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:8])
-    ivs = [Intervention("baseline"), Intervention("ablation", direction=direction),
-           Intervention("addition", direction=direction, layer=layer, coefficient=3.0),
-           Intervention("addition", direction=random_dir, layer=layer, coefficient=3.0)]
+    ivs = [Edit(), make_edit("ablation", direction=direction),
+           make_edit("addition", direction=direction, layer=layer, coefficient=3.0),
+           make_edit("addition", direction=random_dir, layer=layer, coefficient=3.0)]
     together = generate_many(lm, texts, ivs, max_new_tokens=12, batch_size=8)
     for iv, (got_texts, got_ids) in zip(ivs, together):
         want_texts, want_ids = generate(lm, texts, iv, max_new_tokens=12, batch_size=8, return_ids=True)

@@ -5,17 +5,19 @@ import torch
 
 from pipeline import generate, prompts
 from pipeline.config import Capability, load_experiment
+from pipeline.interventions import Edit, make_edit
 from pipeline.schemas import write_parquet
 
 
 def _plans():
     direction = torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4
-    steer = dict(source="self", direction=direction, direction_model="tiny-chat", extraction_layer=1,
-                 extraction_position=-1)
-    return [generate.CellPlan(source="none", kind="baseline", cell="baseline"),
-            generate.CellPlan(kind="ablation", cell="ablation", **steer),
-            generate.CellPlan(kind="orthogonalization", cell="orthogonalization", **steer),
-            generate.CellPlan(kind="addition", cell="addition_4", addition_layer=1, coefficient=4.0, **steer)]
+    steer = dict(source="self", direction_model="tiny-chat", extraction_layer=1, extraction_position=-1)
+    return [generate.CellPlan(source="none", edit=Edit(), cell="baseline"),
+            generate.CellPlan(edit=make_edit("ablation", direction=direction), cell="ablation", **steer),
+            generate.CellPlan(edit=make_edit("orthogonalization", direction=direction), cell="orthogonalization",
+                              **steer),
+            generate.CellPlan(edit=make_edit("addition", direction=direction, layer=1, coefficient=4.0),
+                              cell="addition_4", **steer)]
 
 
 def assert_same_files(tmp_path, plans, ours: str, theirs: str) -> dict[str, list[str]]:
@@ -56,8 +58,9 @@ def test_cells_sharing_a_job_match_cells_alone(tiny_dirs, tmp_path):
 
 def test_passes_put_the_baseline_first_and_orthogonalisation_alone():
     plans = _plans()  # baseline, ablation, orthogonalization, addition_4
-    harmless_only = generate.CellPlan(source="sweep", kind="addition", cell="best1", labels=("harmless",),
-                                      direction=plans[1].direction, addition_layer=1, coefficient=2.0)
+    harmless_only = generate.CellPlan(source="sweep", cell="best1", labels=("harmless",),
+                                      edit=make_edit("addition", direction=plans[1].edit.direction, layer=1,
+                                                     coefficient=2.0))
     listed = [plans[3], plans[2], harmless_only, plans[1], plans[0]]
     assert generate.plan_passes(listed, 8) == [[4, 0, 3], [1], [2]]
     assert generate.plan_passes(listed, 2) == [[4, 0], [1], [2], [3]]
@@ -72,11 +75,11 @@ def test_cells_sharing_a_pass_match_cells_alone(tiny_dirs, tmp_path):
     common = dict(max_new_tokens=6, batch_size=3, device="cpu", threads=1, exp_file=exp.file, nll_prompts=2,
                   capability_cfg=Capability(n=3))
     args = (exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"))
-    direction = _plans()[1].direction
-    steer = dict(source="self", direction=direction, direction_model="tiny-chat", extraction_layer=1,
-                 extraction_position=-1)
-    plans = _plans() + [generate.CellPlan(kind="addition", cell=f"addition_{c:g}", addition_layer=layer,
-                                          coefficient=c, **steer) for layer, c in ((0, -3.0), (1, 8.0))]
+    direction = _plans()[1].edit.direction
+    steer = dict(source="self", direction_model="tiny-chat", extraction_layer=1, extraction_position=-1)
+    plans = _plans() + [generate.CellPlan(edit=make_edit("addition", direction=direction, layer=layer,
+                                                         coefficient=c), cell=f"addition_{c:g}", **steer)
+                        for layer, c in ((0, -3.0), (1, 8.0))]
     out = {w: [(p, str(tmp_path / f"{w}-{p.cell}.parquet"), str(tmp_path / f"{w}-cap-{p.cell}.parquet"))
                for p in plans] for w in ("pass", "alone")}
     generate.run_cells(*args, out["pass"], cells_per_pass=4, **common)
@@ -87,15 +90,15 @@ def test_cells_sharing_a_pass_match_cells_alone(tiny_dirs, tmp_path):
 
 
 def test_generate_many_equals_generate_per_intervention(tiny_dirs):
-    from pipeline.interventions import Intervention
+    from pipeline.interventions import Edit, make_edit
     from pipeline.models import LoadedModel
 
     exp = load_experiment(["experiment=tiny"])
     lm = LoadedModel(exp.models["tiny-chat"], tiny_dirs["tiny-chat"], device="cpu", threads=1)
-    direction = _plans()[1].direction.float()
-    ivs = [Intervention("addition", direction=direction, layer=1, coefficient=4.0), Intervention("baseline"),
-           Intervention("ablation", direction=direction, layers=(1, 2)),
-           Intervention("addition", direction=direction, layer=0, coefficient=-2.0, addition_form="every_write")]
+    direction = _plans()[1].edit.direction.float()
+    ivs = [make_edit("addition", direction=direction, layer=1, coefficient=4.0), Edit(),
+           make_edit("ablation", direction=direction, layers=(1, 2)),
+           make_edit("addition", direction=direction, layer=0, coefficient=-2.0, form="every_write")]
     texts = ["Write a poem.", "How do I bake bread at home?", "Name a colour.", "Explain gravity briefly, please."]
     together = generate.generate_many(lm, texts, ivs, max_new_tokens=7, batch_size=3)
     for iv, (got_texts, got_ids) in zip(ivs, together):

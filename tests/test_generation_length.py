@@ -5,7 +5,7 @@ import torch
 
 from pipeline.config import load_experiment
 from pipeline.generate import generate_many
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.models import LoadedModel
 
 from conftest import tiny_spec
@@ -26,9 +26,9 @@ def _eos_first(tiny_dirs):
 def test_fixed_length_decodes_through_eos(tiny_dirs):
     lm, eos = _eos_first(tiny_dirs)
     assert lm.hf.generation_config.eos_token_id is not None
-    (texts, ids), = generate_many(lm, PROMPTS, [Intervention("baseline")], 5, 2)
+    (texts, ids), = generate_many(lm, PROMPTS, [Edit()], 5, 2)
     assert ids == [[], [], []] and texts == ["", "", ""]  # stopped at EOS: nothing kept
-    (texts, ids), = generate_many(lm, PROMPTS, [Intervention("baseline")], 5, 2, stop_at_eos=False)
+    (texts, ids), = generate_many(lm, PROMPTS, [Edit()], 5, 2, stop_at_eos=False)
     # every step decoded and kept: the model writes EOS again and again (a stopped row would be padded)
     assert ids == [[eos] * 5] * 3 and lm.tok.pad_token_id != eos
     assert texts == [lm.tok.decode(row, skip_special_tokens=True) for row in ids]
@@ -40,7 +40,7 @@ def test_fixed_length_with_a_steered_cell(tiny_dirs):
     """The fixed length holds for every invoke of a pass, steered ones included."""
     lm, _ = _eos_first(tiny_dirs)
     direction = torch.randn(lm.hf.config.hidden_size, dtype=torch.float64)
-    ivs = [Intervention("baseline"), Intervention("ablation", direction=direction)]
+    ivs = [Edit(), make_edit("ablation", direction=direction)]
     out = generate_many(lm, PROMPTS, ivs, 4, 3, stop_at_eos=False)
     assert [[len(row) for row in ids] for _, ids in out] == [[4, 4, 4], [4, 4, 4]]
 

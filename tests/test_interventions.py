@@ -11,8 +11,11 @@ from pipeline.architecture import get_path, residual_map
 from pipeline.errors import ConfigError
 from pipeline.generate import decode_until_stop, generate, plan_cell
 from pipeline.models import stop_token_ids
-from pipeline.interventions import ADDITION_FORMS, Intervention, apply_nnsight, torch_hooks
-from pipeline.specs import Kind, to_params
+from pipeline.interventions import Edit, make_edit
+from pipeline.interventions.hooks import apply_nnsight, torch_hooks
+from pipeline.interventions.addition import ADDITION_FORMS
+from pipeline.interventions.addition import AdditionSettings
+from pipeline.specs import to_params
 from pipeline.templates import encode_batch
 from tests.conftest import assert_one_line_error
 
@@ -39,8 +42,8 @@ def residuals_under(lm, iv):
 def test_ablation_leaves_residual_orthogonal_at_every_layer(tiny):
     d = direction_for(tiny)
     u = d / d.norm()
-    ins, outs, _, batch = residuals_under(tiny, Intervention("ablation", direction=d))
-    base_ins, _, _, _ = residuals_under(tiny, Intervention("baseline"))
+    ins, outs, _, batch = residuals_under(tiny, make_edit("ablation", direction=d))
+    base_ins, _, _, _ = residuals_under(tiny, Edit())
     real = batch.attention_mask.bool()
     for h in ins + outs:
         proj = (h @ u)[real].abs().max().item()
@@ -55,8 +58,8 @@ def test_ablation_limited_to_a_layer_range(tiny):
     d = direction_for(tiny)
     u = d / d.norm()
     start, stop = 1, 3
-    base_ins, base_outs, base_logits, batch = residuals_under(tiny, Intervention("baseline"))
-    ins, outs, logits, _ = residuals_under(tiny, Intervention("ablation", direction=d, layers=(start, stop)))
+    base_ins, base_outs, base_logits, batch = residuals_under(tiny, Edit())
+    ins, outs, logits, _ = residuals_under(tiny, make_edit("ablation", direction=d, layers=(start, stop)))
     real = batch.attention_mask.bool()
     assert torch.equal(ins[0], base_ins[0]) and torch.equal(outs[0], base_outs[0])
     for i in range(start, stop):
@@ -64,15 +67,15 @@ def test_ablation_limited_to_a_layer_range(tiny):
             assert (h @ u)[real].abs().max().item() < 1e-5 * max(h[real].norm(dim=-1).max().item(), 1.0)
     # after the range, blocks write along the direction again
     assert (outs[-1] @ u)[real].abs().max().item() > 1e-3
-    full = residuals_under(tiny, Intervention("ablation", direction=d))[2]
+    full = residuals_under(tiny, make_edit("ablation", direction=d))[2]
     assert not torch.allclose(logits, base_logits, atol=1e-4) and not torch.allclose(logits, full, atol=1e-4)
 
 
 def test_addition_changes_only_the_chosen_layer(tiny):
     d = direction_for(tiny)
     layer = 2
-    base_ins, base_outs, _, batch = residuals_under(tiny, Intervention("baseline"))
-    ins, outs, _, _ = residuals_under(tiny, Intervention("addition", direction=d, layer=layer, coefficient=3.0))
+    base_ins, base_outs, _, batch = residuals_under(tiny, Edit())
+    ins, outs, _, _ = residuals_under(tiny, make_edit("addition", direction=d, layer=layer, coefficient=3.0))
     for i in range(layer):
         assert torch.equal(ins[i], base_ins[i]) and torch.equal(outs[i], base_outs[i])
     # the chosen block's input is the baseline input plus 3 d at every position, pads included
@@ -82,8 +85,8 @@ def test_addition_changes_only_the_chosen_layer(tiny):
 
 def test_normalized_addition_adds_a_unit_vector(tiny_chat):
     d = direction_for(tiny_chat) * 7
-    base_ins, _, _, _ = residuals_under(tiny_chat, Intervention("baseline"))
-    ins, _, _, _ = residuals_under(tiny_chat, Intervention("addition", direction=d, layer=1, coefficient=2.0,
+    base_ins, _, _, _ = residuals_under(tiny_chat, Edit())
+    ins, _, _, _ = residuals_under(tiny_chat, make_edit("addition", direction=d, layer=1, coefficient=2.0,
                                                            normalize=True))
     assert torch.allclose(ins[1] - base_ins[1], (2.0 * d / d.norm()).expand_as(ins[1]), atol=1e-5)
 
@@ -107,15 +110,16 @@ def hook_generate(lm, iv, n):
 def test_nnsight_generation_matches_plain_hooks(tiny, kind):
     d = direction_for(tiny, seed=3) * 4
     if kind == "ablation_range":
-        iv = Intervention("ablation", direction=d, layers=(1, 3))
+        iv = make_edit("ablation", direction=d, layers=(1, 3))
     elif kind == "addition_every_write":
-        iv = Intervention("addition", direction=d, layer=1, coefficient=0.7, addition_form="every_write")
+        iv = make_edit("addition", direction=d, layer=1, coefficient=0.7, form="every_write")
     else:
-        iv = Intervention(kind, direction=d, layer=1 if kind == "addition" else None, coefficient=2.0)
+        iv = make_edit("addition", direction=d, layer=1, coefficient=2.0) if kind == "addition" else \
+            make_edit("ablation", direction=d)
     n = 8
     ours = generate(tiny, TEXTS, iv, max_new_tokens=n, batch_size=len(TEXTS))
     ref = hook_generate(tiny, iv, n)
-    plain = generate(tiny, TEXTS, Intervention("baseline"), max_new_tokens=n, batch_size=2)
+    plain = generate(tiny, TEXTS, Edit(), max_new_tokens=n, batch_size=2)
     assert ours == ref
     assert sum(len(o) for o in ours) > 0
     assert ours != plain  # the intervention really changed the text
@@ -124,14 +128,14 @@ def test_nnsight_generation_matches_plain_hooks(tiny, kind):
 def test_hooks_are_removed(tiny_chat):
     d = direction_for(tiny_chat)
     before = len(tiny_chat.hf._forward_hooks) + sum(len(m._forward_hooks) for m in tiny_chat.hf.modules())
-    with torch_hooks(tiny_chat.hf, tiny_chat.rmap, Intervention("ablation", direction=d)):
+    with torch_hooks(tiny_chat.hf, tiny_chat.rmap, make_edit("ablation", direction=d)):
         pass
     after = len(tiny_chat.hf._forward_hooks) + sum(len(m._forward_hooks) for m in tiny_chat.hf.modules())
     assert before == after
 
 
 def test_direction_of_wrong_size_is_refused(tiny_chat):
-    iv = Intervention("ablation", direction=torch.ones(tiny_chat.rmap.hidden_size + 1))
+    iv = make_edit("ablation", direction=torch.ones(tiny_chat.rmap.hidden_size + 1))
     with pytest.raises(ValueError, match="hidden size"):
         generate(tiny_chat, TEXTS[:1], iv, max_new_tokens=2, batch_size=1)
 
@@ -191,7 +195,7 @@ def test_addition_forms_match_a_hand_computed_block(name, form):
     mask[0, :3] = 0  # left padding
     d = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 5
     layer, c = 2, 3.0
-    iv = Intervention("addition", direction=d, layer=layer, coefficient=c, normalize=True, addition_form=form)
+    iv = make_edit("addition", direction=d, layer=layer, coefficient=c, normalize=True, form=form)
     block = get_path(model, rmap.layers)[layer]
     kwargs = {}
     capture = block.register_forward_pre_hook(lambda _m, _a, kw: kwargs.update(kw), with_kwargs=True)
@@ -206,7 +210,7 @@ def test_addition_forms_match_a_hand_computed_block(name, form):
     with torch.no_grad(), nn.trace(**inputs):
         apply_nnsight(nn, rmap, iv)
         traced = nn.output.hidden_states.save()
-    vec = iv.steering_vector()
+    vec = iv.vector
     assert torch.allclose(vec, c * d / d.norm(), atol=1e-6)  # c x the unit direction
     with torch.no_grad():
         expected = by_hand(block, base[layer], vec, kwargs, form == "every_write", name == "gemma2")
@@ -222,9 +226,9 @@ def test_addition_forms_match_a_hand_computed_block(name, form):
 
 
 def test_addition_form_names_match_the_schema():
-    assert typing.get_args(config.Addition.model_fields["form"].annotation) == ADDITION_FORMS
+    assert typing.get_args(AdditionSettings.model_fields["form"].annotation) == ADDITION_FORMS
     with pytest.raises(ValueError, match="addition form"):
-        Intervention("addition", direction=torch.ones(4), layer=0, addition_form="thrice")
+        make_edit("addition", direction=torch.ones(4), layer=0, form="thrice")
 
 
 def test_unknown_addition_form_is_one_line(conf_copy):
@@ -246,8 +250,8 @@ def cell_intervention(exp, cell):
 @pytest.mark.parametrize("model", ["qwen", "gemma", "llama"])
 def test_base_models_experiments_use_the_posts_form(model):
     iv = config.load_intervention(f"base-models-{model}", config.DEFAULT_CONF_DIR, "test")
-    assert iv.addition_form == "every_write" and iv.normalize
-    assert iv.coefficients == {"qwen": (2.0,), "gemma": (20.0, 42.0), "llama": (4.0, 8.0, 12.0)}[model]
+    assert iv["addition"].form == "every_write" and iv["addition"].normalize
+    assert tuple(iv["addition"].coefficients) == {"qwen": (2.0,), "gemma": (20.0, 42.0), "llama": (4.0, 8.0, 12.0)}[model]
 
 
 def test_every_write_form_reaches_the_generate_job(tmp_path, conf_copy):
@@ -256,23 +260,23 @@ def test_every_write_form_reaches_the_generate_job(tmp_path, conf_copy):
     from pipeline.select import selected_table
 
     exp = config.load_experiment(["experiment=tiny"], check_models=False)
-    addition = next(c for c in exp.cells() if c.kind == Kind.ADDITION and c.source == "self")
+    addition = next(c for c in exp.cells() if c.kind == "addition" and c.source == "self")
     assert "addition_form" not in cell_intervention(exp, addition)  # the default leaves old params as they were
     (conf_copy / "intervention" / "every-write.yaml").write_text(
         "addition: {form: every_write, normalize: true, coefficients: [2.0]}\n")
     exp = config.load_experiment(["experiment=tiny", "experiment.interventions=every-write"], conf_dir=conf_copy,
                                  check_models=False)
-    assert exp.intervention.addition_form == "every_write"
+    assert exp.intervention["addition"].form == "every_write"
     params = cell_intervention(exp, addition)
     assert params["addition_form"] == "every_write"
-    ablation = next(c for c in exp.cells() if c.kind == Kind.ABLATION and c.source == "self")
+    ablation = next(c for c in exp.cells() if c.kind == "ablation" and c.source == "self")
     assert "addition_form" not in cell_intervention(exp, ablation)
 
     d = torch.randn(8).numpy().astype("float64")
     selected = tmp_path / "selected.parquet"
     write_parquet(selected_table("tiny-chat", {(1, -1): (d, 4, 4)}, 1, -1, random_seed=0), str(selected))
     plan = plan_cell(addition, params, selected_path=str(selected))
-    assert plan.addition_form == "every_write" and plan.intervention().addition_form == "every_write"
+    assert plan.edit.form == "every_write"
     assert plan_cell(addition, {**params, "addition_form": "block_input"},
-                     selected_path=str(selected)).intervention().addition_form == "block_input"
+                     selected_path=str(selected)).edit.form == "block_input"
 

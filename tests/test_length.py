@@ -14,7 +14,7 @@ from pipeline import length
 from pipeline.config import DEFAULT_CONF_DIR, load_experiment, load_scorer
 from pipeline.errors import ConfigError
 from pipeline.generate import generate
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.specs import LengthSpec
 from pipeline.stats import wilson_interval
 
@@ -31,10 +31,10 @@ def test_first_k_tokens_of_a_long_greedy_generation_are_the_k_token_generation(t
     """What lets the experiment generate once: greedy decoding of K tokens starts with the k-token
     generation, token for token, steered (every step) or not, batched with left padding."""
     lm = tiny_chat
-    iv = Intervention("baseline")
+    iv = Edit()
     if steer:
         d = torch.from_numpy(np.random.default_rng(0).standard_normal(lm.hf.config.hidden_size).astype(np.float32))
-        iv = Intervention("addition", direction=d, layer=1, coefficient=4.0)
+        iv = make_edit("addition", direction=d, layer=1, coefficient=4.0)
     long_text, long_ids = generate(lm, PROMPTS, iv, 16, 3, return_ids=True)
     assert max(len(i) for i in long_ids) == 16
     for k in (3, 9):

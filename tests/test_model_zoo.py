@@ -18,7 +18,8 @@ from paper_standins import tiny_configs
 from pipeline.activations import capture
 from pipeline.config import DEFAULT_CONF_DIR, TemplateSpec, load_model
 from pipeline.generate import generate
-from pipeline.interventions import Intervention, apply_nnsight
+from pipeline.interventions import Edit, make_edit
+from pipeline.interventions.hooks import apply_nnsight
 from pipeline.models import LoadedModel, prepare
 from pipeline.refusal import refusal_token_ids
 from pipeline.templates import encode_batch, encode_prompt, post_instruction_ids
@@ -207,9 +208,9 @@ def test_one_grid_cell_runs(zoo):
     assert scores.shape == (2,) and torch.isfinite(torch.from_numpy(scores)).all()
 
     direction = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0))
-    steer = Intervention("addition", direction=direction, layer=1, coefficient=4.0)
+    steer = make_edit("addition", direction=direction, layer=1, coefficient=4.0)
     steered = generate(lm, TEXTS, steer, max_new_tokens=3, batch_size=2)
-    baseline = generate(lm, TEXTS, Intervention("baseline"), max_new_tokens=3, batch_size=2)
+    baseline = generate(lm, TEXTS, Edit(), max_new_tokens=3, batch_size=2)
     assert len(steered) == len(baseline) == 2 and all(isinstance(s, str) for s in steered)
     # the greedy continuation changes, and so do the next-token logits of every prompt
     assert steered != baseline

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline import aggregate, atomic, capability, directions, generate, prompts, score, select, sweep
+from pipeline.interventions import make_edit
 from pipeline.atomic import DiskFull, NonFiniteOutput, write_bytes, write_parquet
 from pipeline.config import Capability, ScorerSpec, Selection, load_experiment
 from pipeline.schemas import GENERATIONS, activations_schema, direction_schema, vectors_column, CANDIDATE_EXTRA
@@ -201,9 +202,9 @@ def test_generate_stage_with_a_nan_producing_addition(tiny_dirs, tmp_path):
     exp = load_experiment(["experiment=tiny"])
     write_parquet(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file), tmp_path / "prompts.parquet")
     direction = torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    plan = generate.CellPlan(source="self", kind="addition", cell="addition_1e+300", direction=direction,
-                             direction_model="tiny-chat", extraction_layer=1, extraction_position=-1,
-                             addition_layer=1, coefficient=1e300)
+    plan = generate.CellPlan(source="self", cell="addition_1e+300",
+                             edit=make_edit("addition", direction=direction, layer=1, coefficient=1e300),
+                             direction_model="tiny-chat", extraction_layer=1, extraction_position=-1)
     out, cap = tmp_path / "gen" / "addition_1e+300.parquet", tmp_path / "cap" / "addition_1e+300.parquet"
     with pytest.raises(NonFiniteOutput) as err:
         generate.run_cells(exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"),

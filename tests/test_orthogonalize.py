@@ -7,7 +7,8 @@ import torch
 import transformers as T
 
 from pipeline.architecture import get_path, residual_map
-from pipeline.interventions import Intervention, torch_hooks
+from pipeline.interventions import Edit, make_edit
+from pipeline.interventions.hooks import torch_hooks
 import pipeline.orthogonalize as orthogonalize_module
 from pipeline.orthogonalize import orthogonalize, orthogonalized
 
@@ -94,7 +95,7 @@ def compare(name, allow_inexact=False):
     ids, mask = batch()
     real = mask.bool()
     plain, plain_states = run(model, ids, mask)
-    with torch_hooks(model, residual_map(model), Intervention("ablation", direction=d)):
+    with torch_hooks(model, residual_map(model), make_edit("ablation", direction=d)):
         hooked, hooked_states = run(model, ids, mask)
     ortho_model = copy.deepcopy(model)
     orthogonalize(ortho_model, d, allow_inexact=allow_inexact)
@@ -238,7 +239,7 @@ def test_context_matches_activation_ablation_inside_and_plain_model_after(name):
     ids, mask = batch()
     real = mask.bool()
     plain, _ = run(model, ids, mask)
-    with torch_hooks(model, residual_map(model), Intervention("ablation", direction=d)):
+    with torch_hooks(model, residual_map(model), make_edit("ablation", direction=d)):
         hooked, _ = run(model, ids, mask)
     with orthogonalized(model, d):
         ortho, _ = run(model, ids, mask)

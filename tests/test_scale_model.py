@@ -14,7 +14,7 @@ from pipeline import prompts
 from pipeline.config import DEFAULT_CONF_DIR, load_experiment, load_model
 from pipeline.errors import ConfigError
 from pipeline.generate import generate
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.models import PREPARED, LoadedModel, prepare
 from pipeline.score import is_refusal
 from pipeline.sources import gguf_part_paths
@@ -93,7 +93,7 @@ def test_large_model_refuses_harmful_and_answers_harmless():
     test = table.filter(pl.col("split") == "test")
     harmful = test.filter(pl.col("label") == "harmful")["instruction"].to_list()[:4]
     harmless = test.filter(pl.col("label") == "harmless")["instruction"].to_list()[:4]
-    out = generate(lm, harmful + harmless, Intervention("baseline"),
+    out = generate(lm, harmful + harmless, Edit(),
                    max_new_tokens=exp.generation.max_new_tokens, batch_size=8)
     refused = [is_refusal(c, exp.scorer) for c in out]
     for label, prompt, completion, r in zip(["harmful"] * 4 + ["harmless"] * 4, harmful + harmless, out, refused):

@@ -9,7 +9,8 @@ import torch
 from pipeline.config import Selection
 from pipeline import activations, directions, probes, select
 from pipeline.errors import ConfigError
-from pipeline.interventions import Intervention, torch_hooks
+from pipeline.interventions import Edit, make_edit
+from pipeline.interventions.hooks import torch_hooks
 from pipeline.refusal import refusal_score, refusal_token_ids
 from pipeline.templates import encode_batch
 
@@ -110,9 +111,9 @@ def test_candidate_scores_match_a_direct_computation(tiny_chat):
         with torch.no_grad(), torch_hooks(lm.hf, lm.rmap, iv):
             return lm.hf(**lm.inputs(batch)).logits[:, -1, :]
 
-    bypass = refusal_score(last(texts_h, Intervention("ablation", direction=d)), ids).mean().item()
-    induce = refusal_score(last(texts_s, Intervention("addition", direction=d, layer=2, coefficient=1.0)), ids)
-    kl = probes.kl_divergence(last(texts_s, Intervention("baseline")), last(texts_s, Intervention("ablation", direction=d)))
+    bypass = refusal_score(last(texts_h, make_edit("ablation", direction=d)), ids).mean().item()
+    induce = refusal_score(last(texts_s, make_edit("addition", direction=d, layer=2, coefficient=1.0)), ids)
+    kl = probes.kl_divergence(last(texts_s, Edit()), last(texts_s, make_edit("ablation", direction=d)))
     assert row["bypass"] == pytest.approx(bypass, abs=1e-4)
     assert row["induce"] == pytest.approx(induce.mean().item(), abs=1e-4)
     assert row["kl"] == pytest.approx(kl.mean().item(), abs=1e-5)

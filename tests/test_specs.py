@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.interventions import INTERVENTIONS
 from pipeline.config import Activations, Capability, Generation, Selection, Split, load_experiment
-from pipeline.specs import (CELL_NAME_PATTERN, Cell, DatasetSpec, Kind, ModelSpec, ScorerSpec, SweepSpec, cell_name,
+from pipeline.specs import (Cell, DatasetSpec, ModelSpec, ScorerSpec, SweepSpec, cell_name_pattern,
                             from_params, to_params)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def test_one_cell_vocabulary():
     exp = load_experiment(["experiment=tiny"], check_models=False)
     names = {c.name for c in exp.cells()}
     assert {"baseline", "ablation", "orthogonalization", "addition_2", "best1", "cell1"} <= names
-    assert all(re.fullmatch(CELL_NAME_PATTERN, n) for n in names)
-    assert cell_name(Kind.ADDITION, -1.5) == "addition_-1.5" and re.fullmatch(CELL_NAME_PATTERN, "addition_-1.5")
-    assert exp.cell("tiny-chat", "self", "addition_2") == Cell("tiny-chat", "self", Kind.ADDITION, 2.0)
+    assert all(re.fullmatch(cell_name_pattern(), n) for n in names)
+    name = INTERVENTIONS.get("addition").cell_name(-1.5)
+    assert name == "addition_-1.5" and re.fullmatch(cell_name_pattern(), name)
+    assert exp.cell("tiny-chat", "self", "addition_2") == Cell("tiny-chat", "self", "addition", 2.0)

@@ -11,7 +11,7 @@ from pipeline import aggregate, coherence
 from pipeline.config import SweepSpec, load_experiment
 from pipeline.directions import candidates_table
 from pipeline.errors import ConfigError
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 from pipeline.refusal import refusal_score, refusal_token_ids
 from pipeline.probes import last_logits
 from pipeline.sweep import pick_cells, score_cells
@@ -97,14 +97,14 @@ def test_sweep_scores_match_a_direct_computation(tiny_chat, tmp_path):
     assert sorted(zip(added["extraction_layer"], added["addition_layer"])) == [(0, 3), (1, 0), (1, 1), (2, 1), (2, 2)]
     ids = refusal_token_ids(lm.tok, lm.spec)
     direction = torch.tensor(diffs[(2, -1)][0], dtype=torch.float32)
-    expected = refusal_score(last_logits(lm, harmless, Intervention("addition", direction=direction, layer=1,
+    expected = refusal_score(last_logits(lm, harmless, make_edit("addition", direction=direction, layer=1,
                                                                      coefficient=3.0), 8), ids).mean().item()
     got = added.filter((pl.col("extraction_layer") == 2) & (pl.col("addition_layer") == 1))["logit_score"].item()
     assert got == pytest.approx(expected, rel=1e-5)
     ablated = scores.filter(pl.col("kind") == "ablation").sort("extraction_layer")
     assert ablated.height == 2
     assert ablated["logit_score"][0] == -123.0  # reused from selection, not recomputed
-    iv = Intervention("ablation", direction=direction)
+    iv = make_edit("ablation", direction=direction)
     assert ablated["logit_score"][1] == pytest.approx(refusal_score(last_logits(lm, harmful, iv, 8), ids).mean().item(),
                                                       rel=1e-5)
     unsteered = scores.filter((pl.col("kind") == "baseline") & (pl.col("label") == "harmful"))["logit_score"].item()
@@ -146,10 +146,11 @@ def test_addition_layer_and_ablation_range_from_yaml(conf_copy):
     (conf / "intervention" / "shifted.yaml").write_text(
         "ablation: {layers: {start: 1, stop: 3}}\naddition: {coefficients: [2.0], layer: {offset: -1}}\n")
     exp = load_experiment(["experiment=tiny", "experiment.interventions=shifted"], conf_dir=conf)
-    assert exp.intervention.ablation_layers == (1, 3) and exp.intervention.addition_layer_for(5) == 4
+    assert exp.intervention.cell_params("ablation")["ablation_layers"] == (1, 3)
+    assert exp.intervention["addition"].layer_for(5) == 4
     (conf / "intervention" / "fixed.yaml").write_text("addition: {coefficients: [2.0], layer: {absolute: 2}}\n")
     assert load_experiment(["experiment=tiny", "experiment.interventions=fixed"],
-                           conf_dir=conf).intervention.addition_layer_for(7) == 2
+                           conf_dir=conf).intervention["addition"].layer_for(7) == 2
 
 
 @pytest.mark.parametrize("text,key", [
@@ -186,7 +187,7 @@ def test_nll_is_measured_on_the_first_prompts_of_each_label(tiny_dirs, tmp_path)
 
     exp = load_experiment(["experiment=tiny"])
     write_parquet(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file), tmp_path / "prompts.parquet")
-    plan = generate.CellPlan(source="none", kind="baseline", cell="baseline")
+    plan = generate.CellPlan(source="none", edit=Edit(), cell="baseline")
     generate.run(exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"), plan,
                  str(tmp_path / "g.parquet"), max_new_tokens=4, batch_size=8, device="cpu", threads=1,
                  exp_file=exp.file, nll_prompts=2)

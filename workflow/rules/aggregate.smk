@@ -30,6 +30,7 @@ rule aggregate:
         paired=PAIRED,
         bootstrap=not EXP.direction.filter,
         scorers=[s.name for s in EXP.scorers],
+        plugins=list(EXP.plugins),  # an experiment's own kinds: their labels and order in the report
     log:
         LOGS + "/aggregate.log",
     script:

@@ -29,15 +29,6 @@ def cell_direction_file(cell):
 
 
 def cell_intervention(cell):
-    """The intervention settings one cell reads, so editing another kind's settings leaves it alone."""
-    iv = EXP.intervention
-    if cell.kind == "addition":
-        params = {"normalize": iv.normalize, "addition_offset": iv.addition_offset,
-                  "addition_absolute": iv.addition_absolute}
-        # only when not the default, so cells generated before the option existed keep their params
-        if iv.addition_form != "block_input":
-            params["addition_form"] = iv.addition_form
-        return params
-    if cell.kind in ("ablation", "orthogonalization") or cell.pick is not None:
-        return {"ablation_layers": iv.ablation_layers}
-    return {}
+    """The intervention settings one cell reads (its kind's), so editing another kind's settings leaves it
+    alone; a sweep pick reads the ablation's layer range (its ablation picks honour it)."""
+    return EXP.intervention.cell_params("ablation" if cell.pick is not None else cell.kind)

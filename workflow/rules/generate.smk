@@ -16,7 +16,7 @@ def generate_job_inputs(job):
         "prompts": f"{OUT}/prompts.parquet",
         "directions": sorted({f for f in map(cell_direction_file, job.cells) if f}),
         # steered cells measure loss on the model's own baseline completions
-        "baseline": [cell_path("generations", Cell(job.model, "none", Kind.BASELINE))] if needs_baseline else [],
+        "baseline": [cell_path("generations", Cell(job.model, "none", "baseline"))] if needs_baseline else [],
         "picks": [f"{OUT}/sweep/{job.model}/picks.parquet"] if sweep else [],
         "candidates": [f"{OUT}/directions/{job.model}/candidates.parquet"] if sweep else [],
     }
@@ -42,6 +42,7 @@ for gen_job in EXP.generate_jobs():
             nll_prompts=EXP.coherence.nll_prompts,
             device=EXP.device,
             file=EXP.file,
+            plugins=list(EXP.plugins),
         log:
             f"{LOGS}/generate/{gen_job.model}/{gen_job.name}.log",
         benchmark:

@@ -13,8 +13,8 @@ rule sweep:
     params:
         model=model_params,
         sweep=to_params(EXP.sweep),
-        normalize=EXP.intervention.normalize,
-        ablation_layers=EXP.intervention.ablation_layers,
+        normalize=EXP.intervention["addition"].normalize,
+        ablation_layers=EXP.intervention.cell_params("ablation")["ablation_layers"],
         reuse_selection=EXP.reuse_selection_bypass(),
         device=EXP.device,
         file=EXP.file,
