@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .specs import ScorerSpec
 from .schemas import SCORES, read_parquet, write_parquet
+from .specs import ScorerSpec
 
 # A scorer with fold_quotes matches typographic quotes as straight ones, in completions and phrases alike.
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
@@ -44,21 +44,29 @@ def score_table(table: pa.Table, scorer: ScorerSpec, refused: list[bool] | None 
 
 def run(scorers: ScorerSpec | list[ScorerSpec], generations_path: str, output: str,
         judge_dirs: dict[str, str] | None = None, device: str = "auto", threads: int = 2) -> None:
-    """Score one cell's completions with every scorer: one row per completion per scorer, the scorers' blocks
-    in the order given. `judge_dirs`: each judge model's prepared folder, by model name; a judge model
-    shared by several scorers is loaded once."""
+    """Score one cell; see `run_cells`."""
+    run_cells(scorers, [(generations_path, output)], judge_dirs, device, threads)
+
+
+def run_cells(scorers: ScorerSpec | list[ScorerSpec], cells: list[tuple[str, str]],
+              judge_dirs: dict[str, str] | None = None, device: str = "auto", threads: int = 2) -> None:
+    """Score cells' completions (per cell: generations file, scores file) with every scorer: one row per
+    completion per scorer, the scorers' blocks in the order given. `judge_dirs`: each judge model's prepared
+    folder, by model name; a judge model is loaded once for all the cells and the scorers that share it."""
     scorers = [scorers] if isinstance(scorers, ScorerSpec) else list(scorers)
-    table = read_parquet(generations_path)
-    prompts, completions = table.column("prompt").to_pylist(), table.column("completion").to_pylist()
-    decided: dict[str, list[bool]] = {}
+    tables = [read_parquet(path) for path, _ in cells]
+    decided: list[dict[str, list[bool]]] = [{} for _ in cells]
     for judge in dict.fromkeys(s.judge.name for s in scorers if s.kind == "judge"):
+        # torch and the model code load in judge jobs only: phrase scoring starts in a fraction of the time
         from .judge import judge_refusals
         from .models import LoadedModel
 
         mine = [s for s in scorers if s.kind == "judge" and s.judge.name == judge]
         lm = LoadedModel(mine[0].judge, (judge_dirs or {})[judge], device, threads)
-        for scorer in mine:
-            decided[scorer.name] = judge_refusals(lm, scorer, prompts, completions)
+        for table, answers in zip(tables, decided):
+            prompts, completions = table.column("prompt").to_pylist(), table.column("completion").to_pylist()
+            for scorer in mine:
+                answers[scorer.name] = judge_refusals(lm, scorer, prompts, completions)
         del lm
-    parts = [score_table(table, s, decided.get(s.name)) for s in scorers]
-    write_parquet(pa.concat_tables(parts), output)
+    for table, answers, (_, output) in zip(tables, decided, cells):
+        write_parquet(pa.concat_tables([score_table(table, s, answers.get(s.name)) for s in scorers]), output)

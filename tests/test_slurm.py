@@ -20,8 +20,8 @@ SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 PROFILES = ("--profile", str(ROOT / "workflow" / "profiles" / "slurm"),
             "--profile", str(ROOT / "workflow" / "profiles" / "slurm-local"))
 REQUIRE_SLURM = "REFUSAL_REQUIRE_SLURM"
-# Smaller than `tiny` alone: no sweep and no random direction leave 13 SLURM jobs (one generate job
-# per model, the scores as one group job), about half the tiny DAG's, each paying ~10 s of start-up.
+# Smaller than `tiny` alone: no sweep and no random direction leave 14 SLURM jobs (one generate and one
+# score job per model), about half the tiny DAG's, each paying ~10 s of start-up.
 OVERRIDES = "overrides=experiment=tiny experiment.sweep=null experiment.direction.sources=[self]"
 
 
@@ -44,16 +44,17 @@ def job_counts(log: str) -> dict[str, int]:
 
 
 def test_local_profile_dry_run(tmp_path):
-    # no SLURM needed: the layered profiles parse, every job asks for the debug partition, the
-    # scores form one group, and no job asks for a GPU (the tiny experiment runs on cpu)
+    # no SLURM needed: the layered profiles parse, every job asks for the debug partition, one score job
+    # per model scores its 7 cells, and no job asks for a GPU (the tiny experiment runs on cpu)
     proc = snakemake(tmp_path, "-n", *PROFILES, "--config", OVERRIDES)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     resources = [line for line in out.splitlines() if line.strip().startswith("resources:")]
-    assert len(resources) == 26 + 1  # 26 jobs and `all`
+    assert len(resources) == 14 + 1  # 14 jobs and `all`
     assert all("slurm_partition=debug" in line for line in resources)
     assert not any(re.search(r"\bgpu=[1-9]", line) for line in resources)
-    assert out.count("Group job scores") == 1
+    assert {r: n for r, n in job_counts(out).items() if r.startswith("score")} == \
+        {"score_tiny-chat_grid1": 1, "score_tiny-base_grid1": 1}
 
 
 def test_unavailable_skips_unless_required(monkeypatch):
@@ -95,9 +96,9 @@ def test_tiny_experiment_through_slurm(slurm, tmp_path):
     plan = snakemake(tmp_path, "-n", *PROFILES, "--config", OVERRIDES, env=env)
     assert plan.returncode == 0, plan.stderr[-3000:]
     counts = job_counts(plan.stdout + plan.stderr)
-    # every rule's jobs go to SLURM, the score jobs as one group job; `all` (no action) stays here
-    expected = sum(n for rule, n in counts.items() if rule not in ("all", "score")) + (counts.get("score", 0) > 0)
-    assert counts["score"] == 14 and expected == 13, counts
+    # every rule's jobs go to SLURM, one score job per model; `all` (no action) stays here
+    expected = sum(n for rule, n in counts.items() if rule != "all")
+    assert sum(n for rule, n in counts.items() if rule.startswith("score_")) == 2 and expected == 14, counts
 
     proc = snakemake(tmp_path, *PROFILES, "--config", OVERRIDES, env=env)
     log = proc.stdout + proc.stderr
@@ -106,7 +107,6 @@ def test_tiny_experiment_through_slurm(slurm, tmp_path):
     # every job went through sbatch: the plugin names each SLURM job id and its log
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.", log)
     assert len(submitted) == expected, log[-4000:]
-    assert sum("/group_scores" in path for _, path in submitted) == 1
     for jobid, path in submitted:
         assert Path(path).name == f"{jobid}.log" and Path(path).is_file(), path
     # ... and SLURM ran them: squeue still lists finished jobs (MinJobAge), named by the run's id
@@ -133,7 +133,7 @@ def test_tiny_experiment_through_slurm(slurm, tmp_path):
                  "charts/tiny-chat.png", "charts/tiny-base.png", "activations/tiny-chat.parquet",
                  "directions/tiny-base/selected.parquet"):
         assert (out / name).is_file(), name
-    assert len(list((out / "scores").rglob("*.parquet"))) == counts["score"]
+    assert len(list((out / "scores").rglob("*.parquet"))) == 2 * 7
     summary = pl.read_parquet(out / "summary.parquet")
     # 7 cells a model (baseline; own and paired direction x ablation, orthogonalization, +2) x 2 labels
     assert summary.height == 2 * 7 * 2 and set(summary["source"]) == {"none", "self", "tiny-chat", "tiny-base"}

@@ -33,7 +33,10 @@ def test_dry_run_with_profile(tmp_path, profile):
     counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
               if line.startswith("generate_") and len(line.split()) == 2}
     assert counts == {f"generate_{m}_{j}": 1 for m in ("tiny-base", "tiny-chat") for j in ("grid1", "grid2", "sweep1")}
-    assert any(line.split()[:2] == ["score", "30"] for line in out.splitlines())
+    # one score job per generate job: its cells' scores files, the judge (if any) loaded once
+    scores = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
+              if line.startswith("score_") and len(line.split()) == 2}
+    assert scores == {f"score_{m}_{j}": 1 for m in ("tiny-base", "tiny-chat") for j in ("grid1", "grid2", "sweep1")}
     assert any(line.split()[:2] == ["sweep", "2"] for line in out.splitlines())
 
 
