@@ -1,4 +1,9 @@
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,55 @@ from pipeline.config import DEFAULT_CONF_DIR, load_experiment, load_model  # noq
 from pipeline.models import LoadedModel, prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = Path(__file__).parent / "plugins" / "scale_component.py"
+# conf/intervention/small.yaml (the tiny experiment's) plus the plugin's kind, scaling the component by 0 and 1
+SCALED = ("ablation: true\northogonalization: true\naddition: {coefficients: [2.0]}\n"
+          "scale: {factors: [0.0, 1.0]}\n")
+
+
+def with_scale_kind(conf: Path) -> list[str]:
+    """Hydra overrides that run the tiny experiment with the plugin's kind beside the built-in ones."""
+    (conf / "intervention" / "scaled.yaml").write_text(SCALED)
+    return ["experiment=tiny", "experiment.interventions=scaled", f"+experiment.plugins=[{PLUGIN}]"]
+
+
+def snakemake(workdir, *args, timeout=900, env=None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def kill_mid_run(workdir, marker: Path, *args, timeout=600):
+    """Start snakemake, SIGKILL it and its jobs as soon as `marker` exists (a lock and partial outputs stay)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory):
+    """One real run of the tiny experiment's whole DAG, shared by the tests that read it (test_workflow,
+    test_length): killed mid-run and recovered as the README says (unlock, then the local profile's
+    rerun-incomplete), with the length and stability rules and a plugin's intervention kind on top.
+    Returns the workdir, the conf copy, the `--config` arguments, what the recovery left and the run."""
+    work = tmp_path_factory.mktemp("tiny-dag")
+    conf = work / "conf"
+    shutil.copytree(DEFAULT_CONF_DIR, conf)
+    overrides = " ".join([*with_scale_kind(conf),
+                          "+experiment.length={tokens:[2,6],scorers:[refusal-prefix,refusal-substring]}",
+                          "+experiment.direction.bootstrap={draws:2,seed:3,reselect:true}"])
+    config = ("--config", f"overrides={overrides}", f"conf_dir={conf}")
+    local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
+    out = work / "results" / "tiny"
+    kill_mid_run(work, out / "activations" / "tiny-chat.parquet", *local, *config)
+    killed = {"locked": any((work / ".snakemake" / "locks").iterdir()),
+              "summary": (out / "summary.parquet").exists(),
+              "unlock": snakemake(work, *local, "--unlock", *config).returncode}
+    run = snakemake(work, *local, "--cores", "2", *config, timeout=1500)
+    return {"work": work, "conf": conf, "config": config, "out": out, "killed": killed, "run": run}
 
 
 def tiny_spec(name: str):

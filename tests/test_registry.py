@@ -2,7 +2,6 @@
 cell names, generation and the report all pick up, with no edit to the package."""
 
 import re
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -14,17 +13,8 @@ from pipeline.generate import generate
 from pipeline.interventions import INTERVENTIONS, Edit, make_edit
 from pipeline.registry import Registry, load_plugins
 from pipeline.specs import cell_name_pattern
-from conftest import assert_one_line_error
+from conftest import PLUGIN, SCALED, assert_one_line_error, with_scale_kind
 from test_interventions import TEXTS, direction_for
-
-PLUGIN = Path(__file__).parent / "plugins" / "scale_component.py"
-SCALED = "ablation: true\naddition: {coefficients: [2.0]}\nscale: {factors: [0.0, 1.0]}\n"
-
-
-def with_scale_kind(conf: Path) -> list[str]:
-    """Hydra overrides that run the tiny experiment with the plugin's kind beside the built-in ones."""
-    (conf / "intervention" / "scaled.yaml").write_text(SCALED)
-    return ["experiment=tiny", "experiment.interventions=scaled", f"+experiment.plugins=[{PLUGIN}]"]
 
 
 def test_a_plugin_kind_joins_the_grid(conf_copy):

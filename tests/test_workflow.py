@@ -3,21 +3,11 @@
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import polars as pl
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def snakemake(workdir, *args, timeout=900, env=None):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+from conftest import ROOT, snakemake
 
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
@@ -40,27 +30,12 @@ def test_dry_run_with_profile(tmp_path, profile):
     assert any(line.split()[:2] == ["sweep", "2"] for line in out.splitlines())
 
 
-def kill_mid_run(workdir, marker: Path, *args, timeout=600):
-    """Start snakemake, SIGKILL it and its jobs as soon as `marker` exists (a lock and partial outputs stay)."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
-def test_whole_dag_on_tiny_models(tmp_path):
+def test_whole_dag_on_tiny_models(tiny_dag):
     # killed mid-run, then recovered the way the README says: unlock, and the local profile's rerun-incomplete
-    local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
-    out = tmp_path / "results" / "tiny"
-    kill_mid_run(tmp_path, out / "activations" / "tiny-chat.parquet", *local, "--config", "overrides=experiment=tiny")
-    assert any((tmp_path / ".snakemake" / "locks").iterdir()) and not (out / "summary.parquet").exists()
-    assert snakemake(tmp_path, *local, "--unlock").returncode == 0
-    proc = snakemake(tmp_path, *local, "--cores", "2", "--config", "overrides=experiment=tiny")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    work, out, config = tiny_dag["work"], tiny_dag["out"], tiny_dag["config"]
+    assert tiny_dag["killed"] == {"locked": True, "summary": False, "unlock": 0}
+    assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
     for name in ("prompts.parquet", "summary.parquet", "summary.csv", "summary.md", "report.md",
                  "charts/tiny-chat.png", "charts/tiny-base.png"):
         assert (out / name).exists(), name
@@ -73,7 +48,8 @@ def test_whole_dag_on_tiny_models(tmp_path):
 
     summary = pl.read_parquet(out / "summary.parquet")
     grid = summary.filter(pl.col("source") != "sweep")
-    assert grid.height == 20 * 2
+    # per model: baseline + 3 sources x (ablation, orthogonalization, +2, and the plugin's two factors), 2 labels
+    assert grid.height == 2 * (1 + 3 * 5) * 2
     assert set(grid["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
@@ -139,41 +115,48 @@ def test_whole_dag_on_tiny_models(tmp_path):
     assert sel["chosen"].sum() == 1 and sel.filter(pl.col("chosen"))["discarded"].is_null().all()
 
     # a second run has nothing to do: outputs are complete and up to date
-    again = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny")
-    assert "Nothing to be done" in again.stdout + again.stderr
+    overrides, conf_dir = config[1], config[2]
+
+    def dry(*extra: str, conf: str = conf_dir):
+        """A dry run of the same experiment with `extra` overrides."""
+        proc = snakemake(work, "-n", "--cores", "2", "--config", " ".join([overrides, *extra]), conf)
+        return proc.stdout + proc.stderr
+
+    again = dry()
+    assert "Nothing to be done" in again, again[-2000:]
 
     # a speed knob whose outputs are identical by design reruns nothing
-    knob = snakemake(tmp_path, "-n", "--cores", "2", "--config",
-                     "overrides=experiment=tiny experiment.generation.cells_per_pass=1")
-    assert "Nothing to be done" in knob.stdout + knob.stderr, (knob.stdout + knob.stderr)[-2000:]
+    knob = dry("experiment.generation.cells_per_pass=1")
+    assert "Nothing to be done" in knob, knob[-2000:]
 
     # changing a generation setting reruns generation, not activations
-    changed = snakemake(tmp_path, "-n", "--cores", "2", "--config",
-                        "overrides=experiment=tiny experiment.generation.max_new_tokens=3")
-    text = changed.stdout + changed.stderr
+    text = dry("experiment.generation.max_new_tokens=3")
     assert "rule generate_" in text and "rule activations" not in text
 
     # the device picks the dtype: every model job reruns, the prompts and the prepared models do not
-    changed = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny experiment.device=auto")
-    jobs = planned_jobs(changed.stdout + changed.stderr)
+    jobs = planned_jobs(dry("experiment.device=auto"))
     assert {"activations", "select", "sweep", "generate"} <= jobs and not jobs & {"prompts", "prepare_model"}
 
     # refusal tokens feed the refusal score: activations, select and sweep rerun (and the tiny
     # model's tokenizer, which learns them), the prompts do not
-    conf = tmp_path / "copy" / "conf"
-    shutil.copytree(ROOT / "conf", conf)
+    conf = work / "copy" / "conf"
+    shutil.copytree(tiny_dag["conf"], conf)
     yaml = conf / "model" / "tiny-chat.yaml"
     yaml.write_text(yaml.read_text().replace('refusal_tokens: ["I"]', 'refusal_tokens: ["I", "As"]'))
-    changed = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny", f"conf_dir={conf}")
-    jobs = planned_jobs(changed.stdout + changed.stderr)
+    jobs = planned_jobs(dry(conf=f"conf_dir={conf}"))
     assert {"activations", "select", "sweep"} <= jobs and "prompts" not in jobs, jobs
 
     # the README's advice for a damaged file, as written: delete it and run again. Intermediate files are
     # targets too, so the plain run rebuilds them (and what depends on them), not "Nothing to be done".
-    for damaged in (out / "activations" / "tiny-chat.parquet", out / "directions" / "tiny-base" / "candidates.parquet"):
-        damaged.unlink()
-    again = snakemake(tmp_path, "-n", "--cores", "2", "--config", "overrides=experiment=tiny")
-    text = again.stdout + again.stderr
+    # (Moved aside and back: other tests read this run.)
+    damaged = [out / "activations" / "tiny-chat.parquet", out / "directions" / "tiny-base" / "candidates.parquet"]
+    for path in damaged:
+        path.rename(path.with_name(path.name + ".aside"))
+    try:
+        text = dry()
+    finally:
+        for path in damaged:
+            path.with_name(path.name + ".aside").rename(path)
     assert "Nothing to be done" not in text
     assert re.search(r"output: \S*activations/tiny-chat\.parquet", text), text[-2000:]
     assert re.search(r"output: \S*directions/tiny-base/candidates\.parquet", text), text[-2000:]
@@ -182,7 +165,7 @@ def test_whole_dag_on_tiny_models(tmp_path):
 def planned_jobs(dry_run_output: str) -> set[str]:
     """Rule names of the jobs a dry run would run."""
     names = {line.split()[1].rstrip(":") for line in dry_run_output.splitlines() if line.startswith("rule ")}
-    return {"generate" if n.startswith("generate_") else n for n in names}  # one generate rule per job
+    return {n.split("_")[0] if n.startswith(("generate_", "score_")) else n for n in names}  # a rule per job
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
