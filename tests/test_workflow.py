@@ -130,7 +130,7 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     assert "Nothing to be done" in knob, knob[-2000:]
 
     # changing a generation setting reruns generation, not activations
-    text = dry("experiment.generation.max_new_tokens=3")
+    text = dry("experiment.generation.max_new_tokens=7")
     assert "rule generate_" in text and "rule activations" not in text
 
     # the device picks the dtype: every model job reruns, the prompts and the prepared models do not
