@@ -18,7 +18,7 @@ import json
 import pyarrow as pa
 import torch
 
-from .interventions import Edit, make_edit
+from .interventions import Edit
 from .models import LoadedModel
 from .schemas import CAPABILITY
 from .probes import completion_loss, kl_divergence, last_logits

@@ -51,7 +51,7 @@ def per_token(loss_and_count: tuple[float, int]) -> float:
 def neutral_nll(lm, completions: list[str], batch_size: int, measured: list[bool] | None = None) -> list[float | None]:
     """Per-token loss of the unsteered model on each completion after NEUTRAL_INSTRUCTION (None where
     not measured; NaN for an empty completion)."""
-    from .interventions import Edit, make_edit
+    from .interventions import Edit
     from .probes import completion_losses
 
     measured = measured if measured is not None else [True] * len(completions)

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from .batching import halving
-from .interventions import Edit, make_edit
+from .interventions import Edit
 from .interventions.hooks import apply_nnsight
 from .models import LoadedModel
 from .schemas import read_parquet

@@ -103,7 +103,7 @@ def model_features(rows: list[dict], threads: int, feats: dict[str, dict], save)
     """The features that need a forward pass, per completion key, into `feats`; `save()` after each
     step, so an interrupted run resumes where it stopped."""
     from pipeline.config import DEFAULT_CONF_DIR, load_model
-    from pipeline.interventions import Edit, make_edit
+    from pipeline.interventions import Edit
     from pipeline.judge import label_logits, label_token_ids, questions
     from pipeline.models import LoadedModel, set_offline
     from pipeline.probes import completion_losses

@@ -70,6 +70,22 @@ def tiny_spec(name: str):
     return load_model(name, DEFAULT_CONF_DIR, "test", "model")
 
 
+def prepared_model(name: str, spec=None) -> Path:
+    """The pipeline's own cache of an embedded model, results/models/<name> (what `make run` prepares),
+    prepared once under a file lock, so test processes running side by side share it."""
+    import fcntl
+
+    from pipeline.models import PREPARED
+
+    prepared = ROOT / "results" / "models" / name
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    with open(prepared.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (prepared / PREPARED).exists():
+            prepare(spec or tiny_spec(name), prepared)
+    return prepared
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """The two tiny random models of conf/model/, prepared once per test session."""

