@@ -29,6 +29,8 @@ rule aggregate:
         pairs=EXP.pairs,
         paired=PAIRED,
         bootstrap=not EXP.direction.filter,
+        # the candidates' direction method (a plugin's too) remakes the directions in the base/chat bootstrap
+        plugins=list(EXP.plugins),
         scorers=[s.name for s in EXP.scorers],
     log:
         LOGS + "/aggregate.log",
