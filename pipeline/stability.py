@@ -84,7 +84,8 @@ class Stack:
         """Norm of the harmful prompts' mean activation, [layer, position]: the scale a direction is zero
         next to (`cosines`)."""
         harm = self.labels == "harmful"
-        return np.linalg.norm(self.values[:, :, harm].astype(np.float64).mean(2), axis=-1)
+        return np.stack([np.linalg.norm(self.values[li][:, harm].astype(np.float64).mean(1), axis=-1)
+                         for li in range(len(self.layers))])  # one layer at a time: the float64 copy stays small
 
 
 def draw_counts(labels: np.ndarray, draws: int, seed: int) -> np.ndarray:

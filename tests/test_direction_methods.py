@@ -137,7 +137,7 @@ def test_a_plugin_method_through_snakemake(tmp_path):
 
     overrides = " ".join(WITH_MEDIAN)
     target = "results/tiny/directions/tiny-chat/candidates.parquet"
-    proc = snakemake(tmp_path, "--cores", "2", "--config", f"overrides={overrides}", target, timeout=600)
+    proc = snakemake(tmp_path, target, "--cores", "2", "--config", f"overrides={overrides}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acts = read_parquet(tmp_path / "results/tiny/activations/tiny-chat.parquet")
     table = read_parquet(tmp_path / target)
