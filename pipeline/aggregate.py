@@ -19,6 +19,7 @@ import polars as pl
 from . import stats
 from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
+from .direction_methods import method_of, methods_label
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
 from .interventions import INTERVENTIONS
 
@@ -446,22 +447,24 @@ def activations_at(path: str, position: int) -> tuple[list[str], dict[str, np.nd
     return ids, acts, layers
 
 
-def similarity_se(base_acts: str, chat_acts: str, position: int, layers: list[int]) -> dict[int, float] | None:
-    """Bootstrap standard error of the base/chat cosine per layer; None if the models saw different prompts."""
+def similarity_se(base_acts: str, chat_acts: str, position: int, layers: list[int],
+                  method: str) -> dict[int, float] | None:
+    """Bootstrap standard error of the base/chat cosine per layer, directions by `method` (the candidates');
+    None if the models saw different prompts."""
     (base_ids, base, base_layers), (chat_ids, chat, chat_layers) = (activations_at(p, position)
                                                                     for p in (base_acts, chat_acts))
     if base_ids != chat_ids:
         return None
     pick = {m: [have.index(layer) for layer in layers] for m, have in (("base", base_layers), ("chat", chat_layers))}
     se = stats.bootstrap_cosine_se({k: v[:, pick["base"]] for k, v in base.items()},
-                                   {k: v[:, pick["chat"]] for k, v in chat.items()})
+                                   {k: v[:, pick["chat"]] for k, v in chat.items()}, method=method)
     return dict(zip(layers, se.tolist()))
 
 
 def direction_similarity(pairs: list[tuple[str, str]], candidates: dict[str, str],
                          selections: dict[str, tuple[str, str]], activations: dict[str, str] | None = None
                          ) -> pl.DataFrame:
-    """Per declared pair and layer: cosine similarity of the base and chat mean-difference directions.
+    """Per declared pair and layer: cosine similarity of the base and chat candidate directions.
 
     Both are taken at the chat model's selected position (the last template token in the
     base-models experiments); the base <-> chat transfer claim rests on these being close.
@@ -480,7 +483,8 @@ def direction_similarity(pairs: list[tuple[str, str]], candidates: dict[str, str
         layers = sorted(set(vectors[base]) & set(vectors[chat]))
         se = None
         if activations and base in activations and chat in activations:
-            se = similarity_se(activations[base], activations[chat], chosen["position"], layers)
+            se = similarity_se(activations[base], activations[chat], chosen["position"], layers,
+                               method_of(tables[chat]))
         for layer in layers:
             cosine = float(stats.cosine_rows(vectors[base][layer], vectors[chat][layer]))
             low = high = None
@@ -598,7 +602,8 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
                     "score (`direction.filter`), which a bootstrap over the shared train prompts would not "
                     "reproduce.")
         report += ["### How alike are the base and chat directions?", "",
-                   "Cosine similarity of the two models' mean-difference directions at each layer (the chat "
+                   f"Cosine similarity of the two models' directions ({methods_label(candidates or {})}) at each "
+                   "layer (the chat "
                    "model's selected position); the transfer claim rests on it. " + interval, "",
                    markdown(similarity.with_columns(pl.col("cosine", "ci_low", "ci_high").round(3))),
                    f"![direction similarity]({Path(similarity_path).relative_to(out)})", ""]

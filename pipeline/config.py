@@ -126,6 +126,9 @@ class Bootstrap(Schema):
 
 
 class Direction(Schema):
+    # how a candidate is made from a layer x position's activations: a name in
+    # pipeline.direction_methods.DIRECTION_METHODS (built in, or registered by a plugin)
+    method: Name = "mean_diff"
     sources: list[Literal["self", "random"]] = ["self", "random"]
     random_seed: NonNegInt = 0
     filter: bool = True  # keep harmful val/train prompts the model refuses, harmless ones it does not
@@ -706,6 +709,16 @@ def resolve_plugins(entries: list[str], conf_dir: Path, exp_file: str) -> tuple[
     return tuple(resolved)
 
 
+def check_direction_method(direction: Direction, exp_file: str) -> None:
+    """`direction.method` names a registered method (plugins are loaded by now)."""
+    from .direction_methods import DIRECTION_METHODS
+
+    if direction.method not in DIRECTION_METHODS:
+        raise ConfigError(exp_file, "direction.method", f"unknown direction method '{direction.method}' "
+                          f"(known: {', '.join(DIRECTION_METHODS.names())}); a method of your own is a plugin "
+                          "that registers it (plugins:)")
+
+
 def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_dir: Path,
                      plugins: tuple[str, ...] = ()) -> Experiment:
     models = {m: load_model(m, conf_dir, exp_file, f"models[{i}]") for i, m in enumerate(e.models)}
@@ -713,6 +726,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         if e.models.index(m) != i:
             raise ConfigError(exp_file, f"models[{i}]", f"model '{m}' is listed twice")
     check_pairs(e.pairs, models, exp_file)
+    check_direction_method(e.direction, exp_file)
     for i, f in enumerate(e.direction.force):
         if f.model not in models:
             raise ConfigError(exp_file, f"direction.force[{i}].model",

@@ -12,13 +12,15 @@ activations/{model}        prompt x layer x post-instruction position: model,
                            (the prompt's logit refusal score, unsteered), act =
                            FixedSizeList<float16|float32>[hidden], the residual
                            stream at the block input (resid_pre)
-directions/{m}/candidates  layer x position: model, layer, position, n_harmful,
-                           n_harmless, norm, direction = FixedSizeList<float32>,
-                           the raw mean(harmful) - mean(harmless), means in float64
+directions/{m}/candidates  layer x position: model, method (direction.method),
+                           n_harmful, n_harmless, layer, position, norm, direction =
+                           FixedSizeList<float32>, the method's direction in float64
+                           (mean_diff: the raw mean(harmful) - mean(harmless))
 directions/{m}/selection   candidate: model, layer, position, norm, bypass, induce,
                            kl, discarded (why, or null), chosen
-directions/{m}/selected    direction source (self, random): model, source, layer,
-                           position, norm, direction
+directions/{m}/selected    direction source (self, random): model, source, method
+                           (the candidates'; null for random), layer, position,
+                           norm, direction
 generations/...            test prompt: model, template, source (none|self|random|
                            <partner model>|sweep), cell (the file name: baseline,
                            addition_2, best1, ...), direction_model, extraction_layer,
@@ -87,8 +89,9 @@ def direction_schema(hidden: int, extra: list[tuple[str, pa.DataType]]) -> pa.Sc
                       ("norm", pa.float64()), ("direction", pa.list_(pa.float32(), hidden))])
 
 
-CANDIDATE_EXTRA = [("n_harmful", pa.int32()), ("n_harmless", pa.int32())]
-SELECTED_EXTRA = [("source", pa.string())]
+# `method`: the direction method that made the row (pipeline/direction_methods.py); null for the random control
+CANDIDATE_EXTRA = [("method", pa.string()), ("n_harmful", pa.int32()), ("n_harmless", pa.int32())]
+SELECTED_EXTRA = [("source", pa.string()), ("method", pa.string())]
 
 GENERATIONS = pa.schema([
     ("model", pa.string()), ("template", pa.string()), ("source", pa.string()), ("cell", pa.string()),

@@ -2,12 +2,13 @@
 
 Each bootstrap draw resamples every label's train prompts with replacement (as many as the
 label has; seeded per draw, so draw d is the same whatever the number of draws) and
-recomputes every candidate, mean(harmful) - mean(harmless) per layer x position, from the
-cached activations: a weighted mean with each prompt's draw count as its weight, in float64,
-so a draw that holds every prompt once gives the full-data direction exactly. No forward
-pass is needed, which keeps this cheap enough for the default run. With the experiment's
-direction filter on, the draws resample the prompts that survive the filter, as the
-full-data direction does.
+recomputes every candidate per layer x position from the cached activations, by the
+experiment's direction method (pipeline/direction_methods.py; `mean_diff` takes each draw's
+means as weighted means with each prompt's draw count as its weight, in float64). The
+full-data direction is the method on every prompt once, as the directions stage makes it.
+No forward pass is needed, which keeps this cheap enough for the default run. With the
+experiment's direction filter on, the draws resample the prompts that survive the filter, as
+the full-data direction does.
 
 Reported per draw, layer and position: the cosine with the full-data direction at the same
 layer and position. With `reselect`, selection itself reruns on each draw's candidates
@@ -25,7 +26,9 @@ import polars as pl
 import pyarrow as pa
 from tqdm import tqdm
 
+from .candidates import candidates_table, filter_by_refusal
 from .config import Bootstrap, Selection
+from .direction_methods import method as direction_method
 from .errors import ConfigError
 from .figures import pyplot, to_png
 from .schemas import STABILITY, column_matrix, read_parquet, write_bytes, write_parquet, write_text
@@ -55,28 +58,34 @@ class Stack:
         if np.isnan(self.values).any():
             raise ValueError("activations table: not every prompt has every layer x position")
 
-    def means(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(harmful mean, harmless mean) for each row of `counts` [draws, prompts] (how often each prompt is
-        drawn), each [draws, layer, position, hidden], float64."""
-        harm = (self.labels == "harmful").astype(np.float64)
-        out = []
-        for label_mask in (harm, 1.0 - harm):
-            w = counts * label_mask
-            total = w.sum(1, keepdims=True)
-            if (total == 0).any():
-                raise ValueError("a draw holds no prompt of one label")
-            w = w / total
-            mean = np.empty((counts.shape[0], len(self.layers), len(self.positions), self.values.shape[-1]))
-            for li in range(len(self.layers)):  # one layer at a time: the float64 copy stays small
-                mean[:, li] = np.einsum("dn,pnh->dph", w, self.values[li].astype(np.float64))
-            out.append(mean)
-        return out[0], out[1]
+    def full(self, method: str) -> np.ndarray:
+        """The full data's directions by `method` (every prompt once, as the directions stage takes them),
+        [layer, position, hidden], float64."""
+        make, harm = direction_method(method), self.labels == "harmful"
+        out = np.empty((len(self.layers), len(self.positions), self.values.shape[-1]))
+        for li in range(len(self.layers)):
+            for pi in range(len(self.positions)):
+                rows = self.values[li, pi]
+                out[li, pi] = make.direction(rows[harm], rows[~harm])
+        return out
 
-    def directions(self, counts: np.ndarray) -> np.ndarray:
-        """Mean differences, [draws, layer, position, hidden], float64 (means apart, as the directions
-        stage takes them, so identical activations give an exact zero)."""
-        harmful, harmless = self.means(counts)
-        return harmful - harmless
+    def directions(self, counts: np.ndarray, method: str) -> np.ndarray:
+        """Each row of `counts` [draws, prompts] (how often each prompt is drawn) as directions by `method`,
+        [draws, layer, position, hidden], float64."""
+        make, harm = direction_method(method), self.labels == "harmful"
+        out = np.empty((counts.shape[0], len(self.layers), len(self.positions), self.values.shape[-1]))
+        for li in range(len(self.layers)):  # one layer x position at a time: the float64 copies stay small
+            for pi in range(len(self.positions)):
+                rows = self.values[li, pi]
+                out[:, li, pi] = make.directions(rows[harm], rows[~harm], counts[:, harm], counts[:, ~harm])
+        return out
+
+    def mean_norm(self) -> np.ndarray:
+        """Norm of the harmful prompts' mean activation, [layer, position]: the scale a direction is zero
+        next to (`cosines`)."""
+        harm = self.labels == "harmful"
+        return np.stack([np.linalg.norm(self.values[li][:, harm].astype(np.float64).mean(1), axis=-1)
+                         for li in range(len(self.layers))])  # one layer at a time: the float64 copy stays small
 
 
 def draw_counts(labels: np.ndarray, draws: int, seed: int) -> np.ndarray:
@@ -107,12 +116,12 @@ def cosines(draws: np.ndarray, full: np.ndarray, scale: np.ndarray) -> np.ndarra
         return np.where(defined, dot / np.where(defined, norms, 1.0), np.nan)
 
 
-def cosine_table(model: str, stack: Stack, counts: np.ndarray, selected: tuple[int, int]) -> pl.DataFrame:
-    """One row per draw x layer x position: norm of the draw's direction and its cosine with the full data's."""
-    harmful, harmless = stack.means(np.ones((1, len(stack.prompt_ids))))
-    full = (harmful - harmless)[0]
-    per_draw = stack.directions(counts)
-    cos = cosines(per_draw, full, np.linalg.norm(harmful[0], axis=-1))
+def cosine_table(model: str, stack: Stack, counts: np.ndarray, selected: tuple[int, int],
+                 method: str) -> pl.DataFrame:
+    """One row per draw x layer x position: norm of the draw's direction (by `method`) and its cosine with the
+    full data's."""
+    per_draw = stack.directions(counts, method)
+    cos = cosines(per_draw, stack.full(method), stack.mean_norm())
     norms = np.linalg.norm(per_draw, axis=-1)
     harm = stack.labels == "harmful"
     rows = []
@@ -127,28 +136,27 @@ def cosine_table(model: str, stack: Stack, counts: np.ndarray, selected: tuple[i
     return pl.DataFrame(rows)
 
 
-def draw_candidates(model: str, stack: Stack, counts_row: np.ndarray) -> pa.Table:
+def draw_candidates(model: str, stack: Stack, counts_row: np.ndarray, method: str) -> pa.Table:
     """One draw's candidates in the candidates.parquet layout, for the selection code."""
-    from .directions import candidates_table
-
-    vecs = stack.directions(counts_row[None])[0]
+    vecs = stack.directions(counts_row[None], method)[0]
     harm = stack.labels == "harmful"
     n_h, n_s = int(counts_row[harm].sum()), int(counts_row[~harm].sum())
     diffs = {(layer, pos): (vecs[li, pi], n_h, n_s)
              for li, layer in enumerate(stack.layers) for pi, pos in enumerate(stack.positions)}
-    return candidates_table(model, diffs)
+    return candidates_table(model, diffs, method)
 
 
 def reselect(lm, stack: Stack, counts: np.ndarray, harmful: list[str], harmless: list[str],
-             rules: Selection) -> pl.DataFrame:
-    """Selection rerun on each draw's candidates: bypass, induce, kl, discarded and picked per draw x
-    candidate. A draw where no candidate survives picks nothing."""
-    # The selection's own scoring and choice, not a copy, so reselection cannot drift from it.
-    from .select import choose, score_candidates
+             rules: Selection, method: str) -> pl.DataFrame:
+    """Selection rerun on each draw's candidates (by `method`): bypass, induce, kl, discarded and picked per
+    draw x candidate. A draw where no candidate survives picks nothing. The selection's own scoring and choice
+    (pipeline/selection.py), not a copy, so reselection cannot drift from it."""
+    from .selection import choose, score_candidates  # torch and the model code: only when reselecting
 
     frames = []
     for d in tqdm(range(counts.shape[0]), desc=f"reselect {lm.spec.name}", leave=False):
-        scores = score_candidates(lm, draw_candidates(lm.spec.name, stack, counts[d]), harmful, harmless, rules)
+        scores = score_candidates(lm, draw_candidates(lm.spec.name, stack, counts[d], method), harmful, harmless,
+                                  rules)
         try:
             pick = choose(scores, lm.spec.name, lm.spec.file)
         except ConfigError:
@@ -233,12 +241,14 @@ def chosen_label(table: pl.DataFrame, model: str) -> str:
     return f"{sel['layer'][0]},{sel['position'][0]}" if sel.height else "?"
 
 
-def markdown(table: pl.DataFrame, chart_path: str, bootstrap: Bootstrap, forced: dict[str, bool]) -> str:
+def markdown(table: pl.DataFrame, chart_path: str, bootstrap: Bootstrap, forced: dict[str, bool], label: str) -> str:
+    """`label`: the direction method's (`DirectionMethod.label`)."""
     per_layer, picks = summary(table)
     draws = table["draw"].n_unique()
     lines = ["## Selection stability", "",
              f"{draws} bootstrap draws (seed {bootstrap.seed}) resample each label's train prompts with "
-             "replacement; every candidate direction is recomputed from the cached activations. Cosine of each "
+             f"replacement; every candidate direction ({label}) is recomputed from the cached activations. "
+             "Cosine of each "
              "draw's direction with the full-data direction at the same layer, at the selected position "
              "(mean and min over draws; **bold**: the selected layer).", "",
              f"![selection stability]({chart_path})", ""]
@@ -268,40 +278,39 @@ def markdown(table: pl.DataFrame, chart_path: str, bootstrap: Bootstrap, forced:
 
 
 def model_stability(model: str, activations_path: str, selected_path: str, bootstrap: Bootstrap,
-                    filter_prompts: bool, exp_file: str) -> tuple[Stack, np.ndarray, pl.DataFrame]:
-    """The activations stack, the draws' counts and the cosine table of one model."""
+                    filter_prompts: bool, exp_file: str, method: str) -> tuple[Stack, np.ndarray, pl.DataFrame]:
+    """The activations stack, the draws' counts and the cosine table (directions by `method`) of one model."""
     table = read_parquet(activations_path)
     if filter_prompts:
-        from .directions import filter_by_refusal
-
         table = filter_by_refusal(table, exp_file, model)
     stack = Stack(table)
     sel = pl.from_arrow(read_parquet(selected_path)).filter(pl.col("source") == "self")
     selected = (int(sel["layer"][0]), int(sel["position"][0]))
     counts = draw_counts(stack.labels, bootstrap.draws, bootstrap.seed)
-    return stack, counts, cosine_table(model, stack, counts, selected)
+    return stack, counts, cosine_table(model, stack, counts, selected, method)
 
 
 def run(models: dict, activations: dict[str, str], selected: dict[str, str], bootstrap: Bootstrap,
-        table_out: str, chart_out: str, md_out: str, *, filter_prompts: bool, rules: Selection,
+        table_out: str, chart_out: str, md_out: str, *, method: str, filter_prompts: bool, rules: Selection,
         prompts_path: str | None, device: str, threads: int, exp_file: str) -> None:
     """`models`: name -> (spec, prepared dir, forced); spec and dir are needed (and the model loaded) only
-    to reselect, which happens with `bootstrap.reselect` for directions not forced."""
+    to reselect, which happens with `bootstrap.reselect` for directions not forced. `method`: the experiment's
+    direction method, as the directions stage used it."""
     frames = []
     for name, (spec, prepared, forced) in models.items():
         stack, counts, cos = model_stability(name, activations[name], selected[name], bootstrap,
-                                             filter_prompts, exp_file)
+                                             filter_prompts, exp_file, method)
         reselected = None
         if bootstrap.reselect and not forced:
             from .models import LoadedModel
             from .probes import val_prompts
-            from .select import filter_by_score
+            from .selection import filter_by_score
 
             lm = LoadedModel(spec, prepared, device, threads)
             harmful, harmless = val_prompts(prompts_path)
             if filter_prompts:
                 harmful, harmless = filter_by_score(lm, harmful, harmless, rules.batch_size)
-            reselected = reselect(lm, stack, counts, harmful, harmless, rules)
+            reselected = reselect(lm, stack, counts, harmful, harmless, rules, method)
         frames.append(stability_table(cos, reselected))
     table = pa.concat_tables(frames)
     write_parquet(table, table_out)
@@ -309,4 +318,5 @@ def run(models: dict, activations: dict[str, str], selected: dict[str, str], boo
     write_bytes(chart(df), chart_out)
     # the fragment sits in results/<experiment>/, the chart in results/<experiment>/stability/
     write_text(markdown(df, "stability/" + chart_out.rsplit("/", 1)[-1], bootstrap,
-                        {name: forced for name, (_, _, forced) in models.items()}), md_out)
+                        {name: forced for name, (_, _, forced) in models.items()}, direction_method(method).label),
+               md_out)

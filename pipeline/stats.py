@@ -6,9 +6,10 @@
   pairs split as Binomial(b + c, 1/2); computed exactly with integer binomial coefficients.
 - `correlation_interval`: Pearson or Spearman correlation with a Fisher-z 95% interval.
 - `bootstrap_cosine_se`: the bootstrap (over prompts) standard error of the cosine between
-  two models' mean-difference directions, for `normal_interval`.
+  two models' directions (by the experiment's direction method), for `normal_interval`.
 
-Only the standard library and numpy: no scipy in the environment, and none needed.
+Only the standard library and numpy (and the direction methods): no scipy in the environment,
+and none needed.
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ def cosine_rows(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_cosine_se(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resamples: int = 1000,
-                        seed: int = 0) -> np.ndarray:
-    """Bootstrap standard error of cos(mean-difference of a, mean-difference of b), per layer.
+                        seed: int = 0, method: str = "mean_diff") -> np.ndarray:
+    """Bootstrap standard error of cos(direction of a, direction of b), per layer, the directions made by
+    `method` (pipeline/direction_methods.py: the experiment's `direction.method`).
 
     `a`, `b`: label ("harmful", "harmless") -> activations [prompts, layers, d], the two models'
     rows in the same prompt order. Each resample draws the prompts of each label with
@@ -150,22 +152,20 @@ def bootstrap_cosine_se(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resa
     means, which pulls a cosine near +-1 toward 0, so the percentile interval of a
     near-parallel pair can miss the estimate itself; estimate +- z * se cannot.
     """
+    from .direction_methods import method as direction_method
+
+    make = direction_method(method)
     rng = np.random.default_rng(seed)
     draws = {label: rng.integers(0, len(a[label]), size=(resamples, len(a[label])))
              for label in ("harmful", "harmless")}
-    weights = {label: np.stack([np.bincount(row, minlength=len(a[label])) for row in idx]) / idx.shape[1]
-               for label, idx in draws.items()}  # [resamples, prompts]: a resampled mean is weights @ rows
-    layers, width = a["harmful"].shape[1:]
-    flat = {name: {label: acts[label].reshape(len(acts[label]), -1).astype(np.float64) for label in weights}
-            for name, acts in (("a", a), ("b", b))}
-
-    def directions(name: str, rows: slice) -> np.ndarray:
-        means = {label: weights[label][rows] @ flat[name][label] for label in weights}
-        return (means["harmful"] - means["harmless"]).reshape(-1, layers, width)
-
-    chunk = max(1, int(2e7 // (layers * width)))  # resamples per product: bounds memory (~160 MB)
-    cosines = np.concatenate([cosine_rows(directions("a", slice(i, i + chunk)), directions("b", slice(i, i + chunk)))
-                              for i in range(0, resamples, chunk)])
+    counts = {label: np.stack([np.bincount(row, minlength=len(a[label])) for row in idx])
+              for label, idx in draws.items()}  # [resamples, prompts]: how often each prompt is drawn
+    layers = a["harmful"].shape[1]
+    cosines = np.empty((resamples, layers))
+    for layer in range(layers):  # one layer at a time: a method sees one layer's rows, and memory stays small
+        u, v = (make.directions(acts["harmful"][:, layer], acts["harmless"][:, layer], counts["harmful"],
+                                counts["harmless"]) for acts in (a, b))
+        cosines[:, layer] = cosine_rows(u, v)
     return np.nanstd(cosines, axis=0, ddof=1)
 
 

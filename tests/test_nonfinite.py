@@ -102,13 +102,14 @@ def test_directions_stage(tmp_path):
     pq.write_table(activation_rows(act, ["harmful", "harmful", "harmless", "harmless"]), tmp_path / "acts.parquet")
     out = tmp_path / "candidates.parquet"
     with pytest.raises(NonFiniteOutput) as err:
-        directions.run("m", str(tmp_path / "acts.parquet"), str(out), filter_prompts=False, exp_file="e.yaml")
+        directions.run("m", str(tmp_path / "acts.parquet"), str(out), method="mean_diff", filter_prompts=False,
+                       exp_file="e.yaml")
     assert_refused(err, out, "norm")
 
 
 def test_select_stage_forced(tmp_path):
     matrix = np.array([[1.0, NAN, 0.0, 0.0]], np.float32)
-    table = pa.table({"model": ["m"], "n_harmful": pa.array([2], pa.int32()), "n_harmless": pa.array([2], pa.int32()),
+    table = pa.table({"model": ["m"], "method": ["mean_diff"], "n_harmful": pa.array([2], pa.int32()), "n_harmless": pa.array([2], pa.int32()),
                       "layer": pa.array([0], pa.int16()), "position": pa.array([-1], pa.int16()), "norm": [NAN],
                       "direction": vectors_column(matrix, pa.float32())}, schema=direction_schema(4, CANDIDATE_EXTRA))
     pq.write_table(table, tmp_path / "candidates.parquet")
@@ -130,7 +131,7 @@ def test_sweep_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "val_prompts", lambda path: (["h"], ["s"]))
     monkeypatch.setattr(sweep, "score_cells", lambda *a, **k: rows)
     monkeypatch.setattr(sweep, "pick_cells", lambda scores, spec: pl.DataFrame())
-    table = pa.table({"model": ["m"], "n_harmful": pa.array([2], pa.int32()), "n_harmless": pa.array([2], pa.int32()),
+    table = pa.table({"model": ["m"], "method": ["mean_diff"], "n_harmful": pa.array([2], pa.int32()), "n_harmless": pa.array([2], pa.int32()),
                       "layer": pa.array([0], pa.int16()), "position": pa.array([-1], pa.int16()), "norm": [1.0],
                       "direction": vectors_column(np.eye(1, 4, dtype=np.float32), pa.float32())},
                      schema=direction_schema(4, CANDIDATE_EXTRA))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import Selection
-from pipeline import activations, directions, probes, select
+from pipeline import activations, candidates, directions, probes, selection
 from pipeline.errors import ConfigError
 from pipeline.interventions import Edit, make_edit
 from pipeline.interventions.hooks import torch_hooks
@@ -59,17 +59,17 @@ def test_discard_rules_and_choice():
         {"layer": 7, "position": -1, "norm": 1.0, "bypass": math.nan, "induce": 2.0, "kl": 0.02},
     ]
     for r in rows:
-        r["discarded"] = select.discard_reason(r, rules)
+        r["discarded"] = selection.discard_reason(r, rules)
     assert [r["discarded"] is None for r in rows] == [False, False, True, True, False]
     assert rows[4]["discarded"] == "NaN score"
-    assert select.choose(scores_frame(rows), "m", "conf/model/m.yaml") == (5, -1)
+    assert selection.choose(scores_frame(rows), "m", "conf/model/m.yaml") == (5, -1)
 
 
 def test_nothing_survives_names_the_closest():
     rows = [{"layer": 3, "position": -1, "norm": 1.0, "bypass": -5.0, "induce": 1.0, "kl": 0.5,
              "discarded": "kl 0.500 > 0.1"}]
     with pytest.raises(ConfigError) as info:
-        select.choose(scores_frame(rows), "m", "conf/model/m.yaml")
+        selection.choose(scores_frame(rows), "m", "conf/model/m.yaml")
     msg = str(info.value)
     assert "conf/model/m.yaml" in msg and "direction.force" in msg and "layer 3 pos -1" in msg and "kl 0.500" in msg
 
@@ -78,11 +78,11 @@ def test_filter_by_refusal_keeps_refused_harmful_and_complied_harmless():
     acts, prompts_df = fake_activations(np.random.default_rng(0), n_per_label=4)
     scores = np.array([2.0, -1.0, 0.5, 3.0, -2.0, 1.0, -0.1, -4.0])
     table = activations.to_table(FakeSpec, prompts_df, acts, "float32", scores)
-    kept = directions.filter_by_refusal(table, "exp.yaml")
+    kept = candidates.filter_by_refusal(table, "exp.yaml")
     kept_ids = sorted(set(kept.column("prompt_id").to_pylist()))
     assert kept_ids == ["p0", "p2", "p3", "p4", "p6", "p7"]
     with pytest.raises(ConfigError, match="no harmful train prompt"):
-        directions.filter_by_refusal(activations.to_table(FakeSpec, prompts_df, acts, "float32", -np.abs(scores)),
+        candidates.filter_by_refusal(activations.to_table(FakeSpec, prompts_df, acts, "float32", -np.abs(scores)),
                                      "exp.yaml")
 
 
@@ -95,7 +95,7 @@ def test_candidate_scores_match_a_direct_computation(tiny_chat):
     cands = directions.candidates_table("tiny-chat", directions.mean_differences(
         activations.to_table(lm.spec, df, acts, "float32")))
     rules = Selection(kl_max=1e9, induce_min=-1e9, batch_size=2, layers=[1, 2], positions=[-1])
-    scores = select.score_candidates(lm, cands, texts_h, texts_s, rules)
+    scores = selection.score_candidates(lm, cands, texts_h, texts_s, rules)
     evaluated = scores.filter(pl.col("discarded").is_null())
     assert sorted(evaluated["layer"].to_list()) == [1, 2] and set(evaluated["position"]) == {-1}
     assert set(scores.filter(pl.col("layer") == 3)["discarded"]) == {"layer >= 3"}  # int(0.8 * 4)
@@ -123,6 +123,6 @@ def test_relative_induce_threshold_counts_from_the_unsteered_score():
     rules = Selection(kl_max=0.2, induce_min=1.0, induce_relative=True)
     row = {"bypass": -3.4, "induce": -3.0, "kl": 0.17}
     unsteered = -4.2  # the harmless val prompts' mean score without steering
-    assert select.discard_reason(row, rules, induce_floor=unsteered + rules.induce_min) is None
-    assert select.discard_reason(row, rules, induce_floor=-2.5) == "induce -3.00 < -2.50"
+    assert selection.discard_reason(row, rules, induce_floor=unsteered + rules.induce_min) is None
+    assert selection.discard_reason(row, rules, induce_floor=-2.5) == "induce -3.00 < -2.50"
     assert Selection.model_validate({"induce_relative": True, "induce_min": 1}).induce_relative

@@ -5,7 +5,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline import activations, directions, select, stability
+from pipeline import activations, directions, selection, stability
 from pipeline.config import Bootstrap, Selection, load_experiment
 from pipeline.errors import ConfigError
 from pipeline.schemas import STABILITY, read_parquet, write_parquet
@@ -21,14 +21,16 @@ def fake_table(seed=0, n_per_label=6, n_layers=3, n_post=2, hidden=8, zero_layer
     return activations.to_table(FakeSpec, prompts, acts, "float32"), acts, prompts
 
 
-def test_all_ones_weights_give_the_directions_stage_candidates():
+def test_the_full_data_and_all_ones_weights_give_the_directions_stage_candidates():
     table, _, _ = fake_table()
     stack = stability.Stack(table)
-    full = stack.directions(np.ones((1, len(stack.prompt_ids))))[0]
+    full = stack.full("mean_diff")
+    ones = stack.directions(np.ones((1, len(stack.prompt_ids)), dtype=np.int64), "mean_diff")[0]
     diffs = directions.mean_differences(table)
     for li, layer in enumerate(stack.layers):
         for pi, pos in enumerate(stack.positions):
-            np.testing.assert_allclose(full[li, pi], diffs[(layer, pos)][0], rtol=0, atol=1e-12)
+            assert np.array_equal(full[li, pi], diffs[(layer, pos)][0])  # the same method on the same rows
+            np.testing.assert_allclose(ones[li, pi], diffs[(layer, pos)][0], rtol=0, atol=1e-12)
 
 
 def test_a_draw_is_the_mean_over_its_prompts_with_repeats():
@@ -36,7 +38,7 @@ def test_a_draw_is_the_mean_over_its_prompts_with_repeats():
     table, acts, prompts = fake_table(seed=1, zero_layer=False)
     stack = stability.Stack(table)
     counts = stability.draw_counts(stack.labels, 3, seed=7)
-    got = stack.directions(counts)
+    got = stack.directions(counts, "mean_diff")
     for d in range(3):
         drawn = np.repeat(np.arange(len(stack.prompt_ids)), counts[d])
         repeated = activations.to_table(FakeSpec, pl.DataFrame({
@@ -62,7 +64,8 @@ def test_draws_are_seeded_per_draw_and_stratified():
 def test_cosine_is_one_when_every_draw_is_the_full_set_and_nan_for_a_zero_direction():
     table, _, _ = fake_table()
     stack = stability.Stack(table)
-    cos = stability.cosine_table("m", stack, np.ones((4, len(stack.prompt_ids)), dtype=np.int64), (1, -1))
+    cos = stability.cosine_table("m", stack, np.ones((4, len(stack.prompt_ids)), dtype=np.int64), (1, -1),
+                                  "mean_diff")
     assert cos.height == 4 * 3 * 2
     at0 = cos.filter(pl.col("layer") == 0)
     assert at0["cosine"].is_nan().all() and (at0["norm"] == 0).all()
@@ -76,10 +79,10 @@ def test_resampled_cosines_and_summary():
     table, _, _ = fake_table(seed=2, n_per_label=8)
     stack = stability.Stack(table)
     counts = stability.draw_counts(stack.labels, 5, seed=0)
-    cos = stability.cosine_table("m", stack, counts, (2, -1))
+    cos = stability.cosine_table("m", stack, counts, (2, -1), "mean_diff")
     # independently: cosine of draw 3 at layer 2, position -1
     full = directions.mean_differences(table)[(2, -1)][0]
-    d3 = stack.directions(counts[2:3])[0, stack.layers.index(2), stack.positions.index(-1)]
+    d3 = stack.directions(counts[2:3], "mean_diff")[0, stack.layers.index(2), stack.positions.index(-1)]
     want = d3 @ full / np.linalg.norm(d3) / np.linalg.norm(full)
     row = cos.filter(pl.col("draw") == 3, pl.col("layer") == 2, pl.col("position") == -1)
     assert row["cosine"][0] == pytest.approx(want, abs=1e-12) and row["cosine"][0] < 1 - 1e-6
@@ -93,8 +96,9 @@ def test_resampled_cosines_and_summary():
     sel = cos.filter(pl.col("layer") == 2, pl.col("position") == -1)["cosine"]
     assert at2["position"] == -1 and at2["selected"]
     assert at2["mean"] == pytest.approx(sel.mean(), abs=1e-15) and at2["min"] == sel.min()
-    md = stability.markdown(pl.from_arrow(arrow), "stability/stability.png", Bootstrap(), {"m": False})
+    md = stability.markdown(pl.from_arrow(arrow), "stability/stability.png", Bootstrap(), {"m": False}, "difference of means")
     assert f"| **2** | {sel.mean():.4f} | {sel.min():.4f} |" in md
+    assert "every candidate direction (difference of means)" in md
     assert "not rerun per draw" in md and "| 0 |" not in md  # the zero-direction layer has no cosine
     assert stability.chart(pl.from_arrow(arrow))[:4] == b"\x89PNG"
 
@@ -109,13 +113,13 @@ def test_reselection_on_the_full_set_repeats_the_selection(tiny_chat, tmp_path):
     df = pl.DataFrame({"prompt_id": list("abcdef"), "label": ["harmful"] * 3 + ["harmless"] * 3})
     table = activations.to_table(lm.spec, df, acts, "float32")
     rules = Selection(kl_max=1e9, induce_min=-1e9, batch_size=3, layers=[1, 2], positions=[-1, -2])
-    full = select.score_candidates(lm, directions.candidates_table("tiny-chat", directions.mean_differences(table)),
+    full = selection.score_candidates(lm, directions.candidates_table("tiny-chat", directions.mean_differences(table)),
                                    texts_h, texts_s, rules)
-    chosen = select.choose(full, "tiny-chat", "m.yaml")
+    chosen = selection.choose(full, "tiny-chat", "m.yaml")
 
     stack = stability.Stack(table)
     ones = np.ones((1, 6), dtype=np.int64)
-    again = stability.reselect(lm, stack, ones, texts_h, texts_s, rules)
+    again = stability.reselect(lm, stack, ones, texts_h, texts_s, rules, "mean_diff")
     evaluated = again.filter(pl.col("discarded").is_null()).sort("layer", "position")
     ref = full.filter(pl.col("discarded").is_null()).sort("layer", "position")
     assert evaluated.height == 4 and evaluated.select("layer", "position").rows() == ref.select("layer", "position").rows()
@@ -124,15 +128,16 @@ def test_reselection_on_the_full_set_repeats_the_selection(tiny_chat, tmp_path):
     assert again.filter(pl.col("picked")).select("layer", "position").rows() == [chosen]
 
     counts = stability.draw_counts(stack.labels, 2, seed=0)
-    resel = stability.reselect(lm, stack, counts, texts_h, texts_s, rules)
+    resel = stability.reselect(lm, stack, counts, texts_h, texts_s, rules, "mean_diff")
     assert resel.filter(pl.col("picked")).group_by("draw").len()["len"].to_list() == [1, 1]
-    out = stability.stability_table(stability.cosine_table("tiny-chat", stack, counts, chosen), resel)
+    out = stability.stability_table(stability.cosine_table("tiny-chat", stack, counts, chosen, "mean_diff"), resel)
     write_parquet(out, tmp_path / "s.parquet")
     back = pl.from_arrow(read_parquet(tmp_path / "s.parquet"))
     assert back.filter(pl.col("picked")).height == 2 and back["bypass"].is_not_nan().sum() == 2 * 4
     _, picks = stability.summary(back)
     assert picks["draw"].to_list() == [1, 2] and picks["layer"].is_in([1, 2]).all()
-    md = stability.markdown(back, "stability/stability.png", Bootstrap(draws=2, reselect=True), {"tiny-chat": False})
+    md = stability.markdown(back, "stability/stability.png", Bootstrap(draws=2, reselect=True), {"tiny-chat": False},
+                            "difference of means")
     assert "draws; picks by draw:" in md
 
 
@@ -143,7 +148,8 @@ def test_nothing_surviving_a_draw_is_recorded_as_no_pick(tiny_chat):
     table = activations.to_table(lm.spec, pl.DataFrame({"prompt_id": ["a", "b"], "label": ["harmful", "harmless"]}),
                                  acts, "float32")
     rules = Selection(kl_max=0.0, induce_min=1e9, batch_size=2, layers=[1], positions=[-1])  # keeps nothing
-    got = stability.reselect(lm, stability.Stack(table), np.ones((1, 2), dtype=np.int64), texts[:1], texts[1:], rules)
+    got = stability.reselect(lm, stability.Stack(table), np.ones((1, 2), dtype=np.int64), texts[:1], texts[1:], rules,
+                             "mean_diff")
     assert not got["picked"].any()
     _, picks = stability.summary(stability_frame(got, table))
     assert picks["layer"].to_list() == [None]
@@ -151,7 +157,8 @@ def test_nothing_surviving_a_draw_is_recorded_as_no_pick(tiny_chat):
 
 def stability_frame(reselected, table):
     stack = stability.Stack(table)
-    cos = stability.cosine_table("tiny-chat", stack, np.ones((1, len(stack.prompt_ids)), dtype=np.int64), (1, -1))
+    cos = stability.cosine_table("tiny-chat", stack, np.ones((1, len(stack.prompt_ids)), dtype=np.int64), (1, -1),
+                                  "mean_diff")
     return pl.from_arrow(stability.stability_table(cos, reselected))
 
 

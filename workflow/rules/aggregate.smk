@@ -29,8 +29,9 @@ rule aggregate:
         pairs=EXP.pairs,
         paired=PAIRED,
         bootstrap=not EXP.direction.filter,
+        # the candidates' direction method (a plugin's too) remakes the directions in the base/chat bootstrap
+        plugins=list(EXP.plugins),  # the experiment's own methods: kinds' labels and order, direction methods
         scorers=[s.name for s in EXP.scorers],
-        plugins=list(EXP.plugins),  # an experiment's own kinds: their labels and order in the report
     log:
         LOGS + "/aggregate.log",
     script:

@@ -1,10 +1,13 @@
 rule directions:
-    """Mean-difference candidates for every layer x post-instruction position (train prompts)."""
+    """Candidates by direction.method (default: difference of means) for every layer x post-instruction position
+    (train prompts)."""
     input:
         OUT + "/activations/{model}.parquet",
     output:
         OUT + "/directions/{model}/candidates.parquet",
     params:
+        method=EXP.direction.method,
+        plugins=list(EXP.plugins),  # a plugin's method is registered in the job too
         filter=EXP.direction.filter,
         file=EXP.file,
     log:

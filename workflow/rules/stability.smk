@@ -29,6 +29,8 @@ if BOOTSTRAP is not None:
             md=OUT + "/stability.md",
         params:
             bootstrap=to_params(BOOTSTRAP),
+            method=EXP.direction.method,  # each draw's directions, made as the directions stage makes them
+            plugins=list(EXP.plugins),
             filter=EXP.direction.filter,
             # what reselection reads; empty without it, so turning it on reruns only this job
             models={m: to_params(EXP.models[m]) for m in reselected_models()},

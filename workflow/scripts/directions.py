@@ -2,5 +2,5 @@ from pipeline.job import job  # first: telemetry off before the hub libraries lo
 from pipeline import directions
 
 with job(snakemake) as p:
-    directions.run(snakemake.wildcards.model, snakemake.input[0], snakemake.output[0], filter_prompts=p.filter,
-                   exp_file=p.file)
+    directions.run(snakemake.wildcards.model, snakemake.input[0], snakemake.output[0], method=p.method,
+                   filter_prompts=p.filter, exp_file=p.file)

@@ -10,7 +10,8 @@ with job(snakemake) as p:
     models = {name: (from_params(ModelSpec, p.models[name]) if name in p.models else None, folders.get(name),
                      bool(p.forced[name])) for name in names}
     stability.run(models, dict(zip(names, inp.activations)), dict(zip(names, inp.selected)),
-                  from_params(Bootstrap, p.bootstrap), out.table, out.chart, out.md, filter_prompts=p.filter,
+                  from_params(Bootstrap, p.bootstrap), out.table, out.chart, out.md, method=p.method,
+                  filter_prompts=p.filter,
                   rules=from_params(Selection, p.selection) if p.selection else None,
                   prompts_path=inp.prompts[0] if inp.prompts else None, device=p.device,
                   threads=snakemake.threads, exp_file=p.file)

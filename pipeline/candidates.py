@@ -1,0 +1,62 @@
+"""Candidate directions from cached activations: which train prompts enter them, one direction per
+layer x post-instruction position by the experiment's direction method, and the candidates.parquet
+layout. Shared by the directions stage and the stability analysis (pipeline/stability.py), so a
+bootstrap draw's candidates are made and laid out as the stage's are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from .direction_methods import method as direction_method
+from .errors import ConfigError
+from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, vectors_column
+
+
+def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
+    """Keep harmful rows scored > 0 and harmless rows scored < 0."""
+    df = pl.from_arrow(table.select(["label", "refusal_score"]))
+    keep = ((pl.col("label") == "harmful") & (pl.col("refusal_score") > 0)) | (
+        (pl.col("label") == "harmless") & (pl.col("refusal_score") < 0))
+    mask = df.select(keep).to_series()
+    kept = df.filter(mask)
+    for label in ("harmful", "harmless"):
+        if kept.filter(pl.col("label") == label).height == 0:
+            raise ConfigError(file, "direction.filter",
+                              f"filtering by the logit refusal score leaves no {label} train prompt of {model}; "
+                              "check the model's refusal_tokens and template, or set direction.filter: false")
+    return table.filter(pa.array(mask.to_numpy()))
+
+
+def differences(table: pa.Table, method: str) -> dict[tuple[int, int], tuple[np.ndarray, int, int]]:
+    """(layer, position) -> (the method's direction in float64, n_harmful, n_harmless)."""
+    make = direction_method(method)
+    acts = column_matrix(table, "act")
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    layers = table.column("layer").to_numpy()
+    positions = table.column("position").to_numpy()
+    out = {}
+    for layer in np.unique(layers):
+        for pos in np.unique(positions):
+            at = (layers == layer) & (positions == pos)
+            harm, safe = at & (labels == "harmful"), at & (labels == "harmless")
+            if not harm.any() or not safe.any():
+                raise ValueError(f"layer {layer} position {pos}: need both harmful and harmless activations")
+            out[(int(layer), int(pos))] = (make.direction(acts[harm], acts[safe]), int(harm.sum()), int(safe.sum()))
+    return out
+
+
+def candidates_table(model: str, diffs: dict, method: str = "mean_diff") -> pa.Table:
+    """`diffs` as `differences` gives them, made by `method` (the table's `method` column)."""
+    keys = sorted(diffs)
+    matrix = np.stack([diffs[k][0] for k in keys]).astype(np.float32)
+    schema = direction_schema(matrix.shape[1], CANDIDATE_EXTRA)
+    return pa.table({
+        "model": [model] * len(keys), "method": [method] * len(keys),
+        "n_harmful": [diffs[k][1] for k in keys], "n_harmless": [diffs[k][2] for k in keys],
+        "layer": [k[0] for k in keys], "position": [k[1] for k in keys],
+        "norm": [float(np.linalg.norm(diffs[k][0])) for k in keys],
+        "direction": vectors_column(matrix, pa.float32()),
+    }, schema=schema)
