@@ -52,6 +52,26 @@ class Registry(Generic[T]):
     def items(self):
         return self._items.items()
 
+    def module_of(self, name: str) -> str:
+        """The module that registered `name`: one of this package's, or a plugin's (`plugin_module`)."""
+        item = self.get(name)
+        return getattr(item, "__module__", type(item).__module__)
+
+
+def plugin_module(entry: str) -> str:
+    """The module name a plugin entry is imported as: a file gets a name of its own, a module keeps its."""
+    if not entry.endswith(".py"):
+        return entry
+    path = Path(entry).resolve()
+    return f"refusal_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
+def plugins_providing(registry: Registry, names, plugins) -> list[str]:
+    """The entries of `plugins` that registered any of `names` in `registry`: what a job running those
+    methods must load, and no more (so adding an unused plugin changes no job's params)."""
+    modules = {registry.module_of(n) for n in names}
+    return [entry for entry in plugins if plugin_module(entry) in modules]
+
 
 def load_plugins(entries: list[str] | tuple[str, ...], base: Path | str = ".") -> None:
     """Import each plugin: a module name (`mylab.kernels`) or a Python file (`plugins/scale.py`, relative
@@ -59,7 +79,7 @@ def load_plugins(entries: list[str] | tuple[str, ...], base: Path | str = ".") -
     for entry in entries:
         if entry.endswith(".py"):
             path = (Path(base) / entry).resolve()
-            name = f"refusal_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+            name = plugin_module(str(path))
             if name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(name, path)

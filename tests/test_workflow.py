@@ -129,6 +129,13 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     knob = dry("experiment.generation.cells_per_pass=1")
     assert "Nothing to be done" in knob, knob[-2000:]
 
+    # a plugin whose methods no cell uses reruns nothing (its direction method is registered, not chosen)
+    median = ROOT / "tests" / "plugins" / "median_direction.py"
+    more = snakemake(work, "-n", "--cores", "2", "--config",
+                     overrides.replace(".py]", f".py,{median}]"), conf_dir)
+    assert "median_direction.py" in overrides.replace(".py]", f".py,{median}]")
+    assert "Nothing to be done" in more.stdout + more.stderr, (more.stdout + more.stderr)[-2000:]
+
     # changing a generation setting reruns generation, not activations
     text = dry("experiment.generation.max_new_tokens=7")
     assert "rule generate_" in text and "rule activations" not in text

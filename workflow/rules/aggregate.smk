@@ -30,7 +30,9 @@ rule aggregate:
         paired=PAIRED,
         bootstrap=not EXP.direction.filter,
         # the candidates' direction method (a plugin's too) remakes the directions in the base/chat bootstrap
-        plugins=list(EXP.plugins),  # the experiment's own methods: kinds' labels and order, direction methods
+        # the experiment's own methods: its kinds' labels and order, its direction method's bootstrap
+        plugins=list(dict.fromkeys(plugins_for(INTERVENTIONS, [c.kind for c in EXP.cells() if c.kind])
+                                   + plugins_for(DIRECTION_METHODS, [EXP.direction.method]))),
         scorers=[s.name for s in EXP.scorers],
     log:
         LOGS + "/aggregate.log",

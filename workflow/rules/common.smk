@@ -32,3 +32,9 @@ def cell_intervention(cell):
     """The intervention settings one cell reads (its kind's), so editing another kind's settings leaves it
     alone; a sweep pick reads the ablation's layer range (its ablation picks honour it)."""
     return EXP.intervention.cell_params("ablation" if cell.pick is not None else cell.kind)
+
+
+def plugins_for(registry, names):
+    """The experiment's plugins that registered the methods a job runs (`names` in `registry`): none for a
+    job that runs built-in ones only, so adding a plugin reruns only the jobs that use it."""
+    return plugins_providing(registry, names, EXP.plugins)

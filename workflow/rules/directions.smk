@@ -7,7 +7,7 @@ rule directions:
         OUT + "/directions/{model}/candidates.parquet",
     params:
         method=EXP.direction.method,
-        plugins=list(EXP.plugins),  # a plugin's method is registered in the job too
+        plugins=plugins_for(DIRECTION_METHODS, [EXP.direction.method]),  # a plugin's method, registered in the job
         filter=EXP.direction.filter,
         file=EXP.file,
     log:

@@ -42,7 +42,7 @@ for gen_job in EXP.generate_jobs():
             nll_prompts=EXP.coherence.nll_prompts,
             device=EXP.device,
             file=EXP.file,
-            plugins=list(EXP.plugins),
+            plugins=plugins_for(INTERVENTIONS, [c.kind for c in gen_job.cells if c.kind]),
         log:
             f"{LOGS}/generate/{gen_job.model}/{gen_job.name}.log",
         benchmark:
