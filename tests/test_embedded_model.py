@@ -10,7 +10,7 @@ from pipeline.generate import generate
 from pipeline.interventions import Intervention
 from pipeline.models import PREPARED, LoadedModel, prepare
 from pipeline.schemas import column_matrix
-from pipeline.score import is_refusal
+from pipeline.refusal_phrases import is_refusal
 
 from conftest import ROOT
 

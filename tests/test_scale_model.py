@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError
 from pipeline.generate import generate
 from pipeline.interventions import Intervention
 from pipeline.models import PREPARED, LoadedModel, prepare
-from pipeline.score import is_refusal
+from pipeline.refusal_phrases import is_refusal
 from pipeline.sources import gguf_part_paths
 
 from conftest import ROOT, assert_one_line_error
