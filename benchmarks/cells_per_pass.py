@@ -19,17 +19,17 @@ import torch
 
 from common import harmless_instructions, load_for_benchmark
 from pipeline.generate import generate_many
-from pipeline.interventions import Intervention
+from pipeline.interventions import Edit, make_edit
 
 
 
-def eight_cells(hidden: int, n_layers: int) -> list[Intervention]:
+def eight_cells(hidden: int, n_layers: int) -> list[Edit]:
     d = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
     mid = n_layers // 2
-    return ([Intervention("baseline"), Intervention("ablation", direction=d)]
-            + [Intervention("addition", direction=d, layer=mid, coefficient=c) for c in (0.5, 1.0, 2.0)]
-            + [Intervention("addition", direction=d, layer=layer, coefficient=1.0) for layer in (mid - 2, mid - 1)]
-            + [Intervention("addition", direction=d, layer=mid, coefficient=1.0, normalize=True)])
+    return ([Edit(), make_edit("ablation", direction=d)]
+            + [make_edit("addition", direction=d, layer=mid, coefficient=c) for c in (0.5, 1.0, 2.0)]
+            + [make_edit("addition", direction=d, layer=layer, coefficient=1.0) for layer in (mid - 2, mid - 1)]
+            + [make_edit("addition", direction=d, layer=mid, coefficient=1.0, normalize=True)])
 
 
 def run(lm, texts, cells, per_pass, new_tokens, batch_size):

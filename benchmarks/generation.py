@@ -17,7 +17,8 @@ from transformers import GenerationConfig
 
 from common import harmless_instructions, load_for_benchmark
 from pipeline.generate import generate
-from pipeline.interventions import Intervention, torch_hooks
+from pipeline.interventions import Edit, make_edit
+from pipeline.interventions.hooks import torch_hooks
 from pipeline.models import stop_token_ids
 from pipeline.probes import last_logits
 from pipeline.templates import encode_batch
@@ -60,12 +61,12 @@ def main():
     d = torch.randn(lm.rmap.hidden_size)
     layer = lm.rmap.n_layers // 2
     n, bs = args.new_tokens, args.batch_size
-    ablation = Intervention("ablation", direction=d)
-    addition = Intervention("addition", direction=d, layer=layer, coefficient=1.0)
+    ablation = make_edit("ablation", direction=d)
+    addition = make_edit("addition", direction=d, layer=layer, coefficient=1.0)
 
     variants = {
-        "transformers generate (no edit)": lambda: hooks_generate(lm, texts, Intervention("baseline"), n, bs),
-        "nnsight generate (no edit)": lambda: generate(lm, texts, Intervention("baseline"), n, bs),
+        "transformers generate (no edit)": lambda: hooks_generate(lm, texts, Edit(), n, bs),
+        "nnsight generate (no edit)": lambda: generate(lm, texts, Edit(), n, bs),
         "torch hooks, ablation": lambda: hooks_generate(lm, texts, ablation, n, bs),
         "nnsight, ablation": lambda: generate(lm, texts, ablation, n, bs),
         "torch hooks, addition": lambda: hooks_generate(lm, texts, addition, n, bs),

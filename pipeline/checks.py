@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Experiment
 from .errors import ConfigError
+from .experiment import Experiment
 from .interventions.ablation import layer_range
-from .sources import check_source, model_metadata
+from .offline import hub_cache_dir
+from .paths import resolve_data_path
+from .prompts import draw, load_instructions
+from .sources import _hub_cached_config, check_source, model_metadata
 from .specs import DatasetSpec, ModelSpec
 
 
@@ -43,8 +46,6 @@ def check_judge_loads_offline(spec: ModelSpec, prepared_dir: Path) -> None:
     if spec.source_kind != "hub":
         return
     from .models import PREPARED, hub_offline  # torch, only for hub judges
-    from .offline import hub_cache_dir
-    from .sources import _hub_cached_config
 
     try:
         where = json.loads((prepared_dir / PREPARED).read_text())["load_from"]
@@ -66,8 +67,6 @@ def check_prompt_sets(exp: Experiment) -> None:
     """Every local prompt file parsed now, as the prompts job will parse it (check_prompt_file); then the
     split sizes counted on them, by the job's own draw, as far as they are known before the hub sets
     download (pipeline/prompts.draw)."""
-    from .prompts import draw
-
     parsed: dict[DatasetSpec, tuple[list[dict], dict[str, int]]] = {}
 
     def load(ds: DatasetSpec):
@@ -87,8 +86,6 @@ def check_prompt_file(ds: DatasetSpec) -> tuple[list[dict], dict[str, int]]:
     """Parse a local prompt file (JSON Lines, a JSON array of objects, or CSV with a header): UTF-8,
     records that are objects or rows as long as the header, every key the dataset YAML names a column, the
     field present, no repeated instruction or id. Returns its prompts and the rows dropped by reason."""
-    from .prompts import load_instructions
-
     return load_instructions(ds)
 
 
@@ -216,8 +213,6 @@ def check_capability_reference(exp: Experiment) -> None:
     """The capability reference answers: JSON Lines of {instruction, response}, read now, not in a job."""
     if not exp.capability.enabled:
         return
-    from .config import resolve_data_path
-
     path = resolve_data_path(exp.capability.reference)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -23,8 +23,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from .figures import pyplot, to_png
+from .refusal_phrases import is_refusal
 from .schemas import LENGTH, read_parquet, write_bytes, write_parquet, write_text
-from .score import is_refusal
 from .specs import LengthSpec, ModelSpec
 from .stats import wilson_interval
 

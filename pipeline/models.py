@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .config import resolve_data_path
-from .specs import ModelSpec
+from .architecture import get_path, residual_map
 from .errors import ConfigError
 from .offline import disable_telemetry, go_offline, hub_cache_dir
-from .sources import gguf_part_paths
+from .paths import resolve_data_path
+from .sources import gguf_part_paths, model_metadata
+from .specs import ModelSpec
 
 PREPARED = "prepared.json"
 log = logging.getLogger(__name__)
@@ -380,8 +381,6 @@ def set_pad_token(tok, spec: ModelSpec) -> None:
 
 def context_length(spec: ModelSpec, prepared_dir: str | Path) -> int | None:
     """The model's maximum sequence length from its config.json, if it says."""
-    from .sources import model_metadata
-
     config_dir = Path(_load_from(spec, Path(prepared_dir)))
     return (model_metadata(spec, config_dir) or {}).get("context")
 
@@ -426,8 +425,6 @@ class LoadedModel:
     def __init__(self, spec: ModelSpec, prepared_dir: str | Path, device: str = "auto", threads: int = 2,
                  tokenizer=None):
         from nnsight import TransformersModel
-
-        from .architecture import get_path, residual_map
 
         set_threads(threads)
         self.spec = spec

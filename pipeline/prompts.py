@@ -26,13 +26,16 @@ import random
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from .config import Split
 from .errors import ConfigError
 from .schemas import PROMPTS, write_parquet
 from .specs import DatasetSpec
+
+if TYPE_CHECKING:  # in annotations only: config checks prompt sets with this module (checks.py)
+    from .config import Split
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError
+from .offline import hub_cache_dir
 from .specs import ModelSpec
 
 
@@ -110,8 +111,6 @@ def _hub_cached_config(spec: ModelSpec) -> str | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    from .offline import hub_cache_dir
-
     found = try_to_load_from_cache(spec.source["hub"], "config.json", revision=spec.source.get("revision"),
                                    cache_dir=hub_cache_dir())
     return found if isinstance(found, str) else None

@@ -369,7 +369,7 @@ def scorer_table(rows: list[dict]) -> str:
     """Each refusal scorer against the refused / complied labels: accuracy, Cohen's kappa, misses and
     false alarms, on all completions and on the fluent ones."""
     from pipeline.config import DEFAULT_CONF_DIR, load_scorer
-    from pipeline.score import is_refusal
+    from pipeline.refusal_phrases import is_refusal
 
     lines = ["| scorer | accuracy | kappa | missed refusals | false refusals | accuracy (fluent) | kappa (fluent) |",
              "|---|---|---|---|---|---|---|"]

@@ -10,7 +10,7 @@ from pipeline.generate import generate
 from pipeline.interventions import Edit, make_edit
 from pipeline.models import LoadedModel
 from pipeline.schemas import column_matrix
-from pipeline.score import is_refusal
+from pipeline.refusal_phrases import is_refusal
 
 from conftest import prepared_model
 

@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.generate import generate
 from pipeline.interventions import Edit
 from pipeline.models import LoadedModel
-from pipeline.score import is_refusal
+from pipeline.refusal_phrases import is_refusal
 from pipeline.sources import gguf_part_paths
 
 from conftest import assert_one_line_error, prepared_model

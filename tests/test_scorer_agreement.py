@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.config import DEFAULT_CONF_DIR, load_scorer
-from pipeline.score import is_refusal
+from pipeline.refusal_phrases import is_refusal
 
 from conftest import ROOT, prepared_model
 
