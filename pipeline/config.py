@@ -30,8 +30,8 @@ from .interventions import INTERVENTIONS, configurable, file_schema
 from .interventions.ablation import layer_range
 from .interventions.addition import coefficient_problem
 from .interventions.base import duplicate_name
-from .specs import (SOURCE_KINDS, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec,
-                    Source, SweepSpec, TemplateSpec)
+from .specs import (SOURCE_KINDS, Cell, DatasetFile, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec,  # noqa: F401
+                    ScorerSpec, Source, SweepSpec, TemplateSpec)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
@@ -381,27 +381,6 @@ class TemplateFile(Schema):
         if not self.text.split("{instruction}")[1]:
             raise PydanticCustomError("slot", "nothing follows {slot}: there are no post-instruction tokens",
                                       {"key": "text", "slot": "{instruction}"})
-        return self
-
-
-class DatasetFile(Schema):
-    path: Text | None = None
-    hub_id: Text | None = None
-    url: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None  # a file published outside the hub
-    format: Literal["json", "csv"] = "json"  # of path or url (JSON Lines or a JSON array; CSV with a header)
-    subset: Text | None = None
-    split: Text = "train"
-    field: Text = "instruction"
-    id_field: Text | None = None
-    category_field: Text | None = None
-    filter_empty: Text | None = None  # skip rows where this column is non-empty
-    where: dict[Text, Text] = {}  # keep only rows whose columns hold these values
-
-    @model_validator(mode="after")
-    def _one_place(self):
-        if sum(x is not None for x in (self.path, self.hub_id, self.url)) != 1:
-            raise PydanticCustomError("place", "needs exactly one of path (a local file), hub_id or url",
-                                      {"key": "path"})
         return self
 
 
@@ -914,10 +893,7 @@ def load_dataset_spec(name: str, label: str, conf_dir: Path, ref_file: str, ref_
         if not resolved.is_file():
             raise ConfigError(file, "path", f"file not found: {path}")
         path = str(resolved)
-    return DatasetSpec(name=name, file=file, label=label, path=path, hub_id=d.hub_id, url=d.url, format=d.format,
-                       subset=d.subset, split=d.split, field=d.field, id_field=d.id_field,
-                       category_field=d.category_field, filter_empty=d.filter_empty,
-                       where=tuple(sorted(d.where.items())))
+    return DatasetSpec.model_validate({**d.model_dump(), "path": path, "name": name, "file": file, "label": label})
 
 
 def resolve_data_path(path: str) -> Path:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter, model_validator
+from pydantic_core import PydanticCustomError
 
 from .interventions import INTERVENTIONS
+from .yamlschema import Name, Schema, Text
 
 T = TypeVar("T")
 
@@ -119,22 +122,39 @@ class ModelSpec:
                                    direction_force=False, pad_token=None)
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    file: str
-    label: str
-    path: str | None = None
-    hub_id: str | None = None
-    url: str | None = None
-    format: str = "json"  # of path or url
-    subset: str | None = None
-    split: str = "train"
-    field: str = "instruction"
-    id_field: str | None = None
-    category_field: str | None = None
-    filter_empty: str | None = None
-    where: tuple[tuple[str, str], ...] = ()  # (column, value) every kept row matches
+class DatasetFile(Schema):
+    """A dataset YAML (conf/dataset/<name>.yaml): where a prompt set lives and which rows and columns to read."""
+
+    path: Text | None = None
+    hub_id: Text | None = None
+    url: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None  # a file published outside the hub
+    format: Literal["json", "csv"] = "json"  # of path or url (JSON Lines or a JSON array; CSV with a header)
+    subset: Text | None = None
+    split: Text = "train"
+    field: Text = "instruction"
+    id_field: Text | None = None
+    category_field: Text | None = None
+    filter_empty: Text | None = None  # skip rows where this column is non-empty
+    # keep only rows whose columns hold these values; kept sorted by column, so params do not depend on key order
+    where: Annotated[dict[Text, Text], AfterValidator(lambda d: dict(sorted(d.items())))] = {}
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        if sum(x is not None for x in (self.path, self.hub_id, self.url)) != 1:
+            raise PydanticCustomError("place", "needs exactly one of path (a local file), hub_id or url",
+                                      {"key": "path"})
+        return self
+
+
+class DatasetSpec(DatasetFile):
+    """A dataset YAML as loaded: its name, file and label added, and `path` resolved to an absolute path."""
+
+    name: Name
+    file: str  # the dataset YAML, for error messages
+    label: Literal["harmful", "harmless"]
+
+    def __hash__(self) -> int:  # a key of the checks' parse cache; `where` is a dict
+        return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
 
 @dataclass(frozen=True)
