@@ -30,8 +30,8 @@ from .interventions import INTERVENTIONS, configurable, file_schema
 from .interventions.ablation import layer_range
 from .interventions.addition import coefficient_problem
 from .interventions.base import duplicate_name
-from .specs import (SOURCE_KINDS, Cell, DatasetFile, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec,  # noqa: F401
-                    ScorerSpec, Source, SweepSpec, TemplateSpec)
+from .specs import (SOURCE_KINDS, Cell, DatasetFile, DatasetSpec, InterventionSpec, Length, LengthSpec,  # noqa: F401
+                    ModelSpec, ScorerSpec, Source, Sweep, SweepCell, SweepGenerate, SweepSpec, TemplateSpec)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
@@ -135,31 +135,6 @@ class Direction(Schema):
     bootstrap: Bootstrap | None = None  # None: no stability analysis
 
 
-class SweepCell(Schema):
-    layer: NonNegInt
-    addition_layer: NonNegInt
-    coefficient: float
-
-
-class SweepGenerate(Schema):
-    top: NonNegInt = 1
-    spread: NonNegInt = 0
-    top_ablation: NonNegInt = 1
-    cells: list[SweepCell] = []
-
-
-class Sweep(Schema):
-    enabled: bool = True
-    models: list[Name] | None = None  # None: every model of the experiment
-    extraction_layers: list[NonNegInt] | LayerRange | None = None
-    position: Literal["selected"] | NegInt = "selected"
-    addition_offsets: list[int] = [0]
-    coefficients: Annotated[list[float], Field(min_length=1)]
-    ablation: bool = True
-    batch_size: PosInt = 32
-    generate: SweepGenerate = SweepGenerate()
-
-
 class Coherence(Schema):
     """A completion is broken when its repetition (fraction of repeated token 3-grams) passes
     `repetition_max`, or its loss under the unsteered model (nats/token; the lower of the loss after
@@ -193,14 +168,6 @@ class Generation(Schema):
     # false: decode exactly max_new_tokens tokens, through EOS (the base-models post's fixed 16-token loop,
     # whose decoded text then also holds what the model wrote after its end of turn)
     stop_at_eos: bool = True
-
-
-class Length(Schema):
-    """Refusal rate vs generation length (pipeline/length.py): each completion is scored on its
-    first k tokens for each k; the longest k must not exceed generation.max_new_tokens."""
-
-    tokens: Annotated[list[PosInt], Field(min_length=1)]
-    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's phrase scorers
 
 
 class Pair(Schema):
@@ -802,15 +769,7 @@ def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
     for i, m in enumerate(names):
         if m not in models:
             raise ConfigError(file, f"sweep.models[{i}]", f"model '{m}' is not in this experiment's models")
-    layers = d.extraction_layers
-    layers = layers.layers() if isinstance(layers, LayerRange) else (tuple(layers) if layers else None)
-    g = d.generate
-    return SweepSpec(models=tuple(names), extraction_layers=layers,
-                     position=None if d.position == "selected" else d.position,
-                     offsets=tuple(sorted(set(d.addition_offsets) | {0})),  # 0: the same-layer comparison
-                     coefficients=tuple(d.coefficients), ablation=d.ablation, batch_size=d.batch_size,
-                     top=g.top, spread=g.spread, top_ablation=g.top_ablation,
-                     cells=tuple((c.layer, c.addition_layer, c.coefficient) for c in g.cells))
+    return SweepSpec(settings=d.model_copy(update={"models": names}))
 
 
 def load_scorers(scoring: str | list[str], conf_dir: Path, exp_file: str) -> tuple[ScorerSpec, ...]:
@@ -849,7 +808,7 @@ def load_length(d: Length | None, generation: Generation, scoring: str | list[st
         key, judge = judged[0]
         raise ConfigError(file, key, f"'{judge.name}' is a judge; the length stage rescores every completion "
                           "at every length with phrase scorers only (list prefix/substring scorers here)")
-    return LengthSpec(tokens=tuple(sorted(d.tokens)), scorers=tuple(scorers))
+    return LengthSpec(settings=d, scorers=tuple(scorers))
 
 
 def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelSpec:

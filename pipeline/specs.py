@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, Field, TypeAdapter, model_valida
 from pydantic_core import PydanticCustomError
 
 from .interventions import INTERVENTIONS
-from .yamlschema import Name, Schema, Text
+from .yamlschema import LayerRange, Name, NegInt, NonNegInt, PosInt, Schema, Text
 
 T = TypeVar("T")
 
@@ -180,12 +180,25 @@ class ScorerSpec:
     reply_prefix: str = ""
 
 
+class Length(Schema):
+    """Refusal rate vs generation length (pipeline/length.py): each completion is scored on its
+    first k tokens for each k; the longest k must not exceed generation.max_new_tokens."""
+
+    tokens: Annotated[list[PosInt], Field(min_length=1)]
+    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's phrase scorers
+
+
 @dataclass(frozen=True)
 class LengthSpec:
-    """Refusal rate vs generation length: score each completion's first k tokens, k in `tokens`."""
+    """The experiment's `length` block as validated, and the phrase scorers it resolves to."""
 
-    tokens: tuple[int, ...]  # ascending
-    scorers: tuple[ScorerSpec, ...]  # phrase scorers only
+    settings: Length
+    scorers: tuple[ScorerSpec, ...]  # phrase scorers only: `settings.scorers`, else the experiment's
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """Each k, ascending."""
+        return tuple(sorted(self.settings.tokens))
 
 
 @dataclass(frozen=True)
@@ -223,21 +236,87 @@ class Cell:
         return self.pick if self.pick is not None else INTERVENTIONS.get(self.kind).cell_name(self.coefficient)
 
 
-@dataclass(frozen=True)
-class SweepSpec:
+class SweepCell(Schema):
+    layer: NonNegInt
+    addition_layer: NonNegInt
+    coefficient: float
+
+
+class SweepGenerate(Schema):
+    top: NonNegInt = 1  # generate the best `top` addition cells (and each one's same-layer cell)
+    spread: NonNegInt = 0  # ... and `spread` cells spread over the score range, for the correlation
+    top_ablation: NonNegInt = 1
+    cells: list[SweepCell] = []  # declared cells, generated as well
+
+
+class Sweep(Schema):
     """The cheap logit-score sweep (extraction layer x addition layer x coefficient) and its picks."""
 
-    models: tuple[str, ...]
-    extraction_layers: tuple[int, ...] | None  # None: every layer
-    position: int | None  # None: the selected direction's position
-    offsets: tuple[int, ...]  # addition layer = extraction layer + offset
-    coefficients: tuple[float, ...]
-    ablation: bool  # also score ablation of each extraction layer's direction
-    batch_size: int
-    top: int  # generate the best `top` addition cells (and each one's same-layer cell)
-    spread: int  # ... and `spread` cells spread over the score range, for the correlation
-    top_ablation: int
-    cells: tuple[tuple[int, int, float], ...]  # declared (extraction layer, addition layer, coefficient)
+    enabled: bool = True
+    models: list[Name] | None = None  # None: every model of the experiment
+    extraction_layers: list[NonNegInt] | LayerRange | None = None  # None (or []): every layer
+    position: Literal["selected"] | NegInt = "selected"
+    addition_offsets: list[int] = [0]  # addition layer = extraction layer + offset
+    coefficients: Annotated[list[float], Field(min_length=1)]
+    ablation: bool = True  # also score ablation of each extraction layer's direction
+    batch_size: PosInt = 32
+    generate: SweepGenerate = SweepGenerate()
+
+
+class SweepSpec(Schema):
+    """The experiment's `sweep` block as validated, its `models` resolved (never None: the experiment's
+    models when the block names none); what the stages read is derived from it below."""
+
+    settings: Sweep
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.settings.models)
+
+    @property
+    def extraction_layers(self) -> tuple[int, ...] | None:
+        """None: every layer."""
+        layers = self.settings.extraction_layers
+        return layers.layers() if isinstance(layers, LayerRange) else (tuple(layers) if layers else None)
+
+    @property
+    def position(self) -> int | None:
+        """None: the selected direction's position."""
+        return None if self.settings.position == "selected" else self.settings.position
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """The declared offsets and 0 (the same-layer comparison), ascending."""
+        return tuple(sorted(set(self.settings.addition_offsets) | {0}))
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        return tuple(self.settings.coefficients)
+
+    @property
+    def ablation(self) -> bool:
+        return self.settings.ablation
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def top(self) -> int:
+        return self.settings.generate.top
+
+    @property
+    def spread(self) -> int:
+        return self.settings.generate.spread
+
+    @property
+    def top_ablation(self) -> int:
+        return self.settings.generate.top_ablation
+
+    @property
+    def cells(self) -> tuple[tuple[int, int, float], ...]:
+        """The declared cells as (extraction layer, addition layer, coefficient)."""
+        return tuple((c.layer, c.addition_layer, c.coefficient) for c in self.settings.generate.cells)
 
     def pick_names(self) -> list[str]:
         names = [f"best{i + 1}" for i in range(self.top)] + [f"same{i + 1}" for i in range(self.top)]
