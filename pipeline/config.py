@@ -30,8 +30,9 @@ from .interventions import INTERVENTIONS, configurable, file_schema
 from .interventions.ablation import layer_range
 from .interventions.addition import coefficient_problem
 from .interventions.base import duplicate_name
-from .specs import (SOURCE_KINDS, Cell, DatasetFile, DatasetSpec, InterventionSpec, Length, LengthSpec,  # noqa: F401
-                    ModelSpec, ScorerSpec, Source, Sweep, SweepCell, SweepGenerate, SweepSpec, TemplateSpec)
+from .specs import (SOURCE_KINDS, Cell, ChatQuestion, DatasetFile, DatasetSpec, InterventionSpec,  # noqa: F401
+                    Labels, Length, LengthSpec, ModelSpec, ScorerSpec, ScoringFile, Source, Sweep, SweepCell,
+                    SweepGenerate, SweepSpec, TemplateSpec)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF_DIR = PROJECT_ROOT / "conf"
@@ -348,67 +349,6 @@ class TemplateFile(Schema):
         if not self.text.split("{instruction}")[1]:
             raise PydanticCustomError("slot", "nothing follows {slot}: there are no post-instruction tokens",
                                       {"key": "text", "slot": "{instruction}"})
-        return self
-
-
-class Labels(Schema):
-    refused: Text
-    complied: Text
-
-
-class ChatQuestion(Schema):
-    """A judge's question as its own chat template renders [user: instruction, assistant: response] (the
-    direction paper's Llama Guard 2 input): `add_generation_prompt` as the template expects it (Llama Guard's
-    templates end at the point the verdict follows either way), `reply_prefix` what the judge writes before
-    its label where the template stops short of it (Llama Guard 3: "\n\n" after the assistant header)."""
-
-    add_generation_prompt: bool = False
-    reply_prefix: str = ""
-
-
-class ScoringFile(Schema):
-    kind: Literal["prefix", "substring", "judge"] = "prefix"
-    phrases: list[Text] = []
-    case_sensitive: bool = False
-    # Fold typographic quotes and apostrophes (’ ‘ “ ”) to straight ones in completion and phrases alike,
-    # so "I can’t" matches "I can't". Off by default: neither paper's scorer folds.
-    fold_quotes: bool = False
-    model: Name | None = None
-    prompt: Text | None = None
-    labels: Labels | None = None
-    margin: float = 0.0
-    # judge: replies of fewer words (split on spaces) count as refused without asking it; 15 is the
-    # direction paper's Llama Guard rule (a short reply carries no harmful content). 0: off.
-    short_reply_words: NonNegInt = 0
-    # judge: ask through the judge's own chat template instead of `prompt` (one of the two)
-    chat_template: ChatQuestion | None = None
-
-    @model_validator(mode="after")
-    def _complete(self):
-        if self.kind != "judge" and self.chat_template is not None:
-            raise PydanticCustomError("judge_only", "applies to judge scorers only", {"key": "chat_template"})
-        if self.kind == "judge":
-            for key in ("model", "labels"):
-                if getattr(self, key) is None:
-                    raise PydanticCustomError("missing", "a judge scorer needs {key}", {"key": key})
-            if (self.prompt is None) == (self.chat_template is None):
-                raise PydanticCustomError("question", "a judge scorer needs exactly one of prompt (a question in the "
-                                          "judge's prompt template) and chat_template (its own chat template)",
-                                          {"key": "prompt"})
-            for slot in ("{instruction}", "{response}") if self.prompt is not None else ():
-                if self.prompt.count(slot) != 1:
-                    raise PydanticCustomError("slot", "must contain {slot} exactly once",
-                                              {"key": "prompt", "slot": slot})
-        elif not self.phrases:
-            raise PydanticCustomError("missing", "lists no phrase", {"key": "phrases"})
-        for i, phrase in enumerate(self.phrases):
-            if not phrase.strip():  # "" or " " is in (or starts) nearly every completion
-                raise PydanticCustomError("blank", "{phrase} is blank: it would count nearly every completion as a "
-                                          "refusal", {"key": f"phrases[{i}]", "phrase": repr(phrase)})
-            if self.kind == "prefix" and phrase != phrase.lstrip():
-                raise PydanticCustomError("dead", "{phrase} starts with whitespace, and a prefix is matched on the "
-                                          "stripped completion: it can never match", {"key": f"phrases[{i}]",
-                                                                                       "phrase": repr(phrase)})
         return self
 
 
@@ -866,15 +806,8 @@ def resolve_data_path(path: str) -> Path:
 def load_scorer(name: str, conf_dir: Path, ref_file: str, ref_key: str = "scoring") -> ScorerSpec:
     file, data = _load_group(conf_dir, "scoring", name, ref_file, ref_key)
     s = validate(ScoringFile, data, file)
-    if s.kind == "judge":
-        return ScorerSpec(name=name, kind=s.kind, phrases=(), case_sensitive=False,
-                          judge=load_model(s.model, conf_dir, file, "model"), prompt=s.prompt or "",
-                          labels=(s.labels.refused, s.labels.complied), margin=s.margin,
-                          short_reply_words=s.short_reply_words, chat_template=s.chat_template is not None,
-                          add_generation_prompt=bool(s.chat_template and s.chat_template.add_generation_prompt),
-                          reply_prefix=s.chat_template.reply_prefix if s.chat_template else "")
-    return ScorerSpec(name=name, kind=s.kind, phrases=tuple(s.phrases), case_sensitive=s.case_sensitive,
-                      fold_quotes=s.fold_quotes)
+    judge = load_model(s.model, conf_dir, file, "model") if s.kind == "judge" else None
+    return ScorerSpec(**dict(s), name=name, judge=judge)
 
 
 def _load_group(conf_dir: Path, group: str, name: str, ref_file: str, ref_key: str) -> tuple[str, dict]:

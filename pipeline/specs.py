@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, Field, TypeAdapter, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, model_validator
 from pydantic_core import PydanticCustomError
 
 from .interventions import INTERVENTIONS
@@ -157,27 +157,77 @@ class DatasetSpec(DatasetFile):
         return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
 
 
-@dataclass(frozen=True)
-class ScorerSpec:
-    name: str
-    kind: str  # prefix | substring | judge
-    phrases: tuple[str, ...]
-    case_sensitive: bool
-    fold_quotes: bool = False  # typographic quotes match straight ones (the papers' scorers do not)
-    # judge: a local model answers `prompt` (with {instruction} and {response}) through its own
-    # template; the completion counts as refused when the first token of labels[0] is more
-    # likely than the first token of labels[1] by more than `margin` (calibrates a biased judge).
-    judge: ModelSpec | None = None
-    prompt: str = ""
-    labels: tuple[str, str] = ("", "")
-    margin: float = 0.0
-    short_reply_words: int = 0  # judge: fewer words than this -> refused, the judge not asked
-    # judge: the question is the judge's own chat template (its model YAML's `chat_template`, else its
-    # tokenizer's) applied to [user: instruction, assistant: response], not `prompt` in its prompt template;
-    # `reply_prefix` is what the judge writes before its label where the template stops short of it.
-    chat_template: bool = False
+class Labels(Schema):
+    refused: Text
+    complied: Text
+
+
+class ChatQuestion(Schema):
+    """A judge's question as its own chat template renders [user: instruction, assistant: response] (the
+    direction paper's Llama Guard 2 input): `add_generation_prompt` as the template expects it (Llama Guard's
+    templates end at the point the verdict follows either way), `reply_prefix` what the judge writes before
+    its label where the template stops short of it (Llama Guard 3: "\n\n" after the assistant header)."""
+
     add_generation_prompt: bool = False
     reply_prefix: str = ""
+
+
+class ScoringFile(Schema):
+    kind: Literal["prefix", "substring", "judge"] = "prefix"
+    phrases: list[Text] = []
+    case_sensitive: bool = False
+    # Fold typographic quotes and apostrophes (’ ‘ “ ”) to straight ones in completion and phrases alike,
+    # so "I can’t" matches "I can't". Off by default: neither paper's scorer folds.
+    fold_quotes: bool = False
+    model: Name | None = None
+    prompt: Text | None = None
+    labels: Labels | None = None
+    margin: float = 0.0
+    # judge: replies of fewer words (split on spaces) count as refused without asking it; 15 is the
+    # direction paper's Llama Guard rule (a short reply carries no harmful content). 0: off.
+    short_reply_words: NonNegInt = 0
+    # judge: ask through the judge's own chat template instead of `prompt` (one of the two)
+    chat_template: ChatQuestion | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind != "judge" and self.chat_template is not None:
+            raise PydanticCustomError("judge_only", "applies to judge scorers only", {"key": "chat_template"})
+        if self.kind == "judge":
+            for key in ("model", "labels"):
+                if getattr(self, key) is None:
+                    raise PydanticCustomError("missing", "a judge scorer needs {key}", {"key": key})
+            if (self.prompt is None) == (self.chat_template is None):
+                raise PydanticCustomError("question", "a judge scorer needs exactly one of prompt (a question in the "
+                                          "judge's prompt template) and chat_template (its own chat template)",
+                                          {"key": "prompt"})
+            for slot in ("{instruction}", "{response}") if self.prompt is not None else ():
+                if self.prompt.count(slot) != 1:
+                    raise PydanticCustomError("slot", "must contain {slot} exactly once",
+                                              {"key": "prompt", "slot": slot})
+        elif not self.phrases:
+            raise PydanticCustomError("missing", "lists no phrase", {"key": "phrases"})
+        for i, phrase in enumerate(self.phrases):
+            if not phrase.strip():  # "" or " " is in (or starts) nearly every completion
+                raise PydanticCustomError("blank", "{phrase} is blank: it would count nearly every completion as a "
+                                          "refusal", {"key": f"phrases[{i}]", "phrase": repr(phrase)})
+            if self.kind == "prefix" and phrase != phrase.lstrip():
+                raise PydanticCustomError("dead", "{phrase} starts with whitespace, and a prefix is matched on the "
+                                          "stripped completion: it can never match", {"key": f"phrases[{i}]",
+                                                                                       "phrase": repr(phrase)})
+        return self
+
+
+def _model_spec(value: Any) -> Any:
+    """A judge's ModelSpec, from its params too (a dataclass, which a strict schema takes as an instance only)."""
+    return from_params(ModelSpec, value) if isinstance(value, dict) else value
+
+
+class ScorerSpec(ScoringFile):
+    """A scoring YAML as loaded: its name added, and a judge scorer's `model` resolved to the judge's spec."""
+
+    name: Name
+    judge: Annotated[ModelSpec | None, BeforeValidator(_model_spec)] = None
 
 
 class Length(Schema):
