@@ -29,8 +29,9 @@ from .interventions.addition import coefficient_problem
 from .interventions.base import duplicate_name
 from .paths import PROJECT_ROOT, resolve_data_path
 from .registry import load_plugins
-from .specs import (SOURCE_KINDS, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec, SweepSpec,
-                    TemplateSpec)
+from .specs import (SOURCE_KINDS, ChatQuestion, DatasetFile, DatasetSpec, InterventionSpec,  # noqa: F401
+                    Labels, Length, LengthSpec, ModelSpec, ScorerSpec, ScoringFile, Sweep, SweepCell,
+                    SweepGenerate, SweepSpec, TemplateSpec)
 from .yamlschema import (LayerRange, Name, NegInt, NonNegFloat, NonNegInt, PosInt, Schema, Text,  # noqa: F401
                          validate)
 
@@ -138,31 +139,6 @@ class Direction(Schema):
     bootstrap: Bootstrap | None = None  # None: no stability analysis
 
 
-class SweepCell(Schema):
-    layer: NonNegInt
-    addition_layer: NonNegInt
-    coefficient: float
-
-
-class SweepGenerate(Schema):
-    top: NonNegInt = 1
-    spread: NonNegInt = 0
-    top_ablation: NonNegInt = 1
-    cells: list[SweepCell] = []
-
-
-class Sweep(Schema):
-    enabled: bool = True
-    models: list[Name] | None = None  # None: every model of the experiment
-    extraction_layers: list[NonNegInt] | LayerRange | None = None
-    position: Literal["selected"] | NegInt = "selected"
-    addition_offsets: list[int] = [0]
-    coefficients: Annotated[list[float], Field(min_length=1)]
-    ablation: bool = True
-    batch_size: PosInt = 32
-    generate: SweepGenerate = SweepGenerate()
-
-
 class Coherence(Schema):
     """A completion is broken when its repetition (fraction of repeated token 3-grams) passes
     `repetition_max`, or its loss under the unsteered model (nats/token; the lower of the loss after
@@ -196,14 +172,6 @@ class Generation(Schema):
     # false: decode exactly max_new_tokens tokens, through EOS (the base-models post's fixed 16-token loop,
     # whose decoded text then also holds what the model wrote after its end of turn)
     stop_at_eos: bool = True
-
-
-class Length(Schema):
-    """Refusal rate vs generation length (pipeline/length.py): each completion is scored on its
-    first k tokens for each k; the longest k must not exceed generation.max_new_tokens."""
-
-    tokens: Annotated[list[PosInt], Field(min_length=1)]
-    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's phrase scorers
 
 
 class Pair(Schema):
@@ -384,88 +352,6 @@ class TemplateFile(Schema):
         if not self.text.split("{instruction}")[1]:
             raise PydanticCustomError("slot", "nothing follows {slot}: there are no post-instruction tokens",
                                       {"key": "text", "slot": "{instruction}"})
-        return self
-
-
-class DatasetFile(Schema):
-    path: Text | None = None
-    hub_id: Text | None = None
-    url: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None  # a file published outside the hub
-    format: Literal["json", "csv"] = "json"  # of path or url (JSON Lines or a JSON array; CSV with a header)
-    subset: Text | None = None
-    split: Text = "train"
-    field: Text = "instruction"
-    id_field: Text | None = None
-    category_field: Text | None = None
-    filter_empty: Text | None = None  # skip rows where this column is non-empty
-    where: dict[Text, Text] = {}  # keep only rows whose columns hold these values
-
-    @model_validator(mode="after")
-    def _one_place(self):
-        if sum(x is not None for x in (self.path, self.hub_id, self.url)) != 1:
-            raise PydanticCustomError("place", "needs exactly one of path (a local file), hub_id or url",
-                                      {"key": "path"})
-        return self
-
-
-class Labels(Schema):
-    refused: Text
-    complied: Text
-
-
-class ChatQuestion(Schema):
-    """A judge's question as its own chat template renders [user: instruction, assistant: response] (the
-    direction paper's Llama Guard 2 input): `add_generation_prompt` as the template expects it (Llama Guard's
-    templates end at the point the verdict follows either way), `reply_prefix` what the judge writes before
-    its label where the template stops short of it (Llama Guard 3: "\n\n" after the assistant header)."""
-
-    add_generation_prompt: bool = False
-    reply_prefix: str = ""
-
-
-class ScoringFile(Schema):
-    kind: Literal["prefix", "substring", "judge"] = "prefix"
-    phrases: list[Text] = []
-    case_sensitive: bool = False
-    # Fold typographic quotes and apostrophes (’ ‘ “ ”) to straight ones in completion and phrases alike,
-    # so "I can’t" matches "I can't". Off by default: neither paper's scorer folds.
-    fold_quotes: bool = False
-    model: Name | None = None
-    prompt: Text | None = None
-    labels: Labels | None = None
-    margin: float = 0.0
-    # judge: replies of fewer words (split on spaces) count as refused without asking it; 15 is the
-    # direction paper's Llama Guard rule (a short reply carries no harmful content). 0: off.
-    short_reply_words: NonNegInt = 0
-    # judge: ask through the judge's own chat template instead of `prompt` (one of the two)
-    chat_template: ChatQuestion | None = None
-
-    @model_validator(mode="after")
-    def _complete(self):
-        if self.kind != "judge" and self.chat_template is not None:
-            raise PydanticCustomError("judge_only", "applies to judge scorers only", {"key": "chat_template"})
-        if self.kind == "judge":
-            for key in ("model", "labels"):
-                if getattr(self, key) is None:
-                    raise PydanticCustomError("missing", "a judge scorer needs {key}", {"key": key})
-            if (self.prompt is None) == (self.chat_template is None):
-                raise PydanticCustomError("question", "a judge scorer needs exactly one of prompt (a question in the "
-                                          "judge's prompt template) and chat_template (its own chat template)",
-                                          {"key": "prompt"})
-            for slot in ("{instruction}", "{response}") if self.prompt is not None else ():
-                if self.prompt.count(slot) != 1:
-                    raise PydanticCustomError("slot", "must contain {slot} exactly once",
-                                              {"key": "prompt", "slot": slot})
-        elif not self.phrases:
-            raise PydanticCustomError("missing", "lists no phrase", {"key": "phrases"})
-        for i, phrase in enumerate(self.phrases):
-            if not phrase.strip():  # "" or " " is in (or starts) nearly every completion
-                raise PydanticCustomError("blank", "{phrase} is blank: it would count nearly every completion as a "
-                                          "refusal", {"key": f"phrases[{i}]", "phrase": repr(phrase)})
-            if self.kind == "prefix" and phrase != phrase.lstrip():
-                raise PydanticCustomError("dead", "{phrase} starts with whitespace, and a prefix is matched on the "
-                                          "stripped completion: it can never match", {"key": f"phrases[{i}]",
-                                                                                       "phrase": repr(phrase)})
         return self
 
 
@@ -723,15 +609,7 @@ def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
     for i, m in enumerate(names):
         if m not in models:
             raise ConfigError(file, f"sweep.models[{i}]", f"model '{m}' is not in this experiment's models")
-    layers = d.extraction_layers
-    layers = layers.layers() if isinstance(layers, LayerRange) else (tuple(layers) if layers else None)
-    g = d.generate
-    return SweepSpec(models=tuple(names), extraction_layers=layers,
-                     position=None if d.position == "selected" else d.position,
-                     offsets=tuple(sorted(set(d.addition_offsets) | {0})),  # 0: the same-layer comparison
-                     coefficients=tuple(d.coefficients), ablation=d.ablation, batch_size=d.batch_size,
-                     top=g.top, spread=g.spread, top_ablation=g.top_ablation,
-                     cells=tuple((c.layer, c.addition_layer, c.coefficient) for c in g.cells))
+    return SweepSpec(settings=d.model_copy(update={"models": names}))
 
 
 def load_scorers(scoring: str | list[str], conf_dir: Path, exp_file: str) -> tuple[ScorerSpec, ...]:
@@ -770,7 +648,7 @@ def load_length(d: Length | None, generation: Generation, scoring: str | list[st
         key, judge = judged[0]
         raise ConfigError(file, key, f"'{judge.name}' is a judge; the length stage rescores every completion "
                           "at every length with phrase scorers only (list prefix/substring scorers here)")
-    return LengthSpec(tokens=tuple(sorted(d.tokens)), scorers=tuple(scorers))
+    return LengthSpec(settings=d, scorers=tuple(scorers))
 
 
 def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelSpec:
@@ -814,24 +692,14 @@ def load_dataset_spec(name: str, label: str, conf_dir: Path, ref_file: str, ref_
         if not resolved.is_file():
             raise ConfigError(file, "path", f"file not found: {path}")
         path = str(resolved)
-    return DatasetSpec(name=name, file=file, label=label, path=path, hub_id=d.hub_id, url=d.url, format=d.format,
-                       subset=d.subset, split=d.split, field=d.field, id_field=d.id_field,
-                       category_field=d.category_field, filter_empty=d.filter_empty,
-                       where=tuple(sorted(d.where.items())))
+    return DatasetSpec.model_validate({**d.model_dump(), "path": path, "name": name, "file": file, "label": label})
 
 
 def load_scorer(name: str, conf_dir: Path, ref_file: str, ref_key: str = "scoring") -> ScorerSpec:
     file, data = _load_group(conf_dir, "scoring", name, ref_file, ref_key)
     s = validate(ScoringFile, data, file)
-    if s.kind == "judge":
-        return ScorerSpec(name=name, kind=s.kind, phrases=(), case_sensitive=False,
-                          judge=load_model(s.model, conf_dir, file, "model"), prompt=s.prompt or "",
-                          labels=(s.labels.refused, s.labels.complied), margin=s.margin,
-                          short_reply_words=s.short_reply_words, chat_template=s.chat_template is not None,
-                          add_generation_prompt=bool(s.chat_template and s.chat_template.add_generation_prompt),
-                          reply_prefix=s.chat_template.reply_prefix if s.chat_template else "")
-    return ScorerSpec(name=name, kind=s.kind, phrases=tuple(s.phrases), case_sensitive=s.case_sensitive,
-                      fold_quotes=s.fold_quotes)
+    judge = load_model(s.model, conf_dir, file, "model") if s.kind == "judge" else None
+    return ScorerSpec(**dict(s), name=name, judge=judge)
 
 
 def _load_group(conf_dir: Path, group: str, name: str, ref_file: str, ref_key: str) -> tuple[str, dict]:

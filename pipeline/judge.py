@@ -64,8 +64,8 @@ def render_chat(tok, scorer: ScorerSpec, instruction: str, response: str, parts:
 
     template = chat_template_text(tok, scorer)
     try:
-        return tok.apply_chat_template(conversation(instruction, response, parts), chat_template=template,
-                                       tokenize=False, add_generation_prompt=scorer.add_generation_prompt)
+        return tok.apply_chat_template(conversation(instruction, response, parts), chat_template=template, tokenize=False,
+                                       add_generation_prompt=scorer.chat_template.add_generation_prompt)
     except TemplateError as err:
         raise ConfigError(scorer.judge.file, "chat_template", f"the chat template fails on [user, assistant]: "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -91,7 +91,7 @@ def chat_context(tok, scorer: ScorerSpec, label: str) -> tuple[str, int]:
     """(text, start): the reference conversation as the judge reads it, then `label` as the judge would write it
     (after `reply_prefix`; a space before it after a visible character, as for the refusal tokens)."""
     prompt = render_chat(tok, scorer, REFERENCE_INSTRUCTION, REFERENCE_REPLY,
-                         content_as_parts(tok, scorer)) + scorer.reply_prefix
+                         content_as_parts(tok, scorer)) + scorer.chat_template.reply_prefix
     joint = " " if prompt[-1:].strip() and label[:1].strip() else ""
     return prompt + joint + label, len(prompt)
 
@@ -100,8 +100,10 @@ def label_token_ids(tok, scorer: ScorerSpec) -> tuple[int, int]:
     """The first token of each label as the judge writes it after its template (resolved in context,
     as the refusal tokens are); they must differ, or the judge cannot tell them apart."""
     ids = []
-    for key, label in zip(("refused", "complied"), scorer.labels):
-        text, start = chat_context(tok, scorer, label) if scorer.chat_template else phrase_context(scorer.judge, label)
+    for key in ("refused", "complied"):
+        label = getattr(scorer.labels, key)
+        text, start = chat_context(tok, scorer, label) if scorer.chat_template is not None else \
+            phrase_context(scorer.judge, label)
         try:
             found, k = split_tokens(tok, text, start, absorb_space=True)
         except TokenBoundaryError as err:
@@ -121,9 +123,10 @@ def label_token_ids(tok, scorer: ScorerSpec) -> tuple[int, int]:
 def questions(scorer: ScorerSpec, prompts: list[str], completions: list[str], tok=None) -> list[str]:
     """What the judge reads, per completion: `prompt` filled in (the judge's prompt template wraps it when
     encoded), or with `chat_template` the whole templated conversation and `reply_prefix` (`tok`: the judge's)."""
-    if scorer.chat_template:
+    if scorer.chat_template is not None:
         parts = content_as_parts(tok, scorer)
-        return [render_chat(tok, scorer, p, c, parts) + scorer.reply_prefix for p, c in zip(prompts, completions)]
+        return [render_chat(tok, scorer, p, c, parts) + scorer.chat_template.reply_prefix
+                for p, c in zip(prompts, completions)]
     # str.replace, not str.format: prompts and completions may contain braces
     return [scorer.prompt.replace("{instruction}", p).replace("{response}", c) for p, c in zip(prompts, completions)]
 
@@ -187,7 +190,7 @@ def judge_refusals(lm: LoadedModel, scorer: ScorerSpec, prompts: list[str], comp
     asked = [i for i, s in enumerate(short) if not s]
     check_texts(lm.tok, scorer, prompts, completions, asked)
     texts = questions(scorer, [prompts[i] for i in asked], [completions[i] for i in asked], lm.tok)
-    logits = label_logits(lm, texts, ids, batch_size, templated=True) if scorer.chat_template else \
+    logits = label_logits(lm, texts, ids, batch_size, templated=True) if scorer.chat_template is not None else \
         label_logits(lm, texts, ids, batch_size)
     decided = dict(zip(asked, (logits[:, 0] - logits[:, 1] > scorer.margin).tolist()))
     return [True if s else decided[i] for i, s in enumerate(short)]

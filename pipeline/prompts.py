@@ -174,7 +174,7 @@ def usable_rows(records: Iterable[tuple[int, dict]], columns: list[str], spec: D
     if local and not records:
         raise ConfigError(spec.file, "path", f"{name} is empty: the prompt set has no prompt")
     named = [("field", spec.field), ("id_field", spec.id_field), ("category_field", spec.category_field),
-             ("filter_empty", spec.filter_empty), *((f"where.{c}", c) for c, _ in spec.where)]
+             ("filter_empty", spec.filter_empty), *((f"where.{c}", c) for c in spec.where)]
     for key, column in named:
         if column is not None and column not in columns:
             raise ConfigError(spec.file, key, f"column '{column}' not in {name}'s columns {list(columns)}")
@@ -191,7 +191,7 @@ def usable_rows(records: Iterable[tuple[int, dict]], columns: list[str], spec: D
             # e.g. Alpaca rows whose instruction needs an extra input (whitespace is empty, as both papers' code reads it)
             dropped["filter_empty"] += 1
             continue
-        if any(str(rec.get(c)) != v for c, v in spec.where):
+        if any(str(rec.get(c)) != v for c, v in spec.where.items()):
             dropped["where"] += 1  # e.g. HarmBench's contextual rows, which need their context string
             continue
         if text is None or not text.strip():  # null, an empty CSV cell, or whitespace

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, model_validator
+from pydantic_core import PydanticCustomError
 
 from .interventions import INTERVENTIONS
+from .yamlschema import LayerRange, Name, NegInt, NonNegInt, PosInt, Schema, Text
 
 T = TypeVar("T")
 
@@ -119,53 +122,133 @@ class ModelSpec:
                                    direction_force=False, pad_token=None)
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    file: str
-    label: str
-    path: str | None = None
-    hub_id: str | None = None
-    url: str | None = None
-    format: str = "json"  # of path or url
-    subset: str | None = None
-    split: str = "train"
-    field: str = "instruction"
-    id_field: str | None = None
-    category_field: str | None = None
-    filter_empty: str | None = None
-    where: tuple[tuple[str, str], ...] = ()  # (column, value) every kept row matches
+class DatasetFile(Schema):
+    """A dataset YAML (conf/dataset/<name>.yaml): where a prompt set lives and which rows and columns to read."""
+
+    path: Text | None = None
+    hub_id: Text | None = None
+    url: Annotated[str, Field(pattern=r"^https://\S+$")] | None = None  # a file published outside the hub
+    format: Literal["json", "csv"] = "json"  # of path or url (JSON Lines or a JSON array; CSV with a header)
+    subset: Text | None = None
+    split: Text = "train"
+    field: Text = "instruction"
+    id_field: Text | None = None
+    category_field: Text | None = None
+    filter_empty: Text | None = None  # skip rows where this column is non-empty
+    # keep only rows whose columns hold these values; kept sorted by column, so params do not depend on key order
+    where: Annotated[dict[Text, Text], AfterValidator(lambda d: dict(sorted(d.items())))] = {}
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        if sum(x is not None for x in (self.path, self.hub_id, self.url)) != 1:
+            raise PydanticCustomError("place", "needs exactly one of path (a local file), hub_id or url",
+                                      {"key": "path"})
+        return self
 
 
-@dataclass(frozen=True)
-class ScorerSpec:
-    name: str
-    kind: str  # prefix | substring | judge
-    phrases: tuple[str, ...]
-    case_sensitive: bool
-    fold_quotes: bool = False  # typographic quotes match straight ones (the papers' scorers do not)
-    # judge: a local model answers `prompt` (with {instruction} and {response}) through its own
-    # template; the completion counts as refused when the first token of labels[0] is more
-    # likely than the first token of labels[1] by more than `margin` (calibrates a biased judge).
-    judge: ModelSpec | None = None
-    prompt: str = ""
-    labels: tuple[str, str] = ("", "")
-    margin: float = 0.0
-    short_reply_words: int = 0  # judge: fewer words than this -> refused, the judge not asked
-    # judge: the question is the judge's own chat template (its model YAML's `chat_template`, else its
-    # tokenizer's) applied to [user: instruction, assistant: response], not `prompt` in its prompt template;
-    # `reply_prefix` is what the judge writes before its label where the template stops short of it.
-    chat_template: bool = False
+class DatasetSpec(DatasetFile):
+    """A dataset YAML as loaded: its name, file and label added, and `path` resolved to an absolute path."""
+
+    name: Name
+    file: str  # the dataset YAML, for error messages
+    label: Literal["harmful", "harmless"]
+
+    def __hash__(self) -> int:  # a key of the checks' parse cache; `where` is a dict
+        return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
+
+
+class Labels(Schema):
+    refused: Text
+    complied: Text
+
+
+class ChatQuestion(Schema):
+    """A judge's question as its own chat template renders [user: instruction, assistant: response] (the
+    direction paper's Llama Guard 2 input): `add_generation_prompt` as the template expects it (Llama Guard's
+    templates end at the point the verdict follows either way), `reply_prefix` what the judge writes before
+    its label where the template stops short of it (Llama Guard 3: "\n\n" after the assistant header)."""
+
     add_generation_prompt: bool = False
     reply_prefix: str = ""
 
 
+class ScoringFile(Schema):
+    kind: Literal["prefix", "substring", "judge"] = "prefix"
+    phrases: list[Text] = []
+    case_sensitive: bool = False
+    # Fold typographic quotes and apostrophes (’ ‘ “ ”) to straight ones in completion and phrases alike,
+    # so "I can’t" matches "I can't". Off by default: neither paper's scorer folds.
+    fold_quotes: bool = False
+    model: Name | None = None
+    prompt: Text | None = None
+    labels: Labels | None = None
+    margin: float = 0.0
+    # judge: replies of fewer words (split on spaces) count as refused without asking it; 15 is the
+    # direction paper's Llama Guard rule (a short reply carries no harmful content). 0: off.
+    short_reply_words: NonNegInt = 0
+    # judge: ask through the judge's own chat template instead of `prompt` (one of the two)
+    chat_template: ChatQuestion | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind != "judge" and self.chat_template is not None:
+            raise PydanticCustomError("judge_only", "applies to judge scorers only", {"key": "chat_template"})
+        if self.kind == "judge":
+            for key in ("model", "labels"):
+                if getattr(self, key) is None:
+                    raise PydanticCustomError("missing", "a judge scorer needs {key}", {"key": key})
+            if (self.prompt is None) == (self.chat_template is None):
+                raise PydanticCustomError("question", "a judge scorer needs exactly one of prompt (a question in the "
+                                          "judge's prompt template) and chat_template (its own chat template)",
+                                          {"key": "prompt"})
+            for slot in ("{instruction}", "{response}") if self.prompt is not None else ():
+                if self.prompt.count(slot) != 1:
+                    raise PydanticCustomError("slot", "must contain {slot} exactly once",
+                                              {"key": "prompt", "slot": slot})
+        elif not self.phrases:
+            raise PydanticCustomError("missing", "lists no phrase", {"key": "phrases"})
+        for i, phrase in enumerate(self.phrases):
+            if not phrase.strip():  # "" or " " is in (or starts) nearly every completion
+                raise PydanticCustomError("blank", "{phrase} is blank: it would count nearly every completion as a "
+                                          "refusal", {"key": f"phrases[{i}]", "phrase": repr(phrase)})
+            if self.kind == "prefix" and phrase != phrase.lstrip():
+                raise PydanticCustomError("dead", "{phrase} starts with whitespace, and a prefix is matched on the "
+                                          "stripped completion: it can never match", {"key": f"phrases[{i}]",
+                                                                                       "phrase": repr(phrase)})
+        return self
+
+
+def _model_spec(value: Any) -> Any:
+    """A judge's ModelSpec, from its params too (a dataclass, which a strict schema takes as an instance only)."""
+    return from_params(ModelSpec, value) if isinstance(value, dict) else value
+
+
+class ScorerSpec(ScoringFile):
+    """A scoring YAML as loaded: its name added, and a judge scorer's `model` resolved to the judge's spec."""
+
+    name: Name
+    judge: Annotated[ModelSpec | None, BeforeValidator(_model_spec)] = None
+
+
+class Length(Schema):
+    """Refusal rate vs generation length (pipeline/length.py): each completion is scored on its
+    first k tokens for each k; the longest k must not exceed generation.max_new_tokens."""
+
+    tokens: Annotated[list[PosInt], Field(min_length=1)]
+    scorers: Annotated[list[Name], Field(min_length=1)] | None = None  # None: the experiment's phrase scorers
+
+
 @dataclass(frozen=True)
 class LengthSpec:
-    """Refusal rate vs generation length: score each completion's first k tokens, k in `tokens`."""
+    """The experiment's `length` block as validated, and the phrase scorers it resolves to."""
 
-    tokens: tuple[int, ...]  # ascending
-    scorers: tuple[ScorerSpec, ...]  # phrase scorers only
+    settings: Length
+    scorers: tuple[ScorerSpec, ...]  # phrase scorers only: `settings.scorers`, else the experiment's
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """Each k, ascending."""
+        return tuple(sorted(self.settings.tokens))
 
 
 @dataclass(frozen=True)
@@ -203,21 +286,87 @@ class Cell:
         return self.pick if self.pick is not None else INTERVENTIONS.get(self.kind).cell_name(self.coefficient)
 
 
-@dataclass(frozen=True)
-class SweepSpec:
+class SweepCell(Schema):
+    layer: NonNegInt
+    addition_layer: NonNegInt
+    coefficient: float
+
+
+class SweepGenerate(Schema):
+    top: NonNegInt = 1  # generate the best `top` addition cells (and each one's same-layer cell)
+    spread: NonNegInt = 0  # ... and `spread` cells spread over the score range, for the correlation
+    top_ablation: NonNegInt = 1
+    cells: list[SweepCell] = []  # declared cells, generated as well
+
+
+class Sweep(Schema):
     """The cheap logit-score sweep (extraction layer x addition layer x coefficient) and its picks."""
 
-    models: tuple[str, ...]
-    extraction_layers: tuple[int, ...] | None  # None: every layer
-    position: int | None  # None: the selected direction's position
-    offsets: tuple[int, ...]  # addition layer = extraction layer + offset
-    coefficients: tuple[float, ...]
-    ablation: bool  # also score ablation of each extraction layer's direction
-    batch_size: int
-    top: int  # generate the best `top` addition cells (and each one's same-layer cell)
-    spread: int  # ... and `spread` cells spread over the score range, for the correlation
-    top_ablation: int
-    cells: tuple[tuple[int, int, float], ...]  # declared (extraction layer, addition layer, coefficient)
+    enabled: bool = True
+    models: list[Name] | None = None  # None: every model of the experiment
+    extraction_layers: list[NonNegInt] | LayerRange | None = None  # None (or []): every layer
+    position: Literal["selected"] | NegInt = "selected"
+    addition_offsets: list[int] = [0]  # addition layer = extraction layer + offset
+    coefficients: Annotated[list[float], Field(min_length=1)]
+    ablation: bool = True  # also score ablation of each extraction layer's direction
+    batch_size: PosInt = 32
+    generate: SweepGenerate = SweepGenerate()
+
+
+class SweepSpec(Schema):
+    """The experiment's `sweep` block as validated, its `models` resolved (never None: the experiment's
+    models when the block names none); what the stages read is derived from it below."""
+
+    settings: Sweep
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.settings.models)
+
+    @property
+    def extraction_layers(self) -> tuple[int, ...] | None:
+        """None: every layer."""
+        layers = self.settings.extraction_layers
+        return layers.layers() if isinstance(layers, LayerRange) else (tuple(layers) if layers else None)
+
+    @property
+    def position(self) -> int | None:
+        """None: the selected direction's position."""
+        return None if self.settings.position == "selected" else self.settings.position
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """The declared offsets and 0 (the same-layer comparison), ascending."""
+        return tuple(sorted(set(self.settings.addition_offsets) | {0}))
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        return tuple(self.settings.coefficients)
+
+    @property
+    def ablation(self) -> bool:
+        return self.settings.ablation
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def top(self) -> int:
+        return self.settings.generate.top
+
+    @property
+    def spread(self) -> int:
+        return self.settings.generate.spread
+
+    @property
+    def top_ablation(self) -> int:
+        return self.settings.generate.top_ablation
+
+    @property
+    def cells(self) -> tuple[tuple[int, int, float], ...]:
+        """The declared cells as (extraction layer, addition layer, coefficient)."""
+        return tuple((c.layer, c.addition_layer, c.coefficient) for c in self.settings.generate.cells)
 
     def pick_names(self) -> list[str]:
         names = [f"best{i + 1}" for i in range(self.top)] + [f"same{i + 1}" for i in range(self.top)]

@@ -107,7 +107,7 @@ def model_features(rows: list[dict], threads: int, feats: dict[str, dict], save)
     from pipeline.judge import label_logits, label_token_ids, questions
     from pipeline.models import LoadedModel, set_offline
     from pipeline.probes import completion_losses
-    from pipeline.specs import ScorerSpec
+    from pipeline.specs import Labels, ScorerSpec
 
     set_offline()
     baseline = Edit()
@@ -152,7 +152,8 @@ def model_features(rows: list[dict], threads: int, feats: dict[str, dict], save)
     if not all("judge_fluency" in feats[key(r)] for r in rows):
         print(f"{JUDGE_MODEL}: fluency judge on {len(rows)} completions", file=sys.stderr, flush=True)
         lm = model(JUDGE_MODEL)
-        judge = ScorerSpec("fluency", "judge", (), False, judge=lm.spec, prompt=FLUENCY_PROMPT, labels=("No", "Yes"))
+        judge = ScorerSpec(name="fluency", kind="judge", model=lm.spec.name, judge=lm.spec, prompt=FLUENCY_PROMPT,
+                           labels=Labels(refused="No", complied="Yes"))
         logits = label_logits(lm, questions(judge, [""] * len(rows), [r["completion"] for r in rows]),
                               label_token_ids(lm.tok, judge), 8)
         for r, (no, yes) in zip(rows, logits.tolist()):

@@ -114,7 +114,7 @@ def judge_scorer(chat_template: bool):
     from pipeline.config import load_scorer
 
     scorer = load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test")
-    return scorer if chat_template else replace(scorer, chat_template=False, reply_prefix="")
+    return scorer if chat_template else scorer.model_copy(update={"chat_template": None})
 
 
 @pytest.mark.parametrize("chat_template", [True, False])

@@ -82,7 +82,7 @@ def test_adding_before_the_extraction_layer_beats_adding_at_it(qwen, split_and_a
     far more harmless requests when added a few layers earlier, and the text stays coherent."""
     from pipeline.probes import completion_losses
     from pipeline.coherence import per_token
-    from pipeline.config import SweepSpec
+    from pipeline.config import Sweep, SweepSpec
     from pipeline.directions import candidates_table
     from pipeline.sweep import pick_cells, score_cells
 
@@ -90,8 +90,9 @@ def test_adding_before_the_extraction_layer_beats_adding_at_it(qwen, split_and_a
     table, acts, harmful = split_and_acts
     cands = candidates_table(MODEL, {(15, -1): (mean_difference(acts, harmful, 15, -1), 32, 32)})
     val = table.filter(pl.col("split") == "val")
-    spec = SweepSpec(models=(MODEL,), extraction_layers=(15,), position=-1, offsets=(-3, -2, -1, 0),
-                     coefficients=(2.0,), ablation=False, batch_size=16, top=1, spread=0, top_ablation=0, cells=())
+    spec = SweepSpec(settings=Sweep(models=[MODEL], extraction_layers=[15], position=-1, addition_offsets=[-3, -2, -1],
+                                    coefficients=[2.0], ablation=False, batch_size=16,
+                                    generate={"top": 1, "spread": 0, "top_ablation": 0}))
     scores = score_cells(lm, cands, val.filter(pl.col("label") == "harmful")["instruction"].to_list(),
                          val.filter(pl.col("label") == "harmless")["instruction"].to_list(), spec, position=-1,
                          normalize=False, ablation_layers=None)

@@ -83,7 +83,7 @@ def test_a_template_that_starts_with_bos_gets_no_second_one(real_tokenizer):
     YAML has none: the rendered text starts with <|begin_of_text|>, and add_bos must not add another."""
     tok = real_tokenizer("llama3")
     guard = load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test")
-    assert guard.judge.chat_template is None and guard.judge.add_bos and guard.reply_prefix == "\n\n"
+    assert guard.judge.chat_template is None and guard.judge.add_bos and guard.chat_template.reply_prefix == "\n\n"
     got = questions(guard, [INSTRUCTION], [REPLY], tok)[0]
     chat = [{"role": "user", "content": INSTRUCTION}, {"role": "assistant", "content": REPLY}]
     assert got == tok.apply_chat_template(chat, tokenize=False) + "\n\n"
@@ -102,7 +102,7 @@ def test_content_as_text_parts_is_detected(real_tokenizer):
     silently drop both turns, so the judge gives it parts."""
     tok = real_tokenizer("llama3")
     guard = load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test")
-    parts = dataclasses.replace(guard, judge=dataclasses.replace(guard.judge, chat_template=PARTS_TEMPLATE))
+    parts = guard.model_copy(update={"judge": dataclasses.replace(guard.judge, chat_template=PARTS_TEMPLATE)})
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=PARTS_TEMPLATE,
                                    tokenize=False) == "verdict:"  # strings: dropped
     assert content_as_parts(tok, parts) and not content_as_parts(tok, guard)
@@ -116,7 +116,7 @@ def test_content_as_text_parts_is_detected(real_tokenizer):
 def test_a_template_that_cannot_ask_is_one_line_naming_the_model_yaml(real_tokenizer, template, problem):
     tok = real_tokenizer("llama3")
     guard = load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test")
-    bad = dataclasses.replace(guard, judge=dataclasses.replace(guard.judge, chat_template=template))
+    bad = guard.model_copy(update={"judge": dataclasses.replace(guard.judge, chat_template=template)})
     with pytest.raises(ConfigError) as err:
         questions(bad, ["Hi?"], ["Hello."], tok)
     assert_one_line_error(err, "model/llama-guard-2-8b.yaml", "chat_template")
@@ -125,7 +125,7 @@ def test_a_template_that_cannot_ask_is_one_line_naming_the_model_yaml(real_token
 
 def test_a_tokenizer_without_a_chat_template_needs_one_in_the_model_yaml(tiny_chat):
     assert not getattr(tiny_chat.tok, "chat_template", None)  # the tiny BPE ships none
-    spec = dataclasses.replace(load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test"), judge=tiny_chat.spec)
+    spec = load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test").model_copy(update={"judge": tiny_chat.spec})
     with pytest.raises(ConfigError) as err:
         judge_refusals(tiny_chat, spec, ["Hi?"], [" ".join(["word"] * 20)])
     assert_one_line_error(err, "model/tiny-chat.yaml", "chat_template")

@@ -15,7 +15,7 @@ from pipeline.config import DEFAULT_CONF_DIR, load_experiment, load_scorer
 from pipeline.errors import ConfigError
 from pipeline.generate import generate
 from pipeline.interventions import Edit, make_edit
-from pipeline.specs import LengthSpec
+from pipeline.specs import Length, LengthSpec
 from pipeline.stats import wilson_interval
 
 from conftest import ROOT, assert_one_line_error
@@ -92,7 +92,7 @@ def test_late_refusals_count_only_once_their_tokens_are_scored():
         "Here is a plan: step one, gather the materials and then proceed.",   # never
         "Sorry",                                                              # one word: ended early
     ]
-    spec = LengthSpec(tokens=(1, 2, 8, 16), scorers=(PREFIX, SUBSTRING))
+    spec = LengthSpec(settings=Length(tokens=[1, 2, 8, 16]), scorers=(PREFIX, SUBSTRING))
     per = length.score_lengths(generations(completions), {"m": WordTokenizer()}, spec)
     assert per.height == 4 * 4 * 2
     table = length.rates(per)
@@ -112,7 +112,7 @@ def test_late_refusals_count_only_once_their_tokens_are_scored():
 
 
 def test_chart_and_fragment():
-    spec = LengthSpec(tokens=(2, 8), scorers=(SUBSTRING,))
+    spec = LengthSpec(settings=Length(tokens=[2, 8]), scorers=(SUBSTRING,))
     df = pl.concat([generations(["Sure thing here it is", "I cannot do it"], "harmful"),
                     generations(["Fine, here it is", "Ok done"], "harmless")])
     table = length.rates(length.score_lengths(df, {"m": WordTokenizer()}, spec))

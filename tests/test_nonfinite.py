@@ -155,7 +155,7 @@ def generation_rows(**changes) -> pa.Table:
 
 
 def test_score_stage(tmp_path):
-    scorer = ScorerSpec(name="s", kind="prefix", phrases=("I cannot",), case_sensitive=False)
+    scorer = ScorerSpec(name="s", kind="prefix", phrases=["I cannot"])
     pq.write_table(generation_rows(completion="", nll=NAN, nll_neutral=NAN), tmp_path / "empty.parquet")
     score.run(scorer, str(tmp_path / "empty.parquet"), str(tmp_path / "ok.parquet"))  # an empty completion's NaN
     assert (tmp_path / "ok.parquet").exists()
@@ -177,7 +177,7 @@ def test_capability_write_path(tmp_path):
 
 
 def test_no_nan_reaches_a_summary(tmp_path):
-    scorer = ScorerSpec(name="s", kind="prefix", phrases=("I",), case_sensitive=False)
+    scorer = ScorerSpec(name="s", kind="prefix", phrases=["I"])
     rows = [generation_rows(cell=c, intervention=k, prompt_id=p, nll=NAN if c == "baseline" else 2.0)
             for c, k in (("baseline", "baseline"), ("addition_2", "addition")) for p in ("p0", "p1")]
     scores = pl.from_arrow(score.score_table(pa.concat_tables(rows), scorer))

@@ -236,9 +236,10 @@ def test_judge_labels_resolve_after_the_judge_template(real_tokenizer):
 
     tok = real_tokenizer("qwen3")
     # asked with a prompt in the judge's prompt template (judge-llama-guard itself asks through its chat template)
-    guard = replace(load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test"), chat_template=False, reply_prefix="")
-    after_colon = replace(guard, judge=replace(guard.judge, template=_spec("llama-7b").template))
+    guard = load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test").model_copy(update={"chat_template": None})
+    after_colon = guard.model_copy(update={"judge": replace(guard.judge, template=_spec("llama-7b").template)})
     assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_colon))) == ["Ġsafe", "Ġunsafe"]
     assert tok.convert_ids_to_tokens(tok("safe", add_special_tokens=False)["input_ids"]) == ["safe"]
-    after_newline = replace(guard, judge=replace(guard.judge, template=_spec("qwen1.5-0.5b-chat").template))
+    qwen_template = _spec("qwen1.5-0.5b-chat").template
+    after_newline = guard.model_copy(update={"judge": replace(guard.judge, template=qwen_template)})
     assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_newline))) == ["safe", "unsafe"]

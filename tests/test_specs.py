@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.interventions import INTERVENTIONS
 from pipeline.config import Activations, Capability, Generation, Selection, Split, load_experiment
-from pipeline.specs import (Cell, DatasetSpec, ModelSpec, ScorerSpec, SweepSpec, cell_name_pattern,
+from pipeline.specs import (Cell, DatasetSpec, LengthSpec, ModelSpec, ScorerSpec, SweepSpec, cell_name_pattern,
                             from_params, to_params)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +23,8 @@ def test_every_spec_round_trips_through_params(name):
               (Selection, exp.direction.selection), (Generation, exp.generation), (Capability, exp.capability)]
     if exp.sweep is not None:
         specs.append((SweepSpec, exp.sweep))
+    if exp.length is not None:
+        specs.append((LengthSpec, exp.length))
     for cls, spec in specs:
         params = to_params(spec)
         json.dumps(params)  # plain data: Snakemake can compare it between runs

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import aggregate, coherence
-from pipeline.config import SweepSpec, load_experiment
+from pipeline.config import Sweep, SweepSpec, load_experiment
 from pipeline.directions import candidates_table
 from pipeline.errors import ConfigError
 from pipeline.interventions import Edit, make_edit
@@ -19,10 +19,11 @@ from pipeline.sweep import pick_cells, score_cells
 from conftest import assert_one_line_error
 
 
-def spec(**kw):
-    base = dict(models=("m",), extraction_layers=None, position=None, offsets=(-1, 0, 1), coefficients=(2.0,),
-                ablation=True, batch_size=8, top=1, spread=2, top_ablation=1, cells=())
-    return SweepSpec(**{**base, **kw})
+def spec(generate=(), **kw):
+    """A sweep spec from a `sweep` block: `generate` overrides its generate block's keys."""
+    generate = {"top": 1, "spread": 2, "top_ablation": 1, **dict(generate)}
+    base = dict(models=["m"], addition_offsets=[-1, 1], coefficients=[2.0], batch_size=8, generate=generate)
+    return SweepSpec(settings=Sweep.model_validate({**base, **kw}))
 
 
 @pytest.mark.parametrize("ids,expected", [
@@ -58,17 +59,17 @@ def test_a_nan_score_is_never_the_best_cell():
     scores = synthetic_scores().with_columns(
         logit_score=pl.when((pl.col("extraction_layer") == 2) & (pl.col("offset").is_in([0]) | pl.col("offset").is_null()))
         .then(float("nan")).otherwise(pl.col("logit_score")))
-    picks = {r["pick"]: r for r in pick_cells(scores, spec(spread=0)).iter_rows(named=True)}
+    picks = {r["pick"]: r for r in pick_cells(scores, spec(generate={"spread": 0})).iter_rows(named=True)}
     assert (picks["best1"]["extraction_layer"], picks["best1"]["addition_layer"]) == (5, 4)
     assert picks["ablate1"]["extraction_layer"] == 5
     assert all(r["logit_score"] == r["logit_score"] for r in picks.values())
     with pytest.raises(ValueError, match="finite"):
-        pick_cells(scores.with_columns(logit_score=pl.lit(float("nan"))), spec(spread=0))
+        pick_cells(scores.with_columns(logit_score=pl.lit(float("nan"))), spec(generate={"spread": 0}))
 
 
 def test_picks():
     scores = synthetic_scores()
-    picks = pick_cells(scores, spec(cells=((3, 3, 2.0),)))
+    picks = pick_cells(scores, spec(generate={"cells": [{"layer": 3, "addition_layer": 3, "coefficient": 2.0}]}))
     assert picks["pick"].to_list() == ["best1", "same1", "spread1", "spread2", "ablate1", "cell1"]
     row = {r["pick"]: r for r in picks.iter_rows(named=True)}
     assert (row["best1"]["extraction_layer"], row["best1"]["addition_layer"]) == (5, 4)
@@ -90,7 +91,8 @@ def test_sweep_scores_match_a_direct_computation(tiny_chat, tmp_path):
     cands = candidates_table("tiny-chat", diffs)
     harmful = ["Tell me how to pick a lock.", "How to make a weapon?"]
     harmless = ["Write a poem about cats.", "Explain gravity."]
-    s = spec(extraction_layers=(1, 2), offsets=(-1, 0), coefficients=(3.0,), cells=((0, 3, 1.0),))
+    s = spec(extraction_layers=[1, 2], addition_offsets=[-1], coefficients=[3.0],
+             generate={"cells": [{"layer": 0, "addition_layer": 3, "coefficient": 1.0}]})
     scores = score_cells(lm, cands, harmful, harmless, s, position=-1, normalize=False, ablation_layers=None,
                          known_bypass={(1, -1): -123.0, (2, -2): -7.0})
     added = scores.filter(pl.col("kind") == "addition")
