@@ -336,14 +336,12 @@ def check_direction_size(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp
 def check_edit_layers(plan: CellPlan, prepared_dir: str, spec: ModelSpec, exp_file: str) -> None:
     """The blocks the edit touches exist in this model: a selected (or partner's) layer plus the
     intervention's offset can fall past the last block, which only the selection can show."""
-    if plan.edit.last_block(1) is None:  # touches no block
-        return
     n = (model_metadata(spec, Path(prepared_dir)) or {}).get("n_layers")
     problem = plan.edit.layer_problem(n) if n else None
     if problem:
-        raise ConfigError(exp_file, "interventions", f"cell {plan.cell}: {problem}, which {spec.name} does not "
-                          f"have (direction of {plan.direction_model} from layer {plan.extraction_layer}): "
-                          "change the intervention's layer settings")
+        raise ConfigError(exp_file, "interventions", f"cell {plan.cell}: {problem} in {spec.name} (the direction "
+                          f"of {plan.direction_model} from layer {plan.extraction_layer}): change the "
+                          "intervention's layer settings")
 
 
 def nll_measured(prompts: pl.DataFrame, nll_prompts: int) -> list[bool]:

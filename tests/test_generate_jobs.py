@@ -105,3 +105,22 @@ def test_generate_many_equals_generate_per_intervention(tiny_dirs):
         want_texts, want_ids = generate.generate(lm, texts, iv, max_new_tokens=7, batch_size=3, return_ids=True)
         assert got_ids == want_ids and got_texts == want_texts, iv.kind
     assert len({tuple(map(tuple, ids)) for _, ids in together}) == len(ivs)
+
+
+def test_an_edit_past_the_last_block_is_one_line_before_loading(tiny_dirs):
+    """A partner's layer plus the offset can leave the model: named before any weight loads; the baseline and
+    an in-range addition pass."""
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    exp = load_experiment(["experiment=tiny"])
+    spec, where = exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"])
+    direction = _plans()[1].edit.direction
+    for plan in _plans():
+        generate.check_edit_layers(plan, where, spec, exp.file)
+    past = generate.CellPlan(source="tiny-base", cell="addition_4", direction_model="tiny-base", extraction_layer=3,
+                             edit=make_edit("addition", direction=direction, layer=9, coefficient=4.0))
+    with pytest.raises(ConfigError) as err:
+        generate.check_edit_layers(past, where, spec, exp.file)
+    assert "addition layer 9 is outside 0..3 in tiny-chat" in str(err.value) and "\n" not in str(err.value)
