@@ -52,7 +52,7 @@ def prepare(spec: ModelSpec, out_dir: str | Path) -> None:
         kind = spec.source_kind
         info = {"name": spec.name, "kind": kind}
         if kind == "gguf_parts":
-            _prepare_gguf(spec, tmp)
+            _prepare_gguf_cached(spec, tmp)
             info["load_from"] = "."
         elif kind == "random_init":
             _prepare_random(spec, tmp)
@@ -213,6 +213,49 @@ def _check_snapshot(spec: ModelSpec, repo: str, folder: Path) -> None:
         raise ConfigError(spec.file, "source.hub",
                           f"the snapshot of {repo} at {folder} has no config.json or no weights; "
                           f"delete it and prepare again with network access")
+
+
+def dequantized_cache(spec: ModelSpec) -> Path | None:
+    """Where a GGUF model dequantized by this transformers and gguf is kept for other clones and results
+    folders ($REFUSAL_CACHE_DIR, or ~/.cache/refusal-directions; empty: no cache). Keyed by the YAML's
+    checksum, which the assembled parts were verified against before anything was stored."""
+    from importlib.metadata import version
+
+    root = os.environ.get("REFUSAL_CACHE_DIR", str(Path.home() / ".cache" / "refusal-directions"))
+    if not root:
+        return None
+    key = f"{spec.source['sha256'][:32]}-transformers{version('transformers')}-gguf{version('gguf')}"
+    return Path(root).expanduser() / "dequantized" / key
+
+
+def _prepare_gguf_cached(spec: ModelSpec, tmp: Path) -> None:
+    """Dequantize once per machine: link the cached folder's files if it is there, else build and store
+    them (minutes of CPU and 1-3 GB per model). Files are hard links where the filesystem allows: nothing
+    writes a prepared folder in place, so the copies never diverge."""
+    cache = dequantized_cache(spec)
+    if cache is not None and cache.is_dir():
+        _link_files(cache, tmp)
+        return
+    _prepare_gguf(spec, tmp)
+    if cache is None:
+        return
+    staging = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        staging.mkdir(parents=True)
+        _link_files(tmp, staging)
+        os.replace(staging, cache)
+    except OSError as err:  # a cache we cannot write (read-only home, full disk, another process won) is no cache
+        log.info("not caching the dequantized %s: %s", spec.name, err)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_files(src: Path, dst: Path) -> None:
+    for path in src.iterdir():
+        try:
+            os.link(path, dst / path.name)
+        except OSError:  # another filesystem
+            shutil.copy2(path, dst / path.name)
 
 
 def _prepare_gguf(spec: ModelSpec, tmp: Path) -> None:

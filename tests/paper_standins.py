@@ -210,6 +210,9 @@ def write_conf(conf: Path, standins: dict[str, Path], data: dict) -> Path:
         d = yaml.safe_load(file.read_text())
         d["source"] = {"path": str(folder), "hidden_size": HIDDEN}
         d["trust_remote_code"] = False
+        # float32, whatever the YAML says: a CPU without bf16 units runs bf16/fp16 matmuls ~5x slower, and the
+        # stand-ins' logits are random anyway (the YAML dtypes are checked on the real conf/ in the tests)
+        d["dtype"] = "float32"
         if "direction" in d:  # judges (llama-guard-2-8b) have no direction
             d["direction"]["layer"] = STANDIN_LAYER
         file.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True))

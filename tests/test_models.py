@@ -122,3 +122,43 @@ def test_the_dtype_check_runs_before_any_job(monkeypatch):
         check_dtypes(exp)
     assert str(err.value).startswith("conf/model/gemma-2b-it.yaml: key 'dtype': bfloat16, but this GPU (Tesla T4)")
     check_dtypes(load_experiment(["experiment=single_direction", "experiment.device=cpu"], check_models=False))
+
+
+def test_the_dequantized_cache_is_keyed_by_checksum_and_versions(monkeypatch, tmp_path):
+    from pipeline.config import DEFAULT_CONF_DIR
+    from pipeline.models import dequantized_cache
+
+    gemma = load_model("gemma-3-270m", DEFAULT_CONF_DIR, "test", "model")
+    monkeypatch.setenv("REFUSAL_CACHE_DIR", str(tmp_path))
+    key = dequantized_cache(gemma)
+    assert key.parent == tmp_path / "dequantized" and key.name.startswith(gemma.source["sha256"][:32])
+    assert "-transformers" in key.name and "-gguf" in key.name
+    monkeypatch.setenv("REFUSAL_CACHE_DIR", "")
+    assert dequantized_cache(gemma) is None
+
+
+@pytest.mark.slow
+def test_a_second_preparation_links_the_cached_files(tmp_path):
+    """Preparing the embedded model where the cache holds it links the cached files instead of
+    dequantizing (the same inodes), equal to what the tests prepared in results/models, and it loads.
+    (In a clone whose results/models came through the cache, nothing here dequantizes.)"""
+    from pipeline.config import DEFAULT_CONF_DIR
+    from pipeline.models import PREPARED, dequantized_cache, load_tokenizer
+
+    from conftest import prepared_model
+
+    gemma = load_model("gemma-3-270m", DEFAULT_CONF_DIR, "test", "model")
+    first = prepared_model(gemma.name, gemma)
+    cache = dequantized_cache(gemma)
+    if not cache.is_dir():  # results/models prepared before the cache existed: fill it once
+        prepare(gemma, tmp_path / "filling")
+    again = tmp_path / "again"
+    prepare(gemma, again)
+    files = sorted(p.name for p in cache.iterdir())
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(files)
+    assert sorted(p.name for p in again.iterdir()) == sorted([*files, PREPARED])
+    for name in files:
+        assert (again / name).stat().st_ino == (cache / name).stat().st_ino, name
+        assert (again / name).stat().st_size == (first / name).stat().st_size, name
+    assert (again / "config.json").read_text() == (first / "config.json").read_text()
+    assert load_tokenizer(gemma, again)("Hello", add_special_tokens=False)["input_ids"]

@@ -140,7 +140,8 @@ def test_pythia_rows_on_the_real_gpt_neox_tokenizer_differ_by_the_system_prompt(
     hub = [load_model(n, ROOT / "conf", "test", "model").source for n in (plain.name, vicuna.name)]
     assert hub[0] == hub[1] and hub[0]["hub"] == "EleutherAI/pythia-12b-deduped"  # one model
     assert (plain.add_bos, vicuna.add_bos) == (False, False)
-    assert plain.dtype == vicuna.dtype == "float16"  # ours (the post's code has no Pythia): its 7B+ models' dtype
+    real = [load_model(n, ROOT / "conf", "test", "model") for n in (plain.name, vicuna.name)]
+    assert real[0].dtype == real[1].dtype == "float16"  # ours (the post's code has no Pythia): its 7B+ models' dtype
     assert plain.template.text == "User: {instruction}\nAssistant:"
     system, turn = vicuna.template.text.split("\n", 1)
     assert system == VICUNA_SYSTEM and turn == "USER: {instruction}\nASSISTANT:"
