@@ -19,7 +19,7 @@ import polars as pl
 from . import stats
 from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
-from .direction_methods import method_of, methods_label
+from .direction_methods import method_of, method_settings_of, methods_label
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
 from .interventions import INTERVENTIONS
 
@@ -448,8 +448,9 @@ def activations_at(path: str, position: int) -> tuple[list[str], dict[str, np.nd
 
 
 def similarity_se(base_acts: str, chat_acts: str, position: int, layers: list[int],
-                  method: str) -> dict[int, float] | None:
-    """Bootstrap standard error of the base/chat cosine per layer, directions by `method` (the candidates');
+                  method: str, settings: dict | None = None) -> dict[int, float] | None:
+    """Bootstrap standard error of the base/chat cosine per layer, directions by `method` with `settings` (the
+    candidates');
     None if the models saw different prompts."""
     (base_ids, base, base_layers), (chat_ids, chat, chat_layers) = (activations_at(p, position)
                                                                     for p in (base_acts, chat_acts))
@@ -457,7 +458,8 @@ def similarity_se(base_acts: str, chat_acts: str, position: int, layers: list[in
         return None
     pick = {m: [have.index(layer) for layer in layers] for m, have in (("base", base_layers), ("chat", chat_layers))}
     se = stats.bootstrap_cosine_se({k: v[:, pick["base"]] for k, v in base.items()},
-                                   {k: v[:, pick["chat"]] for k, v in chat.items()}, method=method)
+                                   {k: v[:, pick["chat"]] for k, v in chat.items()}, method=method,
+                                   settings=settings)
     return dict(zip(layers, se.tolist()))
 
 
@@ -484,7 +486,7 @@ def direction_similarity(pairs: list[tuple[str, str]], candidates: dict[str, str
         se = None
         if activations and base in activations and chat in activations:
             se = similarity_se(activations[base], activations[chat], chosen["position"], layers,
-                               method_of(tables[chat]))
+                               method_of(tables[chat]), method_settings_of(tables[chat]))
         for layer in layers:
             cosine = float(stats.cosine_rows(vectors[base][layer], vectors[chat][layer]))
             low = high = None

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .direction_methods import method as direction_method
+from .direction_methods import method as direction_method, with_method_settings
 from .errors import ConfigError
 from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, vectors_column
 
@@ -30,9 +30,10 @@ def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
     return table.filter(pa.array(mask.to_numpy()))
 
 
-def differences(table: pa.Table, method: str) -> dict[tuple[int, int], tuple[np.ndarray, int, int]]:
-    """(layer, position) -> (the method's direction in float64, n_harmful, n_harmless)."""
-    make = direction_method(method)
+def differences(table: pa.Table, method: str, settings: dict | None = None
+                ) -> dict[tuple[int, int], tuple[np.ndarray, int, int]]:
+    """(layer, position) -> (the method's direction (with `settings`) in float64, n_harmful, n_harmless)."""
+    make = direction_method(method, settings)
     acts = column_matrix(table, "act")
     labels = table.column("label").to_numpy(zero_copy_only=False)
     layers = table.column("layer").to_numpy()
@@ -48,15 +49,16 @@ def differences(table: pa.Table, method: str) -> dict[tuple[int, int], tuple[np.
     return out
 
 
-def candidates_table(model: str, diffs: dict, method: str = "mean_diff") -> pa.Table:
-    """`diffs` as `differences` gives them, made by `method` (the table's `method` column)."""
+def candidates_table(model: str, diffs: dict, method: str = "mean_diff", settings: dict | None = None) -> pa.Table:
+    """`diffs` as `differences` gives them, made by `method` (the table's `method` column) with `settings`
+    (its `method_settings` metadata, pipeline/direction_methods.py)."""
     keys = sorted(diffs)
     matrix = np.stack([diffs[k][0] for k in keys]).astype(np.float32)
     schema = direction_schema(matrix.shape[1], CANDIDATE_EXTRA)
-    return pa.table({
+    return with_method_settings(pa.table({
         "model": [model] * len(keys), "method": [method] * len(keys),
         "n_harmful": [diffs[k][1] for k in keys], "n_harmless": [diffs[k][2] for k in keys],
         "layer": [k[0] for k in keys], "position": [k[1] for k in keys],
         "norm": [float(np.linalg.norm(diffs[k][0])) for k in keys],
         "direction": vectors_column(matrix, pa.float32()),
-    }, schema=schema)
+    }, schema=schema), settings or {})

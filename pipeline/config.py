@@ -130,6 +130,8 @@ class Direction(Schema):
     # how a candidate is made from a layer x position's activations: a name in
     # pipeline.direction_methods.DIRECTION_METHODS (built in, or registered by a plugin)
     method: Name = "mean_diff"
+    # the method's own settings, checked against its Settings schema (e.g. winsorized: {quantile: 0.99})
+    method_settings: dict[str, Any] = {}
     sources: list[Literal["self", "random"]] = ["self", "random"]
     random_seed: NonNegInt = 0
     filter: bool = True  # keep harmful val/train prompts the model refuses, harmless ones it does not
@@ -481,14 +483,17 @@ def resolve_plugins(entries: list[str], conf_dir: Path, exp_file: str) -> tuple[
     return tuple(resolved)
 
 
-def check_direction_method(direction: Direction, exp_file: str) -> None:
-    """`direction.method` names a registered method (plugins are loaded by now)."""
-    from .direction_methods import DIRECTION_METHODS
+def check_direction_method(direction: Direction, exp_file: str) -> Direction:
+    """`direction.method` names a registered method (plugins are loaded by now) and `direction.method_settings`
+    are its settings: `direction` with them validated, defaults filled in (so the rules' params name them)."""
+    from .direction_methods import DIRECTION_METHODS, method, settings_of
 
     if direction.method not in DIRECTION_METHODS:
         raise ConfigError(exp_file, "direction.method", f"unknown direction method '{direction.method}' "
                           f"(known: {', '.join(DIRECTION_METHODS.names())}); a method of your own is a plugin "
                           "that registers it (plugins:)")
+    settings = settings_of(method(direction.method, direction.method_settings, exp_file))
+    return direction.model_copy(update={"method_settings": settings})
 
 
 def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_dir: Path,
@@ -498,7 +503,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         if e.models.index(m) != i:
             raise ConfigError(exp_file, f"models[{i}]", f"model '{m}' is listed twice")
     check_pairs(e.pairs, models, exp_file)
-    check_direction_method(e.direction, exp_file)
+    direction = check_direction_method(e.direction, exp_file)
     for i, f in enumerate(e.direction.force):
         if f.model not in models:
             raise ConfigError(exp_file, f"direction.force[{i}].model",
@@ -507,7 +512,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         name=e.name, file=exp_file, results_dir=results_dir, models=models, plugins=plugins,
         pairs=[(p.base, p.chat) for p in e.pairs],
         dataset_splits=load_dataset_splits(e.datasets, conf_dir, exp_file, e.split), split=e.split,
-        activations=e.activations, direction=e.direction,
+        activations=e.activations, direction=direction,
         intervention=load_intervention(e.interventions, conf_dir, exp_file),
         scorers=load_scorers(e.scoring, conf_dir, exp_file), generation=e.generation,
         capability=e.capability, coherence=e.coherence, device=e.device, threads=e.threads,

@@ -24,9 +24,10 @@ def mean_differences(table: pa.Table) -> dict[tuple[int, int], tuple[np.ndarray,
 
 
 def run(model: str, activations_path: str, candidates_out: str, *, method: str, filter_prompts: bool,
-        exp_file: str) -> None:
+        exp_file: str, settings: dict | None = None) -> None:
+    """`method` with `settings` (`direction.method`, `direction.method_settings`) makes the candidates."""
     table = read_parquet(activations_path)
     if filter_prompts:
         table = filter_by_refusal(table, exp_file, model)
-    write_parquet(candidates_table(model, differences(table, method), method), candidates_out,
+    write_parquet(candidates_table(model, differences(table, method, settings), method, settings), candidates_out,
                   vector_columns=("direction",))

@@ -58,10 +58,10 @@ class Stack:
         if np.isnan(self.values).any():
             raise ValueError("activations table: not every prompt has every layer x position")
 
-    def full(self, method: str) -> np.ndarray:
+    def full(self, method: str, settings: dict | None = None) -> np.ndarray:
         """The full data's directions by `method` (every prompt once, as the directions stage takes them),
         [layer, position, hidden], float64."""
-        make, harm = direction_method(method), self.labels == "harmful"
+        make, harm = direction_method(method, settings), self.labels == "harmful"
         out = np.empty((len(self.layers), len(self.positions), self.values.shape[-1]))
         for li in range(len(self.layers)):
             for pi in range(len(self.positions)):
@@ -69,10 +69,10 @@ class Stack:
                 out[li, pi] = make.direction(rows[harm], rows[~harm])
         return out
 
-    def directions(self, counts: np.ndarray, method: str) -> np.ndarray:
+    def directions(self, counts: np.ndarray, method: str, settings: dict | None = None) -> np.ndarray:
         """Each row of `counts` [draws, prompts] (how often each prompt is drawn) as directions by `method`,
         [draws, layer, position, hidden], float64."""
-        make, harm = direction_method(method), self.labels == "harmful"
+        make, harm = direction_method(method, settings), self.labels == "harmful"
         out = np.empty((counts.shape[0], len(self.layers), len(self.positions), self.values.shape[-1]))
         for li in range(len(self.layers)):  # one layer x position at a time: the float64 copies stay small
             for pi in range(len(self.positions)):
@@ -117,11 +117,11 @@ def cosines(draws: np.ndarray, full: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 
 def cosine_table(model: str, stack: Stack, counts: np.ndarray, selected: tuple[int, int],
-                 method: str) -> pl.DataFrame:
+                 method: str, settings: dict | None = None) -> pl.DataFrame:
     """One row per draw x layer x position: norm of the draw's direction (by `method`) and its cosine with the
     full data's."""
-    per_draw = stack.directions(counts, method)
-    cos = cosines(per_draw, stack.full(method), stack.mean_norm())
+    per_draw = stack.directions(counts, method, settings)
+    cos = cosines(per_draw, stack.full(method, settings), stack.mean_norm())
     norms = np.linalg.norm(per_draw, axis=-1)
     harm = stack.labels == "harmful"
     rows = []
@@ -136,18 +136,19 @@ def cosine_table(model: str, stack: Stack, counts: np.ndarray, selected: tuple[i
     return pl.DataFrame(rows)
 
 
-def draw_candidates(model: str, stack: Stack, counts_row: np.ndarray, method: str) -> pa.Table:
+def draw_candidates(model: str, stack: Stack, counts_row: np.ndarray, method: str,
+                    settings: dict | None = None) -> pa.Table:
     """One draw's candidates in the candidates.parquet layout, for the selection code."""
-    vecs = stack.directions(counts_row[None], method)[0]
+    vecs = stack.directions(counts_row[None], method, settings)[0]
     harm = stack.labels == "harmful"
     n_h, n_s = int(counts_row[harm].sum()), int(counts_row[~harm].sum())
     diffs = {(layer, pos): (vecs[li, pi], n_h, n_s)
              for li, layer in enumerate(stack.layers) for pi, pos in enumerate(stack.positions)}
-    return candidates_table(model, diffs, method)
+    return candidates_table(model, diffs, method, settings)
 
 
 def reselect(lm, stack: Stack, counts: np.ndarray, harmful: list[str], harmless: list[str],
-             rules: Selection, method: str) -> pl.DataFrame:
+             rules: Selection, method: str, settings: dict | None = None) -> pl.DataFrame:
     """Selection rerun on each draw's candidates (by `method`): bypass, induce, kl, discarded and picked per
     draw x candidate. A draw where no candidate survives picks nothing. The selection's own scoring and choice
     (pipeline/selection.py), not a copy, so reselection cannot drift from it."""
@@ -155,8 +156,8 @@ def reselect(lm, stack: Stack, counts: np.ndarray, harmful: list[str], harmless:
 
     frames = []
     for d in tqdm(range(counts.shape[0]), desc=f"reselect {lm.spec.name}", leave=False):
-        scores = score_candidates(lm, draw_candidates(lm.spec.name, stack, counts[d], method), harmful, harmless,
-                                  rules)
+        scores = score_candidates(lm, draw_candidates(lm.spec.name, stack, counts[d], method, settings), harmful,
+                                  harmless, rules)
         try:
             pick = choose(scores, lm.spec.name, lm.spec.file)
         except ConfigError:
@@ -278,7 +279,8 @@ def markdown(table: pl.DataFrame, chart_path: str, bootstrap: Bootstrap, forced:
 
 
 def model_stability(model: str, activations_path: str, selected_path: str, bootstrap: Bootstrap,
-                    filter_prompts: bool, exp_file: str, method: str) -> tuple[Stack, np.ndarray, pl.DataFrame]:
+                    filter_prompts: bool, exp_file: str, method: str, settings: dict | None = None
+                    ) -> tuple[Stack, np.ndarray, pl.DataFrame]:
     """The activations stack, the draws' counts and the cosine table (directions by `method`) of one model."""
     table = read_parquet(activations_path)
     if filter_prompts:
@@ -287,19 +289,19 @@ def model_stability(model: str, activations_path: str, selected_path: str, boots
     sel = pl.from_arrow(read_parquet(selected_path)).filter(pl.col("source") == "self")
     selected = (int(sel["layer"][0]), int(sel["position"][0]))
     counts = draw_counts(stack.labels, bootstrap.draws, bootstrap.seed)
-    return stack, counts, cosine_table(model, stack, counts, selected, method)
+    return stack, counts, cosine_table(model, stack, counts, selected, method, settings)
 
 
 def run(models: dict, activations: dict[str, str], selected: dict[str, str], bootstrap: Bootstrap,
         table_out: str, chart_out: str, md_out: str, *, method: str, filter_prompts: bool, rules: Selection,
-        prompts_path: str | None, device: str, threads: int, exp_file: str) -> None:
+        prompts_path: str | None, device: str, threads: int, exp_file: str, settings: dict | None = None) -> None:
     """`models`: name -> (spec, prepared dir, forced); spec and dir are needed (and the model loaded) only
     to reselect, which happens with `bootstrap.reselect` for directions not forced. `method`: the experiment's
-    direction method, as the directions stage used it."""
+    direction method, as the directions stage used it, with its `settings`."""
     frames = []
     for name, (spec, prepared, forced) in models.items():
         stack, counts, cos = model_stability(name, activations[name], selected[name], bootstrap,
-                                             filter_prompts, exp_file, method)
+                                             filter_prompts, exp_file, method, settings)
         reselected = None
         if bootstrap.reselect and not forced:
             from .models import LoadedModel
@@ -310,7 +312,7 @@ def run(models: dict, activations: dict[str, str], selected: dict[str, str], boo
             harmful, harmless = val_prompts(prompts_path)
             if filter_prompts:
                 harmful, harmless = filter_by_score(lm, harmful, harmless, rules.batch_size)
-            reselected = reselect(lm, stack, counts, harmful, harmless, rules, method)
+            reselected = reselect(lm, stack, counts, harmful, harmless, rules, method, settings)
         frames.append(stability_table(cos, reselected))
     table = pa.concat_tables(frames)
     write_parquet(table, table_out)
@@ -318,5 +320,6 @@ def run(models: dict, activations: dict[str, str], selected: dict[str, str], boo
     write_bytes(chart(df), chart_out)
     # the fragment sits in results/<experiment>/, the chart in results/<experiment>/stability/
     write_text(markdown(df, "stability/" + chart_out.rsplit("/", 1)[-1], bootstrap,
-                        {name: forced for name, (_, _, forced) in models.items()}, direction_method(method).label),
+                        {name: forced for name, (_, _, forced) in models.items()},
+                        direction_method(method, settings).label),
                md_out)

@@ -141,9 +141,10 @@ def cosine_rows(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_cosine_se(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resamples: int = 1000,
-                        seed: int = 0, method: str = "mean_diff") -> np.ndarray:
+                        seed: int = 0, method: str = "mean_diff", settings: dict | None = None) -> np.ndarray:
     """Bootstrap standard error of cos(direction of a, direction of b), per layer, the directions made by
-    `method` (pipeline/direction_methods.py: the experiment's `direction.method`).
+    `method` with `settings` (pipeline/direction_methods.py: the experiment's `direction.method` and
+    `direction.method_settings`).
 
     `a`, `b`: label ("harmful", "harmless") -> activations [prompts, layers, d], the two models'
     rows in the same prompt order. Each resample draws the prompts of each label with
@@ -154,7 +155,7 @@ def bootstrap_cosine_se(a: dict[str, np.ndarray], b: dict[str, np.ndarray], resa
     """
     from .direction_methods import method as direction_method
 
-    make = direction_method(method)
+    make = direction_method(method, settings)
     rng = np.random.default_rng(seed)
     draws = {label: rng.integers(0, len(a[label]), size=(resamples, len(a[label])))
              for label in ("harmful", "harmless")}

@@ -7,6 +7,7 @@ rule directions:
         OUT + "/directions/{model}/candidates.parquet",
     params:
         method=EXP.direction.method,
+        method_settings=EXP.direction.method_settings,  # validated, defaults filled in: a change reruns the job
         plugins=plugins_for(DIRECTION_METHODS, [EXP.direction.method]),  # a plugin's method, registered in the job
         filter=EXP.direction.filter,
         file=EXP.file,

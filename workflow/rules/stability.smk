@@ -30,6 +30,7 @@ if BOOTSTRAP is not None:
         params:
             bootstrap=to_params(BOOTSTRAP),
             method=EXP.direction.method,  # each draw's directions, made as the directions stage makes them
+            method_settings=EXP.direction.method_settings,
             plugins=plugins_for(DIRECTION_METHODS, [EXP.direction.method]),
             filter=EXP.direction.filter,
             # what reselection reads; empty without it, so turning it on reruns only this job

@@ -11,7 +11,7 @@ with job(snakemake) as p:
                      bool(p.forced[name])) for name in names}
     stability.run(models, dict(zip(names, inp.activations)), dict(zip(names, inp.selected)),
                   from_params(Bootstrap, p.bootstrap), out.table, out.chart, out.md, method=p.method,
-                  filter_prompts=p.filter,
+                  settings=p.method_settings, filter_prompts=p.filter,
                   rules=from_params(Selection, p.selection) if p.selection else None,
                   prompts_path=inp.prompts[0] if inp.prompts else None, device=p.device,
                   threads=snakemake.threads, exp_file=p.file)
