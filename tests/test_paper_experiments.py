@@ -175,7 +175,10 @@ def _overrides(experiment: str) -> list[str]:
            "experiment.activations.batch_size=8", "experiment.device=cpu", "experiment.threads=1",
            # the capability loss's reference answers are long, and the stand-ins' real vocabularies large
            # (Gemma's 256k): two answers exercise the measurement at a tenth of the time of 16
-           "++experiment.capability.n=2"]
+           "++experiment.capability.n=2",
+           # every model's cells in one generate job (and one score job): the grouping is tested on the tiny
+           # DAG, and each job here spends seconds loading before a second of work
+           "++experiment.generation.cells_per_job=32"]
     if experiment == "single_direction":
         # Random models refuse nothing: the paper's filter (keep prompts the model refuses / answers) and its
         # selection thresholds (KL < 0.1, induce > 0) would reject every candidate. Switched off / opened here;
