@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -18,9 +17,9 @@ def load_for_benchmark(name: str, device: str, dtype: str | None = None) -> Load
     loaded on `device`; `dtype` overrides the YAML's (e.g. bfloat16)."""
     spec = load_model(name, DEFAULT_CONF_DIR, "benchmark", "--model")
     if dtype:
-        spec = dataclasses.replace(spec, dtype=dtype)
+        spec = spec.model_copy(update={"dtype": dtype})
     prepared = PROJECT_ROOT / "results" / "models" / name
-    if spec.source_kind == "random_init":
+    if spec.source.kind == "random_init":
         prepared = Path(tempfile.mkdtemp()) / name
     if not (prepared / PREPARED).exists():
         prepare(spec, prepared)

@@ -43,7 +43,7 @@ def check_judge_loads_offline(spec: ModelSpec, prepared_dir: Path) -> None:
     cache. Otherwise its prepare job would fail, possibly only after hours of generation (the score jobs are the
     first to need it), so this stops the run now. Experiment models need no such check: generation waits for them.
     Whether an online hub is reachable is not asked here (no network while the DAG is built)."""
-    if spec.source_kind != "hub":
+    if spec.source.kind != "hub":
         return
     from .models import PREPARED, hub_offline  # torch, only for hub judges
 
@@ -55,7 +55,7 @@ def check_judge_loads_offline(spec: ModelSpec, prepared_dir: Path) -> None:
         return
     if not hub_offline() or _hub_cached_config(spec):
         return
-    repo, rev = spec.source["hub"], spec.source.get("revision")
+    repo, rev = spec.source.hub, spec.source.revision
     fetch = f"hf download {repo}" + (f" --revision {rev}" if rev else "")
     raise ConfigError(spec.file, "source.hub", f"the judge {repo} at revision {rev or 'main'} is neither prepared "
                       f"({prepared_dir}) nor in the local hub cache {hub_cache_dir()}, and the hub is offline "
@@ -92,7 +92,7 @@ def check_prompt_file(ds: DatasetSpec) -> tuple[list[dict], dict[str, int]]:
 def check_pairs(exp: Experiment) -> None:
     """Refuse a pair whose hidden sizes differ (from metadata, or the YAML's hidden_size)."""
     for i, (base, chat) in enumerate(exp.pairs):
-        sizes = [exp.meta[m].get("hidden_size") or exp.models[m].source.get("hidden_size") for m in (base, chat)]
+        sizes = [exp.meta[m].get("hidden_size") or exp.models[m].source.hidden_size for m in (base, chat)]
         if None not in sizes and sizes[0] != sizes[1]:
             raise ConfigError(exp.file, f"pairs[{i}]",
                               f"hidden sizes differ ({base}: {sizes[0]}, {chat}: {sizes[1]}); a direction cannot transfer")
@@ -174,7 +174,7 @@ def check_model_facts(exp: Experiment) -> None:
     directions are sized by it) and at least one block."""
     for name, spec in exp.models.items():
         meta = exp.meta[name]
-        declared = spec.source.get("hidden_size")
+        declared = spec.source.hidden_size
         if declared and meta.get("hidden_size") and declared != meta["hidden_size"]:
             raise ConfigError(spec.file, "source.hidden_size", f"{declared}, but {name}'s config says "
                               f"{meta['hidden_size']}: remove the key or correct it")

@@ -13,12 +13,11 @@ the file and the key, raised while the DAG is built, before any job runs.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from .checks import check_experiment
@@ -29,9 +28,9 @@ from .interventions.addition import coefficient_problem
 from .interventions.base import duplicate_name
 from .paths import PROJECT_ROOT, resolve_data_path
 from .registry import load_plugins
-from .specs import (SOURCE_KINDS, ChatQuestion, DatasetFile, DatasetSpec, InterventionSpec,  # noqa: F401
-                    Labels, Length, LengthSpec, ModelSpec, ScorerSpec, ScoringFile, Sweep, SweepCell,
-                    SweepGenerate, SweepSpec, TemplateSpec)
+from .specs import (ChatQuestion, DatasetFile, DatasetSpec, InterventionSpec, Labels, Length,  # noqa: F401
+                    LengthSpec, ModelFile, ModelSpec, ScorerSpec, ScoringFile, Sweep, SweepCell, SweepGenerate,
+                    SweepSpec, TemplateFile, TemplateSpec)
 from .yamlschema import (LayerRange, Name, NegInt, NonNegFloat, NonNegInt, PosInt, Schema, Text,  # noqa: F401
                          validate)
 
@@ -210,153 +209,6 @@ class TopLevel(Schema):
 
     experiment: dict | None = None
     results_dir: Text = "results"
-
-
-class RandomInit(Schema):
-    architecture: Text
-    seed: NonNegInt = 0
-    vocab_size: PosInt = 512
-    special_tokens: Annotated[list[Text], Field(min_length=1)]
-    bos: Text | None = None
-    eos: Text | None = None
-    pad: Text | None = None
-    config: dict[str, Any]
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        # the byte-level BPE always holds the 256 bytes and the special tokens: a smaller vocab_size is ignored
-        least = BYTE_ALPHABET + len(set(self.special_tokens))
-        if self.vocab_size < least:
-            raise PydanticCustomError("vocab", "{n} is fewer than the tokenizer's 256 byte tokens plus its {k} "
-                                      "special tokens: at least {least}",
-                                      {"key": "vocab_size", "n": self.vocab_size, "k": len(set(self.special_tokens)),
-                                       "least": least})
-        for role in ("bos", "eos", "pad"):
-            token = getattr(self, role)
-            if token is not None and token not in self.special_tokens:
-                raise PydanticCustomError("special", "'{token}' is not one of special_tokens",
-                                          {"key": role, "token": token})
-        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
-            if key in self.config:  # set from the trained tokenizer; a second value contradicts it
-                raise PydanticCustomError("derived", "is set from the tokenizer built here; remove it from config",
-                                          {"key": f"config.{key}"})
-        layers = self.config.get("num_hidden_layers", self.config.get("n_layer"))
-        if isinstance(layers, int) and layers < 1:
-            raise PydanticCustomError("layers", "a model needs at least one block",
-                                      {"key": "config.num_hidden_layers" if "num_hidden_layers" in self.config
-                                       else "config.n_layer"})
-        return self
-
-
-BYTE_ALPHABET = 256  # symbols of the byte-level pre-tokenizer's initial alphabet
-
-
-class ModelSource(Schema):
-    hub: Text | None = None
-    revision: Text | None = None  # hub: a commit (or tag) pinned at prepare time
-    path: Text | None = None
-    gguf_parts: Annotated[list[Text], Field(min_length=1)] | None = None
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
-    random_init: RandomInit | None = None
-    hidden_size: PosInt | None = None
-    architecture: Text | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self):
-        kinds = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError(f"needs exactly one of {', '.join(SOURCE_KINDS)}, got {', '.join(kinds) or 'none'}")
-        if self.gguf_parts is not None and self.sha256 is None:
-            raise ValueError("a GGUF source needs its sha256 (64 hex digits)")
-        if self.revision is not None and self.hub is None:
-            raise ValueError("revision applies to hub sources only")
-        return self
-
-
-class ModelDirection(Schema):
-    layer: NonNegInt | None = None
-    position: NegInt = -1
-    force: bool = False
-
-
-def _device(value: str) -> str:
-    if not re.fullmatch(r"cpu|disk|mps|(cuda|xpu)(:[0-9]+)?", value):
-        raise ValueError(f"{value!r} is not a device: a GPU index, cpu, disk, mps or cuda:N")
-    return value
-
-
-def _memory_device(value: str) -> str:
-    if value not in ("cpu", "disk", "mps"):
-        raise ValueError(f"{value!r} is not a device: a GPU index, cpu, disk or mps")
-    return value
-
-
-def _memory_size(value: str) -> str:
-    # upper-case B only: accelerate reads "10gb" as gigabits
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?\s*[KMG]i?B", value):
-        raise ValueError(f"{value!r} is not a size: bytes, or a number and KiB, MiB, GiB, KB, MB or GB")
-    return value
-
-
-# Where accelerate may put a module: a GPU index, a device, or "disk" (offload_folder then holds it).
-Placement = NonNegInt | Annotated[str, AfterValidator(_device)]
-MemoryDevice = NonNegInt | Annotated[str, AfterValidator(_memory_device)]
-MemorySize = PosInt | Annotated[str, AfterValidator(_memory_size)]
-PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-class ModelFile(Schema):
-    source: ModelSource
-    role: Literal["chat", "base", "judge"] = "chat"
-    template: Name
-    add_bos: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    refusal_tokens: list[Text] = []
-    direction: ModelDirection = ModelDirection()
-    pad_token: Text | None = None  # padding, where the tokenizer defines neither a pad nor an eos token
-    # A model larger than one GPU: spread its weights as accelerate does, by a strategy or by
-    # {module name: device}; the experiment's `device` then does not apply to this model.
-    device_map: Literal[PLACEMENT_STRATEGIES] | Annotated[dict[Text, Placement], Field(min_length=1)] | None = None
-    max_memory: Annotated[dict[MemoryDevice, MemorySize], Field(min_length=1)] | None = None  # for a strategy
-    offload_folder: Text | None = None  # where modules placed on "disk" are kept
-    # A Jinja chat template for a judge whose tokenizer ships none (or the one its card publishes): used, in
-    # place of the tokenizer's, by judge scorers that read through the judge's own chat template.
-    chat_template: Text | None = None
-
-    @model_validator(mode="after")
-    def _refusal_tokens(self):
-        if self.role != "judge" and not self.refusal_tokens:
-            raise PydanticCustomError("no_refusal_tokens", "a {role} model needs refusal_tokens (e.g. [\"I\"])",
-                                      {"role": self.role, "key": "refusal_tokens"})
-        return self
-
-    @model_validator(mode="after")
-    def _placement(self):
-        for key in ("max_memory", "offload_folder"):
-            if getattr(self, key) is not None and self.device_map is None:
-                raise PydanticCustomError("placement", "applies only with a device_map", {"key": key})
-        places = self.device_map.values() if isinstance(self.device_map, dict) else ()
-        if "disk" in places and self.offload_folder is None:
-            raise PydanticCustomError("placement", "device_map puts modules on disk: name a folder for them",
-                                      {"key": "offload_folder"})
-        return self
-
-
-class TemplateFile(Schema):
-    text: Text
-
-    @model_validator(mode="after")
-    def _one_slot(self):
-        if self.text.count("{instruction}") != 1:
-            raise PydanticCustomError("slot", "the template must contain {slot} exactly once",
-                                      {"key": "text", "slot": "{instruction}"})
-        if not self.text.split("{instruction}")[1]:
-            raise PydanticCustomError("slot", "nothing follows {slot}: there are no post-instruction tokens",
-                                      {"key": "text", "slot": "{instruction}"})
-        return self
-
-
 
 
 # --------------------------------------------------------------------------- loading
@@ -659,18 +511,11 @@ def load_length(d: Length | None, generation: Generation, scoring: str | list[st
 def load_model(name: str, conf_dir: Path, ref_file: str, ref_key: str) -> ModelSpec:
     file, data = _load_group(conf_dir, "model", name, ref_file, ref_key)
     m = validate(ModelFile, data, file)
-    template = load_template(m.template, conf_dir, file)
-    return ModelSpec(
-        name=name, file=file, source=m.source.model_dump(exclude_none=True), template=template,
-        add_bos=m.add_bos, dtype=m.dtype, trust_remote_code=m.trust_remote_code, role=m.role,
-        refusal_tokens=tuple(m.refusal_tokens), direction_layer=m.direction.layer,
-        direction_position=m.direction.position, direction_force=m.direction.force, pad_token=m.pad_token,
-        device_map=m.device_map, max_memory=m.max_memory, offload_folder=m.offload_folder,
-        chat_template=_chat_template(m.chat_template, file),
-    )
+    _check_chat_template(m.chat_template, file)
+    return ModelSpec(**{**dict(m), "template": load_template(m.template, conf_dir, file)}, name=name, file=file)
 
 
-def _chat_template(text: str | None, file: str) -> str | None:
+def _check_chat_template(text: str | None, file: str) -> None:
     """A model YAML's Jinja chat template, parsed once here so a syntax error is one line before any job."""
     if text is not None:
         import jinja2
@@ -680,12 +525,11 @@ def _chat_template(text: str | None, file: str) -> str | None:
         except jinja2.TemplateSyntaxError as err:
             raise ConfigError(file, "chat_template", f"not a valid Jinja template (line {err.lineno}: "
                               f"{err.message})") from None
-    return text
 
 
 def load_template(name: str, conf_dir: Path, ref_file: str) -> TemplateSpec:
     file, data = _load_group(conf_dir, "template", name, ref_file, "template")
-    return TemplateSpec(name=name, text=validate(TemplateFile, data, file).text)
+    return TemplateSpec(**dict(validate(TemplateFile, data, file)), name=name)
 
 
 def load_dataset_spec(name: str, label: str, conf_dir: Path, ref_file: str, ref_key: str) -> DatasetSpec:

@@ -118,8 +118,8 @@ class Experiment:
         for entry in self.direction.force:
             if entry.model == model:
                 return entry.layer, entry.position, True
-        forced = spec.direction_force or self.direction.select == "configured"
-        return spec.direction_layer, spec.direction_position, forced
+        forced = spec.direction.force or self.direction.select == "configured"
+        return spec.direction.layer, spec.direction.position, forced
 
     def reuse_selection_bypass(self) -> bool:
         """The sweep may reuse selection's bypass scores: same val prompts (no filtering), same ablation."""

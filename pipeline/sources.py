@@ -23,7 +23,7 @@ from .specs import ModelSpec
 def gguf_part_paths(spec: ModelSpec) -> list[Path]:
     """Each part is 'package/relative/path' inside an installed Python package."""
     paths = []
-    for i, part in enumerate(spec.source["gguf_parts"]):
+    for i, part in enumerate(spec.source.gguf_parts):
         package, _, rel = str(part).partition("/")
         try:
             base = Path(str(resources.files(package)))
@@ -53,11 +53,11 @@ def gguf_part_paths(spec: ModelSpec) -> list[Path]:
 
 def check_source(spec: ModelSpec) -> None:
     """Cheap existence checks, run when the config is validated."""
-    kind = spec.source_kind
+    kind = spec.source.kind
     if kind == "gguf_parts":
         gguf_part_paths(spec)
     elif kind == "path":
-        p = Path(os.path.expanduser(spec.source["path"]))
+        p = Path(os.path.expanduser(spec.source.path))
         if not p.exists():
             raise ConfigError(spec.file, "source.path", f"not found: {p}")
         if not p.is_dir():
@@ -78,7 +78,7 @@ def model_metadata(spec: ModelSpec, prepared_dir: Path | None = None) -> dict | 
     config = _config_json(spec, prepared_dir)
     if config is not None:
         return _from_config(config)
-    if spec.source_kind == "gguf_parts":
+    if spec.source.kind == "gguf_parts":
         return gguf_metadata(gguf_part_paths(spec))
     return None
 
@@ -87,12 +87,12 @@ def _config_json(spec: ModelSpec, prepared_dir: Path | None) -> dict | None:
     candidates = []
     if prepared_dir is not None:
         candidates.append(Path(prepared_dir) / "config.json")
-    kind = spec.source_kind
+    kind = spec.source.kind
     if kind == "random_init":
-        ri = spec.source["random_init"]
-        return {**ri["config"], "architectures": [ri["architecture"]]}
+        ri = spec.source.random_init
+        return {**ri.config, "architectures": [ri.architecture]}
     if kind == "path":
-        candidates.append(Path(os.path.expanduser(spec.source["path"])) / "config.json")
+        candidates.append(Path(os.path.expanduser(spec.source.path)) / "config.json")
     if kind == "hub":
         cached = _hub_cached_config(spec)
         if cached:
@@ -111,7 +111,7 @@ def _hub_cached_config(spec: ModelSpec) -> str | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    found = try_to_load_from_cache(spec.source["hub"], "config.json", revision=spec.source.get("revision"),
+    found = try_to_load_from_cache(spec.source.hub, "config.json", revision=spec.source.revision,
                                    cache_dir=hub_cache_dir())
     return found if isinstance(found, str) else None
 

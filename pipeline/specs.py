@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, model_validator
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter, model_validator
 from pydantic_core import PydanticCustomError
 
 from .interventions import INTERVENTIONS
@@ -57,14 +58,166 @@ def to_params(spec: Any) -> Any:
 def from_params(cls: type[T], data: Any) -> T:
     """The inverse of `to_params`, in a job."""
     if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return cls.model_validate(data)
+        # lax: the params were validated once from the YAML, and JSON turned a GPU index key of max_memory
+        # into a string, which must be an int again
+        return cls.model_validate(data, strict=False)
     return TypeAdapter(cls).validate_python(data)
 
 
-@dataclass(frozen=True)
-class TemplateSpec:
-    name: str
-    text: str
+class RandomInit(Schema):
+    architecture: Text
+    seed: NonNegInt = 0
+    vocab_size: PosInt = 512
+    special_tokens: Annotated[list[Text], Field(min_length=1)]
+    bos: Text | None = None
+    eos: Text | None = None
+    pad: Text | None = None
+    config: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        # the byte-level BPE always holds the 256 bytes and the special tokens: a smaller vocab_size is ignored
+        least = BYTE_ALPHABET + len(set(self.special_tokens))
+        if self.vocab_size < least:
+            raise PydanticCustomError("vocab", "{n} is fewer than the tokenizer's 256 byte tokens plus its {k} "
+                                      "special tokens: at least {least}",
+                                      {"key": "vocab_size", "n": self.vocab_size, "k": len(set(self.special_tokens)),
+                                       "least": least})
+        for role in ("bos", "eos", "pad"):
+            token = getattr(self, role)
+            if token is not None and token not in self.special_tokens:
+                raise PydanticCustomError("special", "'{token}' is not one of special_tokens",
+                                          {"key": role, "token": token})
+        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in self.config:  # set from the trained tokenizer; a second value contradicts it
+                raise PydanticCustomError("derived", "is set from the tokenizer built here; remove it from config",
+                                          {"key": f"config.{key}"})
+        layers = self.config.get("num_hidden_layers", self.config.get("n_layer"))
+        if isinstance(layers, int) and layers < 1:
+            raise PydanticCustomError("layers", "a model needs at least one block",
+                                      {"key": "config.num_hidden_layers" if "num_hidden_layers" in self.config
+                                       else "config.n_layer"})
+        return self
+
+
+BYTE_ALPHABET = 256  # symbols of the byte-level pre-tokenizer's initial alphabet
+
+
+class ModelSource(Schema):
+    hub: Text | None = None
+    revision: Text | None = None  # hub: a commit (or tag) pinned at prepare time
+    path: Text | None = None
+    gguf_parts: Annotated[list[Text], Field(min_length=1)] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    random_init: RandomInit | None = None
+    hidden_size: PosInt | None = None
+    architecture: Text | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"needs exactly one of {', '.join(SOURCE_KINDS)}, got {', '.join(kinds) or 'none'}")
+        if self.gguf_parts is not None and self.sha256 is None:
+            raise ValueError("a GGUF source needs its sha256 (64 hex digits)")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision applies to hub sources only")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The one of SOURCE_KINDS this source sets."""
+        return next(k for k in SOURCE_KINDS if getattr(self, k) is not None)
+
+
+class ModelDirection(Schema):
+    layer: NonNegInt | None = None
+    position: NegInt = -1
+    force: bool = False
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"cpu|disk|mps|(cuda|xpu)(:[0-9]+)?", value):
+        raise ValueError(f"{value!r} is not a device: a GPU index, cpu, disk, mps or cuda:N")
+    return value
+
+
+def _memory_device(value: str) -> str:
+    if value not in ("cpu", "disk", "mps"):
+        raise ValueError(f"{value!r} is not a device: a GPU index, cpu, disk or mps")
+    return value
+
+
+def _memory_size(value: str) -> str:
+    # upper-case B only: accelerate reads "10gb" as gigabits
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?\s*[KMG]i?B", value):
+        raise ValueError(f"{value!r} is not a size: bytes, or a number and KiB, MiB, GiB, KB, MB or GB")
+    return value
+
+
+# Where accelerate may put a module: a GPU index, a device, or "disk" (offload_folder then holds it).
+Placement = NonNegInt | Annotated[str, AfterValidator(_device)]
+MemoryDevice = NonNegInt | Annotated[str, AfterValidator(_memory_device)]
+MemorySize = PosInt | Annotated[str, AfterValidator(_memory_size)]
+PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+class ModelFile(Schema):
+    source: ModelSource
+    role: Literal["chat", "base", "judge"] = "chat"
+    template: Name
+    add_bos: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    refusal_tokens: list[Text] = []
+    direction: ModelDirection = ModelDirection()
+    pad_token: Text | None = None  # padding, where the tokenizer defines neither a pad nor an eos token
+    # A model larger than one GPU: spread its weights as accelerate does, by a strategy or by
+    # {module name: device}; the experiment's `device` then does not apply to this model.
+    device_map: Literal[PLACEMENT_STRATEGIES] | Annotated[dict[Text, Placement], Field(min_length=1)] | None = None
+    max_memory: Annotated[dict[MemoryDevice, MemorySize], Field(min_length=1)] | None = None  # for a strategy
+    offload_folder: Text | None = None  # where modules placed on "disk" are kept
+    # A Jinja chat template for a judge whose tokenizer ships none (or the one its card publishes): used, in
+    # place of the tokenizer's, by judge scorers that read through the judge's own chat template.
+    chat_template: Text | None = None
+
+    @model_validator(mode="after")
+    def _refusal_tokens(self):
+        if self.role != "judge" and not self.refusal_tokens:
+            raise PydanticCustomError("no_refusal_tokens", "a {role} model needs refusal_tokens (e.g. [\"I\"])",
+                                      {"role": self.role, "key": "refusal_tokens"})
+        return self
+
+    @model_validator(mode="after")
+    def _placement(self):
+        for key in ("max_memory", "offload_folder"):
+            if getattr(self, key) is not None and self.device_map is None:
+                raise PydanticCustomError("placement", "applies only with a device_map", {"key": key})
+        places = self.device_map.values() if isinstance(self.device_map, dict) else ()
+        if "disk" in places and self.offload_folder is None:
+            raise PydanticCustomError("placement", "device_map puts modules on disk: name a folder for them",
+                                      {"key": "offload_folder"})
+        return self
+
+
+class TemplateFile(Schema):
+    text: Text
+
+    @model_validator(mode="after")
+    def _one_slot(self):
+        if self.text.count("{instruction}") != 1:
+            raise PydanticCustomError("slot", "the template must contain {slot} exactly once",
+                                      {"key": "text", "slot": "{instruction}"})
+        if not self.text.split("{instruction}")[1]:
+            raise PydanticCustomError("slot", "nothing follows {slot}: there are no post-instruction tokens",
+                                      {"key": "text", "slot": "{instruction}"})
+        return self
+
+
+class TemplateSpec(TemplateFile):
+    """A template YAML as loaded: its name added."""
+
+    name: Name
 
     @property
     def prefix(self) -> str:
@@ -79,47 +232,28 @@ class TemplateSpec:
         return self.prefix + instruction + self.suffix
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
+class ModelSpec(ModelFile):
+    """A model YAML as loaded: its name and file added, and `template` resolved to the template's spec."""
+
+    name: Name
     file: str  # the model YAML, for error messages
-    source: dict
     template: TemplateSpec
-    add_bos: bool
-    dtype: str
-    trust_remote_code: bool
-    role: str
-    refusal_tokens: tuple[str, ...]
-    direction_layer: int | None
-    direction_position: int
-    direction_force: bool = False
-    pad_token: str | None = None  # for tokenizers that define no pad (and no eos) token, e.g. Qwen 1
-    # Weights spread over devices by accelerate (models larger than one GPU); see config.ModelFile.
-    device_map: str | dict[str, int | str] | None = None
-    max_memory: dict[int | str, int | str] | None = None
-    offload_folder: str | None = None
-    # A Jinja chat template that replaces (or stands in for a missing) tokenizer chat template: what a judge
-    # scorer with `chat_template` renders its question with (config.ModelFile).
-    chat_template: str | None = None
 
-    @property
-    def source_kind(self) -> str:
-        return next(k for k in SOURCE_KINDS if self.source.get(k) is not None)
-
-    def for_preparation(self) -> "ModelSpec":
+    def for_preparation(self) -> ModelSpec:
         """This spec with what `prepare_model` does not read blanked, so editing it does not re-prepare.
 
         A tiny random model's tokenizer is trained on its template and refusal tokens, so
         it keeps them; other sources only need where the weights come from. Where the
         weights are placed when loaded matters to none.
         """
-        placed_anywhere = dataclasses.replace(self, device_map=None, max_memory=None, offload_folder=None,
-                                              chat_template=None)
-        if self.source_kind == "random_init":
+        placed_anywhere = self.model_copy(update={"device_map": None, "max_memory": None, "offload_folder": None,
+                                                  "chat_template": None})
+        if self.source.kind == "random_init":
             return placed_anywhere
-        return dataclasses.replace(placed_anywhere, template=TemplateSpec("-", "{instruction}-"), add_bos=False,
-                                   role="-", refusal_tokens=(), direction_layer=None, direction_position=-1,
-                                   direction_force=False, pad_token=None)
+        # blanks the job's validation accepts: a judge is the one role that needs no refusal tokens
+        return placed_anywhere.model_copy(update={
+            "template": TemplateSpec(name="none", text="{instruction}-"), "add_bos": False, "role": "judge",
+            "refusal_tokens": [], "direction": ModelDirection(), "pad_token": None})
 
 
 class DatasetFile(Schema):
@@ -218,16 +352,11 @@ class ScoringFile(Schema):
         return self
 
 
-def _model_spec(value: Any) -> Any:
-    """A judge's ModelSpec, from its params too (a dataclass, which a strict schema takes as an instance only)."""
-    return from_params(ModelSpec, value) if isinstance(value, dict) else value
-
-
 class ScorerSpec(ScoringFile):
     """A scoring YAML as loaded: its name added, and a judge scorer's `model` resolved to the judge's spec."""
 
     name: Name
-    judge: Annotated[ModelSpec | None, BeforeValidator(_model_spec)] = None
+    judge: ModelSpec | None = None
 
 
 class Length(Schema):

@@ -22,7 +22,6 @@ sums ~10 such writes, adding like independent errors to ~3 x 2^-8, so |h.u| / ||
 4 x 2^-8 (measured 0.002), against 0.35 at worst (~1/sqrt(64) typically) without ablation.
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ from tests.test_interventions import TEXTS  # noqa: E402  (the prompts residuals
 
 
 def load_as(tiny_dirs, dtype):
-    spec = dataclasses.replace(tiny_spec("tiny-chat"), dtype=dtype)
+    spec = tiny_spec("tiny-chat").model_copy(update={"dtype": dtype})
     return LoadedModel(spec, tiny_dirs["tiny-chat"], device="cpu", threads=2)
 
 

@@ -439,18 +439,17 @@ def test_prompt_longer_than_the_context(tiny_dirs):
     assert "context of 512" in str(err.value)
 
 
-@pytest.mark.parametrize("field,value,key", [
-    ("refusal_tokens", ("Ireallyrefuse",), "refusal_tokens[0]"),
-    ("direction_position", -40, "direction.position"),
+@pytest.mark.parametrize("edit,key", [
+    ({"refusal_tokens": ["Ireallyrefuse"]}, "refusal_tokens[0]"),
+    ({"direction": {"position": -40}}, "direction.position"),
 ])
-def test_tokenizer_level_mistakes_name_the_model_yaml(tiny_dirs, field, value, key):
-    import dataclasses
-
+def test_tokenizer_level_mistakes_name_the_model_yaml(tiny_dirs, edit, key):
     from pipeline.models import load_tokenizer
     from pipeline.inputs import check_inputs
+    from pipeline.specs import ModelSpec
     from tests.conftest import tiny_spec
 
-    spec = dataclasses.replace(tiny_spec("tiny-chat"), **{field: value})
+    spec = ModelSpec.model_validate({**tiny_spec("tiny-chat").model_dump(), **edit})
     with pytest.raises(ConfigError) as err:
         check_inputs(load_tokenizer(spec, tiny_dirs["tiny-chat"]), spec, prompt_rows("Hi."), 512)
     assert err.value.file.endswith("model/tiny-chat.yaml") and err.value.key == key, str(err.value)

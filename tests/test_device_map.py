@@ -6,7 +6,6 @@ for its forward pass and move activations to its execution device, as they do be
 interventions must go through those hooks unchanged: same greedy tokens as the plain model.
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ ON_CPU = {"model.rotary_emb": "cpu", "model.embed_tokens": "cpu", "model.layers.
 
 
 def load_placed(tiny_dirs, **placement):
-    spec = dataclasses.replace(tiny_spec("tiny-chat"), **placement)
+    spec = tiny_spec("tiny-chat").model_copy(update=placement)
     return LoadedModel(spec, tiny_dirs["tiny-chat"], device="cpu", threads=2)
 
 
@@ -94,8 +93,9 @@ def test_interventions_see_the_offloaded_blocks_values(tiny_dirs, tiny_chat, tmp
 
 
 def test_placement_reaches_from_pretrained_through_params():
-    spec = dataclasses.replace(tiny_spec("tiny-chat"), device_map={"model.layers.0": 0, "lm_head": "cpu"},
-                               max_memory={0: "20GiB", "cpu": "64GiB"}, offload_folder="~/offload")
+    spec = tiny_spec("tiny-chat").model_copy(update={"device_map": {"model.layers.0": 0, "lm_head": "cpu"},
+                                                     "max_memory": {0: "20GiB", "cpu": "64GiB"},
+                                                     "offload_folder": "~/offload"})
     again = from_params(ModelSpec, to_params(spec))  # how a job receives it: JSON turns keys into strings
     kwargs = placement_kwargs(again)
     assert kwargs["device_map"] == {"model.layers.0": 0, "lm_head": "cpu"}
@@ -106,7 +106,7 @@ def test_placement_reaches_from_pretrained_through_params():
 
 def test_preparation_does_not_depend_on_placement():
     spec = tiny_spec("tiny-chat")
-    placed = dataclasses.replace(spec, device_map="auto", max_memory={"cpu": "1GiB"})
+    placed = spec.model_copy(update={"device_map": "auto", "max_memory": {"cpu": "1GiB"}})
     assert to_params(placed.for_preparation()) == to_params(spec.for_preparation())
     assert to_params(placed) != to_params(spec)
 

@@ -89,7 +89,7 @@ def prepared_info(out: Path) -> dict:
 
 def test_pinned_revision_prepares_offline_and_records_commit(conf_copy, hub_cache, tmp_path, no_network):
     spec = hub_spec(conf_copy)
-    assert spec.source.get("revision") == COMMIT
+    assert spec.source.revision == COMMIT
     out = tmp_path / "models" / "hubby"
     prepare(spec, out)
     info = prepared_info(out)

@@ -8,7 +8,6 @@ tiny random Llama judge with that tokenizer beside the substring scorer, and che
 be loaded offline stops the run when the DAG is built.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -102,7 +101,7 @@ def test_content_as_text_parts_is_detected(real_tokenizer):
     silently drop both turns, so the judge gives it parts."""
     tok = real_tokenizer("llama3")
     guard = load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test")
-    parts = guard.model_copy(update={"judge": dataclasses.replace(guard.judge, chat_template=PARTS_TEMPLATE)})
+    parts = guard.model_copy(update={"judge": guard.judge.model_copy(update={"chat_template": PARTS_TEMPLATE})})
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=PARTS_TEMPLATE,
                                    tokenize=False) == "verdict:"  # strings: dropped
     assert content_as_parts(tok, parts) and not content_as_parts(tok, guard)
@@ -116,7 +115,7 @@ def test_content_as_text_parts_is_detected(real_tokenizer):
 def test_a_template_that_cannot_ask_is_one_line_naming_the_model_yaml(real_tokenizer, template, problem):
     tok = real_tokenizer("llama3")
     guard = load_scorer("judge-llama-guard-2", DEFAULT_CONF_DIR, "test")
-    bad = guard.model_copy(update={"judge": dataclasses.replace(guard.judge, chat_template=template)})
+    bad = guard.model_copy(update={"judge": guard.judge.model_copy(update={"chat_template": template})})
     with pytest.raises(ConfigError) as err:
         questions(bad, ["Hi?"], ["Hello."], tok)
     assert_one_line_error(err, "model/llama-guard-2-8b.yaml", "chat_template")

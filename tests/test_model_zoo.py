@@ -9,19 +9,19 @@ template's special tokens. Nothing is downloaded.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 import torch
 
 from paper_standins import tiny_configs
 from pipeline.activations import capture
-from pipeline.config import DEFAULT_CONF_DIR, TemplateSpec, load_model
+from pipeline.config import DEFAULT_CONF_DIR, load_model
 from pipeline.generate import generate
 from pipeline.interventions import Edit, make_edit
 from pipeline.interventions.hooks import apply_nnsight
 from pipeline.models import LoadedModel, prepare
 from pipeline.refusal import refusal_token_ids
+from pipeline.specs import ModelSource, RandomInit, TemplateSpec
 from pipeline.templates import encode_batch, encode_prompt, post_instruction_ids
 
 MODEL_DIR = DEFAULT_CONF_DIR / "model"
@@ -34,7 +34,7 @@ def _spec(name):
 
 ALL_MODELS = [name for name in YAMLS if _spec(name).role != "judge"]  # judges classify, nothing steers them
 JUDGES = [name for name in YAMLS if _spec(name).role == "judge"]
-HUB_MODELS = [name for name in ALL_MODELS if "hub" in _spec(name).source]
+HUB_MODELS = [name for name in ALL_MODELS if _spec(name).source.hub is not None]
 
 HIDDEN = 64
 N_LAYERS = 3
@@ -66,13 +66,13 @@ def template_markers(text: str) -> list[str]:
 
 def stand_in(spec):
     """The YAML's spec with its hub source replaced by a tiny random model of the same class."""
-    arch = spec.source["architecture"]
+    arch = spec.source.architecture
     bos, eos, pad = FAMILY_TOKENS.get(spec.name, DEFAULT_TOKENS)
     specials = list(dict.fromkeys([t for t in (bos, eos, pad, spec.pad_token) if t]
                                   + template_markers(spec.template.text)))
     random_init = {"architecture": arch, "seed": 0, "vocab_size": VOCAB, "special_tokens": specials,
                    "bos": bos, "eos": eos, "pad": pad, "config": TINY_CONFIGS[arch]}
-    return replace(spec, source={"random_init": random_init, "hidden_size": HIDDEN})
+    return spec.model_copy(update={"source": ModelSource(random_init=RandomInit(**random_init), hidden_size=HIDDEN)})
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +98,14 @@ def test_every_model_yaml_loads(name):
     spec = _spec(name)
     assert spec.template.text.count("{instruction}") == 1
     assert spec.template.suffix  # post-instruction tokens exist
-    assert spec.refusal_tokens and spec.direction_position < 0
+    assert spec.refusal_tokens and spec.direction.position < 0
     assert spec.role in ("chat", "base")
 
 
 @pytest.mark.parametrize("name", JUDGES)
 def test_judge_model_yaml_loads(name):
     spec = _spec(name)
-    assert spec.template.suffix and spec.source_kind in ("hub", "path")
+    assert spec.template.suffix and spec.source.kind in ("hub", "path")
 
 
 def test_zoo_covers_both_papers():
@@ -119,16 +119,16 @@ def test_zoo_covers_both_papers():
         "llama-2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
         "llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct", "yi-6b-chat": "01-ai/Yi-6B-Chat",
     }
-    hub_ids = {name: _spec(name).source["hub"] for name in HUB_MODELS}
+    hub_ids = {name: _spec(name).source.hub for name in HUB_MODELS}
     assert {name: hub_ids.get(name) for name in expected} == expected  # more rows may follow
     # base/chat pairs share a hidden size, so a direction can transfer
     for base, chat in [("qwen1.5-0.5b", "qwen1.5-0.5b-chat"), ("gemma-2-9b", "gemma-2-9b-it"),
                        ("llama-7b", "vicuna-7b-v1.1")]:
         b, c = _spec(base), _spec(chat)
         assert (b.role, c.role) == ("base", "chat")
-        assert b.source["hidden_size"] == c.source["hidden_size"]
+        assert b.source.hidden_size == c.source.hidden_size
     # the published picks of Arditi et al.
-    picks = {name: (_spec(name).direction_layer, _spec(name).direction_position) for name in expected}
+    picks = {name: (_spec(name).direction.layer, _spec(name).direction.position) for name in expected}
     assert picks["qwen-1.8b-chat"] == (15, -2) and picks["gemma-2b-it"] == (10, -2)
     assert picks["llama-2-7b-chat"] == (14, -1) and picks["llama-3-8b-instruct"] == (12, -5)
     assert picks["yi-6b-chat"] == (20, -5)
@@ -141,12 +141,12 @@ def test_zoo_covers_both_papers():
 
 def test_residual_map(zoo):
     yaml_spec, lm = zoo
-    assert type(lm.hf).__name__ == yaml_spec.source["architecture"]
+    assert type(lm.hf).__name__ == yaml_spec.source.architecture
     assert lm.rmap.n_layers == N_LAYERS
     assert lm.rmap.hidden_size == HIDDEN
     blocks = lm.hf.get_submodule(lm.rmap.layers)
     assert len(blocks) == N_LAYERS
-    if yaml_spec.source["architecture"] == "Gemma2ForCausalLM":
+    if yaml_spec.source.architecture == "Gemma2ForCausalLM":
         assert lm.rmap.writers == ("post_attention_layernorm", "post_feedforward_layernorm")
     for name in lm.rmap.writers:
         assert hasattr(blocks[0], name)
@@ -173,7 +173,7 @@ def test_prompts_end_with_the_post_instruction_tokens(zoo):
     for marker in template_markers(spec.template.text):
         assert len(lm.tok(marker, add_special_tokens=False)["input_ids"]) == 1
     # the YAML's direction position points into the post-instruction tokens
-    assert -batch.n_post <= spec.direction_position <= -1
+    assert -batch.n_post <= spec.direction.position <= -1
 
 
 def test_bos(zoo):
@@ -184,7 +184,7 @@ def test_bos(zoo):
         assert tok.bos_token_id is not None
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
         # a template that already begins with BOS does not get a second one
-        with_bos = replace(spec, template=TemplateSpec("x", tok.bos_token + spec.template.text))
+        with_bos = spec.model_copy(update={"template": TemplateSpec(name="x", text=tok.bos_token + spec.template.text)})
         assert encode_prompt(tok, with_bos, TEXTS[0]) == ids
     else:
         assert tok.bos_token_id is None or tok.bos_token_id not in ids

@@ -39,8 +39,6 @@ def test_not_a_gguf_gives_no_metadata(tmp_path):
 
 
 def test_a_tokenizer_without_pad_or_eos_needs_the_yaml_pad_token(tiny_dirs):
-    import dataclasses
-
     from pipeline.models import load_tokenizer, set_pad_token
     from tests.conftest import tiny_spec
 
@@ -50,10 +48,10 @@ def test_a_tokenizer_without_pad_or_eos_needs_the_yaml_pad_token(tiny_dirs):
     with pytest.raises(ConfigError) as err:
         set_pad_token(tok, spec)
     assert err.value.key == "pad_token" and err.value.file.endswith("model/tiny-chat.yaml")
-    set_pad_token(tok, dataclasses.replace(spec, pad_token="<|im_start|>"))
+    set_pad_token(tok, spec.model_copy(update={"pad_token": "<|im_start|>"}))
     assert tok.pad_token == "<|im_start|>"
     with pytest.raises(ConfigError, match="not a token"):
-        set_pad_token(tok, dataclasses.replace(spec, pad_token="<|extra_0|>"))
+        set_pad_token(tok, spec.model_copy(update={"pad_token": "<|extra_0|>"}))
 
 
 def test_qwen1_pads_as_the_direction_paper_does():
@@ -84,8 +82,6 @@ def test_paper_models_load_in_the_papers_dtype(name):
 
 def test_a_dtype_the_gpu_cannot_run_is_one_line(monkeypatch):
     """bfloat16 on a pre-Ampere GPU: the job stops naming the model YAML's dtype; `auto` falls back to float16."""
-    import dataclasses
-
     import torch
 
     from pipeline.errors import ConfigError
@@ -100,10 +96,10 @@ def test_a_dtype_the_gpu_cannot_run_is_one_line(monkeypatch):
     assert str(err.value) == ("conf/model/llama-3-8b-instruct.yaml: key 'dtype': bfloat16, but this GPU "
                               "(Tesla V100-SXM2-16GB) has no native bfloat16; set float16 or float32")
     assert pick_dtype(tiny_spec("llama-2-7b-chat"), cuda) == torch.float16
-    assert pick_dtype(dataclasses.replace(spec, dtype="auto"), cuda) == torch.float16
+    assert pick_dtype(spec.model_copy(update={"dtype": "auto"}), cuda) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert pick_dtype(spec, cuda) == torch.bfloat16
-    assert pick_dtype(dataclasses.replace(spec, dtype="auto"), cuda) == torch.bfloat16
+    assert pick_dtype(spec.model_copy(update={"dtype": "auto"}), cuda) == torch.bfloat16
 
 
 def test_the_dtype_check_runs_before_any_job(monkeypatch):

@@ -65,7 +65,7 @@ def paper(tmp_path_factory, real_tokenizer):
     for name in ALL_MODELS + sorted({j for js in JUDGES.values() for j in js}):
         spec = load_model(name, ROOT / "conf", "test", "model")
         tok = ps.standin_tokenizer(name, real_tokenizer(ps.family(name)))
-        dirs[name] = ps.build_standin(name, spec.source["architecture"], tok, base / "standins" / name)
+        dirs[name] = ps.build_standin(name, spec.source.architecture, tok, base / "standins" / name)
     data = ps.write_datasets(base / "data")
     conf = ps.write_conf(base / "conf", dirs, data)
     return {"conf": conf, "data": data, "dirs": dirs, "base": base}
@@ -95,7 +95,7 @@ def test_standin_tokenizer_bos_positions_and_refusal_tokens(paper, name, tmp_pat
     elif tok.bos_token_id is not None:
         assert tok.bos_token_id not in ids
     post = post_instruction_ids(tok, spec)
-    assert len(post) == N_POST[name] and len(post) >= -spec.direction_position
+    assert len(post) == N_POST[name] and len(post) >= -spec.direction.position
     assert tok.decode(post, skip_special_tokens=False).strip() in spec.template.suffix.strip() or \
         spec.template.suffix.strip() in tok.decode(post, skip_special_tokens=False)
     refusal = refusal_token_ids(tok, spec)
@@ -115,7 +115,7 @@ def test_experiment_composes_on_the_standins(paper, experiment):
     assert list(exp.models) == MODELS[experiment]
     assert list(exp.judges) == JUDGES.get(experiment, [])
     for m in [*exp.models, *exp.judges]:
-        assert exp.model_spec(m).source_kind == "path"
+        assert exp.model_spec(m).source.kind == "path"
 
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -138,7 +138,7 @@ def test_pythia_rows_on_the_real_gpt_neox_tokenizer_differ_by_the_system_prompt(
         assert t("Hello world!", add_special_tokens=False)["input_ids"] == [12092, 1533, 2]
         assert type(t).__name__.startswith("GPTNeoXTokenizer")
     hub = [load_model(n, ROOT / "conf", "test", "model").source for n in (plain.name, vicuna.name)]
-    assert hub[0] == hub[1] and hub[0]["hub"] == "EleutherAI/pythia-12b-deduped"  # one model
+    assert hub[0] == hub[1] and hub[0].hub == "EleutherAI/pythia-12b-deduped"  # one model
     assert (plain.add_bos, vicuna.add_bos) == (False, False)
     real = [load_model(n, ROOT / "conf", "test", "model") for n in (plain.name, vicuna.name)]
     assert real[0].dtype == real[1].dtype == "float16"  # ours (the post's code has no Pythia): its 7B+ models' dtype
@@ -175,7 +175,10 @@ def _overrides(experiment: str) -> list[str]:
            "experiment.activations.batch_size=8", "experiment.device=cpu", "experiment.threads=1",
            # the capability loss's reference answers are long, and the stand-ins' real vocabularies large
            # (Gemma's 256k): two answers exercise the measurement at a tenth of the time of 16
-           "++experiment.capability.n=2"]
+           "++experiment.capability.n=2",
+           # every model's cells in one generate job (and one score job): the grouping is tested on the tiny
+           # DAG, and each job here spends seconds loading before a second of work
+           "++experiment.generation.cells_per_job=32"]
     if experiment == "single_direction":
         # Random models refuse nothing: the paper's filter (keep prompts the model refuses / answers) and its
         # selection thresholds (KL < 0.1, induce > 0) would reject every candidate. Switched off / opened here;
@@ -271,7 +274,7 @@ def test_paper_experiment_end_to_end(paper, experiment, tmp_path):
         assert set(selected["source"]) >= {"self", "random"}
         if experiment != "single_direction":  # configured: the YAML's layer and position
             row = selected.filter(pl.col("source") == "self").row(0, named=True)
-            assert (row["layer"], row["position"]) == (ps.STANDIN_LAYER, spec.direction_position)
+            assert (row["layer"], row["position"]) == (ps.STANDIN_LAYER, spec.direction.position)
         else:
             sel = pl.read_parquet(out / "directions" / model / "selection.parquet")
             assert sel["chosen"].sum() == 1

