@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from .direction_methods import method as direction_method, with_method_settings
 from .errors import ConfigError
-from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, vectors_column
+from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, read_parquet, vectors_column
 
 
 def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
@@ -62,3 +62,17 @@ def candidates_table(model: str, diffs: dict, method: str = "mean_diff", setting
         "norm": [float(np.linalg.norm(diffs[k][0])) for k in keys],
         "direction": vectors_column(matrix, pa.float32()),
     }, schema=schema), settings or {})
+
+
+def harmless_means(activations_path: str, position: int) -> np.ndarray:
+    """The mean block input over the harmless train prompts at `position`, for every layer: [n_layers, hidden],
+    float64 (what affine ablation sets the direction's component to)."""
+    table = read_parquet(activations_path)
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    layers = table.column("layer").to_numpy()
+    at = (labels == "harmless") & (table.column("position").to_numpy() == position)
+    if not at.any():
+        raise ValueError(f"{activations_path}: no harmless activation at position {position}")
+    acts = column_matrix(table.filter(pa.array(at)), "act").astype(np.float64)
+    layers = layers[at]
+    return np.stack([acts[layers == layer].mean(0) for layer in range(int(layers.max()) + 1)])

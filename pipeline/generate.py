@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import capability, coherence
 from .atomic import NonFiniteOutput
 from .batching import halving
+from .candidates import harmless_means
 from .config import Capability, resolve_data_path
 from .errors import ConfigError
 from .interventions import INTERVENTIONS, Edit, Target
@@ -74,25 +75,27 @@ def candidate_direction(candidates_path: str, layer: int, position: int) -> torc
 
 
 def plan_cell(cell: Cell, intervention: dict, *, selected_path: str | None = None, picks_path: str | None = None,
-              candidates_path: str | None = None) -> CellPlan:
+              candidates_path: str | None = None, activations_path: str | None = None) -> CellPlan:
     """A grid cell's or a sweep pick's plan; `intervention`: the settings the cell reads (its rule's params)."""
     if cell.source == Source.SWEEP:
         layers = intervention.get("ablation_layers")
         return plan_sweep_cell(cell.model, picks_path, candidates_path, cell.pick,
                                tuple(layers) if layers else None)
     return plan_grid_cell(selected_path, source=cell.source, kind=cell.kind, coefficient=cell.coefficient,
-                          params=intervention)
+                          params=intervention, activations_path=activations_path)
 
 
 def plan_grid_cell(selected_path: str | None, *, source: str, kind: str, coefficient: float | None = None,
-                   params: dict | None = None) -> CellPlan:
-    """The plan of a grid cell of a registered `kind`, its direction read from `selected_path`."""
+                   params: dict | None = None, activations_path: str | None = None) -> CellPlan:
+    """The plan of a grid cell of a registered `kind`, its direction read from `selected_path` (and, for a
+    kind that reads activations, the edited model's harmless means from `activations_path`)."""
     method = INTERVENTIONS.get(kind)
     name = method.cell_name(coefficient)
     if not method.needs_direction:
         return CellPlan(source=source, edit=method.edit(None, coefficient, params or {}), cell=name)
     direction, layer, position, owner = load_direction(selected_path, source)
-    target = Target(direction=direction, layer=layer, position=position, model=owner)
+    means = harmless_means(activations_path, position) if method.reads_activations else None
+    target = Target(direction=direction, layer=layer, position=position, model=owner, harmless_means=means)
     return CellPlan(source=source, edit=method.edit(target, coefficient, params or {}), cell=name,
                     direction_model=owner, extraction_layer=layer, extraction_position=position)
 

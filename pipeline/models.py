@@ -224,7 +224,7 @@ def dequantized_cache(spec: ModelSpec) -> Path | None:
     root = os.environ.get("REFUSAL_CACHE_DIR", str(Path.home() / ".cache" / "refusal-directions"))
     if not root:
         return None
-    key = f"{spec.source['sha256'][:32]}-transformers{version('transformers')}-gguf{version('gguf')}"
+    key = f"{spec.source.sha256[:32]}-transformers{version('transformers')}-gguf{version('gguf')}"
     return Path(root).expanduser() / "dequantized" / key
 
 

@@ -106,10 +106,12 @@ def hook_generate(lm, iv, n):
     return [decode_until_stop(lm.tok, r, stops) for r in ids[:, batch.input_ids.shape[1]:].tolist()]
 
 
-@pytest.mark.parametrize("kind", ["ablation", "addition", "ablation_range", "addition_every_write"])
+@pytest.mark.parametrize("kind", ["ablation", "addition", "ablation_range", "addition_every_write", "affine"])
 def test_nnsight_generation_matches_plain_hooks(tiny, kind):
     d = direction_for(tiny, seed=3) * 4
-    if kind == "ablation_range":
+    if kind == "affine":
+        iv = make_edit("affine", direction=d, reference=(1.0, -2.0, 0.5, 3.0)[:tiny.rmap.n_layers], alpha=2.0)
+    elif kind == "ablation_range":
         iv = make_edit("ablation", direction=d, layers=(1, 3))
     elif kind == "addition_every_write":
         iv = make_edit("addition", direction=d, layer=1, coefficient=0.7, form="every_write")

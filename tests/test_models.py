@@ -127,7 +127,7 @@ def test_the_dequantized_cache_is_keyed_by_checksum_and_versions(monkeypatch, tm
     gemma = load_model("gemma-3-270m", DEFAULT_CONF_DIR, "test", "model")
     monkeypatch.setenv("REFUSAL_CACHE_DIR", str(tmp_path))
     key = dequantized_cache(gemma)
-    assert key.parent == tmp_path / "dequantized" and key.name.startswith(gemma.source["sha256"][:32])
+    assert key.parent == tmp_path / "dequantized" and key.name.startswith(gemma.source.sha256[:32])
     assert "-transformers" in key.name and "-gguf" in key.name
     monkeypatch.setenv("REFUSAL_CACHE_DIR", "")
     assert dequantized_cache(gemma) is None

@@ -54,6 +54,9 @@ class Target:
     layer: int
     position: int
     model: str  # whose direction: the cell's own model or its pair's
+    # the edited model's mean block input over the harmless train prompts at every layer, at `position`,
+    # [n_layers, hidden] float64: read only for kinds that declare `reads_activations`
+    harmless_means: Any = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class InterventionKind:
     default: ClassVar[Any] = False  # its value when the YAML leaves the key out
     per_coefficient: ClassVar[bool] = False  # one cell per coefficient, `<name>_<c>`; else one cell, `<name>`
     needs_direction: ClassVar[bool] = True  # False: one cell per model, no direction (source `none`)
+    reads_activations: ClassVar[bool] = False  # True: its edit reads the edited model's cached activations
     edit_class: ClassVar[type[Edit]] = Edit  # what its cells run
 
     @classmethod

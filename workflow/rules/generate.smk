@@ -19,6 +19,9 @@ def generate_job_inputs(job):
         "baseline": [cell_path("generations", Cell(job.model, "none", "baseline"))] if needs_baseline else [],
         "picks": [f"{OUT}/sweep/{job.model}/picks.parquet"] if sweep else [],
         "candidates": [f"{OUT}/directions/{job.model}/candidates.parquet"] if sweep else [],
+        # kinds that set the stream to the edited model's own harmless level (affine) read its activations
+        "activations": [f"{OUT}/activations/{job.model}.parquet"]
+        if any(c.kind and INTERVENTIONS.get(c.kind).reads_activations for c in job.cells) else [],
     }
 
 

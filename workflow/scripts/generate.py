@@ -7,8 +7,10 @@ with job(snakemake) as p:
     inp, out = snakemake.input, snakemake.output
     picks = inp.picks[0] if inp.picks else None
     candidates = inp.candidates[0] if inp.candidates else None
+    activations = inp.activations[0] if inp.activations else None
     plans = [generate.plan_cell(from_params(Cell, c["cell"]), c["intervention"], selected_path=c["direction"],
-                                picks_path=picks, candidates_path=candidates) for c in p.cells]
+                                picks_path=picks, candidates_path=candidates, activations_path=activations)
+             for c in p.cells]
     gen = from_params(Generation, p.generation)
     generate.run_cells(from_params(ModelSpec, p.model), inp.model, inp.prompts,
                        list(zip(plans, out.generations, out.capability)),
