@@ -34,19 +34,25 @@ POST_NORM_WRITERS = ("post_attention_layernorm", "post_feedforward_layernorm")
 _BLOCK_ELEMENTS = 2**22  # per float64 temporary: 32 MiB
 
 
-def orthogonalize(model: torch.nn.Module, direction: torch.Tensor, *, allow_inexact: bool = False) -> None:
+def orthogonalize(model: torch.nn.Module, direction: torch.Tensor, *, allow_inexact: bool = False,
+                  keep_norms: bool = False) -> None:
     """Project the unit direction out of every weight that writes into the residual stream, in place.
+
+    `keep_norms`: each vector written into the stream (an embedding row, the output-space vector of a
+    projection's input unit, a bias) is then scaled back to its original norm: the norm-preserving edit
+    (grimjim's biprojected abliteration in llm-abliteration's per-written-vector form). It is still
+    orthogonal to the direction, but no longer equal to activation ablation.
 
     Permanent: also unties a tied lm_head for good. To edit temporarily, use `orthogonalized`.
     """
-    edit = _plan(model, direction, allow_inexact)
+    edit = _plan(model, direction, allow_inexact, keep_norms)
     _untie_output_embeddings(model, edit.embed)
     _apply(edit)
 
 
 @contextmanager
 def orthogonalized(model: torch.nn.Module, direction: torch.Tensor, *,
-                   allow_inexact: bool = False) -> Iterator[torch.nn.Module]:
+                   allow_inexact: bool = False, keep_norms: bool = False) -> Iterator[torch.nn.Module]:
     """Orthogonalise the model's weights for the duration of a with-block, then restore them exactly.
 
         with orthogonalized(model, direction):
@@ -58,7 +64,7 @@ def orthogonalized(model: torch.nn.Module, direction: torch.Tensor, *,
     parameter is restored bit for bit, a tied lm_head is tied to the embedding again (the same
     Parameter object) and the tie flags in the configs are as before. Yields the model.
     """
-    edit = _plan(model, direction, allow_inexact)
+    edit = _plan(model, direction, allow_inexact, keep_norms)
     saved = [(p, p.detach().clone()) for p in edit.parameters()]
     # A tied head must keep the original embedding: reuse the saved copy instead of cloning it again.
     retie = _untie_output_embeddings(model, edit.embed, head_weight=saved[0][1])
@@ -77,6 +83,7 @@ class _Edit:
     u: torch.Tensor  # unit direction, float64
     embed: torch.nn.Module
     projections: list[torch.nn.Module]
+    keep_norms: bool = False  # scale each written vector back to its norm before the projection
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Every parameter the edit writes, each once (the embedding weight first)."""
@@ -86,7 +93,7 @@ class _Edit:
         return list({id(p): p for p in params}.values())
 
 
-def _plan(model: torch.nn.Module, direction: torch.Tensor, allow_inexact: bool) -> _Edit:
+def _plan(model: torch.nn.Module, direction: torch.Tensor, allow_inexact: bool, keep_norms: bool = False) -> _Edit:
     """Validate the direction and find every module to edit, changing nothing."""
     rmap = residual_map(model)
     direction = torch.as_tensor(direction).detach()
@@ -99,7 +106,7 @@ def _plan(model: torch.nn.Module, direction: torch.Tensor, allow_inexact: bool) 
         raise ValueError("direction must be finite and non-zero")
     writer_names = _writer_names(model, rmap, allow_inexact)
     return _Edit(u=u / norm, embed=get_path(model, rmap.embed),
-                 projections=_output_projections(model, rmap, writer_names))
+                 projections=_output_projections(model, rmap, writer_names), keep_norms=keep_norms)
 
 
 def _writer_names(model, rmap, allow_inexact: bool) -> tuple[str, ...]:
@@ -124,27 +131,32 @@ def _writer_names(model, rmap, allow_inexact: bool) -> tuple[str, ...]:
 
 def _apply(edit: _Edit) -> None:
     with torch.no_grad():
-        _project_out_of_rows(edit.embed.weight, edit.u)  # each embedding row e <- e - (e . u) u
+        _project_out_of_rows(edit.embed.weight, edit.u, edit.keep_norms)  # each embedding row e <- e - (e . u) u
         for proj in edit.projections:
-            _orthogonalize_projection(proj, edit.u)
+            _orthogonalize_projection(proj, edit.u, edit.keep_norms)
 
 
-def _orthogonalize_projection(proj: torch.nn.Module, u: torch.Tensor) -> None:
+def _orthogonalize_projection(proj: torch.nn.Module, u: torch.Tensor, keep_norms: bool = False) -> None:
     # Conv1D computes x @ W + b with W stored [in, out]: W <- W (I - u u^T), i.e. each row.
     # nn.Linear computes x @ W^T + b with W stored [out, in]: W <- (I - u u^T) W, i.e. each column.
-    _project_out_of_rows(proj.weight if isinstance(proj, Conv1D) else proj.weight.T, u)
+    _project_out_of_rows(proj.weight if isinstance(proj, Conv1D) else proj.weight.T, u, keep_norms)
     if proj.bias is not None:
-        _project_out_of_rows(proj.bias.unsqueeze(0), u)
+        _project_out_of_rows(proj.bias.unsqueeze(0), u, keep_norms)
 
 
-def _project_out_of_rows(w: torch.Tensor, u: torch.Tensor) -> None:
-    """Each row r of the 2-D view w <- r - (r . u) u, computed in float64, written back in place."""
+def _project_out_of_rows(w: torch.Tensor, u: torch.Tensor, keep_norms: bool = False) -> None:
+    """Each row r of the 2-D view w <- r - (r . u) u (then times |r| / |r - (r . u) u| with `keep_norms`;
+    a row along u alone becomes zero), computed in float64, written back in place."""
     uu = u.to(w.device)
     # A block of rows at a time: the float64 temporaries of a whole embedding would be
     # several times the size of the weight itself (~3 x 4 GB for an 8B model's).
     for rows in w.split(max(1, _BLOCK_ELEMENTS // w.shape[1])):
         r64 = rows.to(torch.float64)
-        rows.copy_((r64 - torch.outer(r64 @ uu, uu)).to(rows.dtype))
+        out = r64 - torch.outer(r64 @ uu, uu)
+        if keep_norms:
+            after = out.norm(dim=1, keepdim=True)
+            out = out * torch.where(after > 0, r64.norm(dim=1, keepdim=True) / after.clamp_min(1e-300), 0.0)
+        rows.copy_(out.to(rows.dtype))
 
 
 def _out_features(module: torch.nn.Module) -> int | None:

@@ -17,8 +17,8 @@ from pipeline.models import LoadedModel, prepare  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = Path(__file__).parent / "plugins" / "scale_component.py"
 # conf/intervention/small.yaml (the tiny experiment's) plus the plugin's kind, scaling the component by 0 and 1,
-# and affine ablation (tests/test_affine.py reads its cells)
-SCALED = ("ablation: true\northogonalization: true\naddition: {coefficients: [2.0]}\n"
+# affine ablation (tests/test_affine.py reads its cells) and the norm-preserving weight edit
+SCALED = ("ablation: true\northogonalization: true\nnorm_preserving: true\naddition: {coefficients: [2.0]}\n"
           "scale: {factors: [0.0, 1.0]}\naffine: {alphas: [0.0, 2.0]}\n")
 
 

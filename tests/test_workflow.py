@@ -48,9 +48,9 @@ def test_whole_dag_on_tiny_models(tiny_dag):
 
     summary = pl.read_parquet(out / "summary.parquet")
     grid = summary.filter(pl.col("source") != "sweep")
-    # per model: baseline + 3 sources x (ablation, orthogonalization, +2, the plugin's two factors, affine at
-    # alpha 0 and 2), 2 labels
-    assert grid.height == 2 * (1 + 3 * 7) * 2
+    # per model: baseline + 3 sources x (ablation, orthogonalization, norm-preserving, +2, the plugin's two
+    # factors, affine at alpha 0 and 2), 2 labels
+    assert grid.height == 2 * (1 + 3 * 8) * 2
     assert set(grid["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
