@@ -109,3 +109,18 @@ def test_the_dags_norm_preserving_cells_are_the_hand_edited_model(tiny_dag):
     assert texts == gens["completion"].to_list()
     summary = pl.read_parquet(out / "summary.parquet").filter(pl.col("intervention") == "norm_preserving")
     assert "norm-preserving orthogonalization (tiny-chat)" in set(summary["condition"])
+
+
+def test_an_ablation_layer_range_beside_it_is_one_line(tmp_path):
+    import shutil
+
+    from pipeline.config import DEFAULT_CONF_DIR, load_experiment
+    from pipeline.errors import ConfigError
+
+    conf = tmp_path / "conf"
+    shutil.copytree(DEFAULT_CONF_DIR, conf)
+    (conf / "intervention" / "np.yaml").write_text("ablation: {layers: {start: 1, stop: 3}}\nnorm_preserving: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(["experiment=tiny", "experiment.interventions=np"], conf_dir=conf)
+    assert "intervention/np.yaml" in str(info.value) and "norm_preserving" in str(info.value)
+    assert "\n" not in str(info.value)

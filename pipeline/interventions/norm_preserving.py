@@ -6,8 +6,8 @@ magnitudes, so the edit is no longer the activation ablation; tests/test_norm_pr
 how far it is on a tiny model. (heretic's `row_normalization` renormalises the other axis of the
 stored matrix instead; that form is not offered here.)
 
-YAML: `norm_preserving: true`. Refused, as the plain form is, for models with norms after each
-sub-layer (Gemma 2/3).
+YAML: `norm_preserving: true`. Like the plain form it edits every layer, and it is refused for models
+with norms after each sub-layer (Gemma 2/3).
 """
 
 from __future__ import annotations
@@ -16,34 +16,27 @@ import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import Edit, InterventionKind, register_kind
+from .base import register_kind
+from .orthogonalization import Orthogonalization, OrthogonalizationKind
 
 
 @dataclass(frozen=True)
-class NormPreserving(Edit):
+class NormPreserving(Orthogonalization):
     kind: ClassVar[str] = "norm_preserving"
-    edits_weights: ClassVar[bool] = True
 
     def weights(self, model, device) -> contextlib.AbstractContextManager:
         from ..orthogonalize import orthogonalized
 
         return orthogonalized(model, self.direction.to(device), keep_norms=True)
 
-    def columns(self) -> dict:
-        return {"ablation_layers": "all"}
-
 
 @register_kind
-class NormPreservingKind(InterventionKind):
+class NormPreservingKind(OrthogonalizationKind):
+    """The plain kind's cells, settings and checks (no ablation layer range beside it), its own edit."""
+
     name = "norm_preserving"
     label = "norm-preserving orthogonalization"
-    settings = bool
-    default = False
     edit_class = NormPreserving
-
-    @classmethod
-    def cell_params(cls, value) -> dict:
-        return {"ablation_layers": None}
 
     @classmethod
     def edit(cls, target, coefficient, params) -> NormPreserving:
