@@ -6,6 +6,8 @@ bootstrap draw's candidates are made and laid out as the stage's are.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -64,9 +66,11 @@ def candidates_table(model: str, diffs: dict, method: str = "mean_diff", setting
     }, schema=schema), settings or {})
 
 
+@functools.lru_cache(maxsize=4)
 def harmless_means(activations_path: str, position: int) -> np.ndarray:
     """The mean block input over the harmless train prompts at `position`, for every layer: [n_layers, hidden],
-    float64 (what affine ablation sets the direction's component to)."""
+    float64 (what affine ablation sets the direction's component to). Read once per job, however many of its
+    cells need it; the array is read-only, being shared."""
     table = read_parquet(activations_path)
     labels = table.column("label").to_numpy(zero_copy_only=False)
     layers = table.column("layer").to_numpy()
@@ -75,4 +79,6 @@ def harmless_means(activations_path: str, position: int) -> np.ndarray:
         raise ValueError(f"{activations_path}: no harmless activation at position {position}")
     acts = column_matrix(table.filter(pa.array(at)), "act").astype(np.float64)
     layers = layers[at]
-    return np.stack([acts[layers == layer].mean(0) for layer in range(int(layers.max()) + 1)])
+    means = np.stack([acts[layers == layer].mean(0) for layer in range(int(layers.max()) + 1)])
+    means.flags.writeable = False
+    return means
