@@ -8,4 +8,4 @@ list them; an experiment's own kinds come from its `plugins:` files. The walks t
 
 from .base import (INTERVENTIONS, Edit, InterventionKind, Target, ablate, add, configurable, file_schema,  # noqa: F401
                    format_coefficient, make_edit, register_kind)
-from . import baseline, ablation, orthogonalization, norm_preserving, addition, affine  # noqa: F401,E402  (registers them, in this order)
+from . import baseline, ablation, orthogonalization, norm_preserving, kernel, addition, affine  # noqa: F401,E402  (registers them, in this order)
