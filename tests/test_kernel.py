@@ -129,14 +129,17 @@ def test_the_yaml_gives_one_cell_per_source_and_its_params_make_the_edit(conf_co
 
 
 @pytest.mark.parametrize("value,key", [
-    ("{attn: {max_weight: .nan, max_weight_position: 1, min_weight: 0, min_weight_distance: 1}}", "kernel.attn.max_weight"),
-    ("{mlp: {max_weight: 1, max_weight_position: 1, min_weight: .inf, min_weight_distance: 1}}", "kernel.mlp.min_weight"),
+    ("{attn: {max_weight: .nan, max_weight_position: 1, min_weight: 0, min_weight_distance: 1}}",
+     "kernel.attn.max_weight"),
+    ("{mlp: {max_weight: 1, max_weight_position: 1, min_weight: .inf, min_weight_distance: 1}}",
+     "kernel.mlp.min_weight"),
     ("{mlp: {max_weight: 1, max_weight_position: 1, min_weight: 0, min_weight_distance: 0}}",
      "kernel.mlp.min_weight_distance"),
     ("{attn: {max_weight: 1, max_weight_position: -1, min_weight: 0, min_weight_distance: 1}}",
      "kernel.attn.max_weight_position"),
     ("{attn: {max_weight: 1, max_weight_position: 1, min_weight_distance: 1}}", "kernel.attn.min_weight"),
-    ("{attn: {max_weigth: 1, max_weight_position: 1, min_weight: 0, min_weight_distance: 1}}", "kernel.attn.max_weigth"),
+    ("{attn: {max_weigth: 1, max_weight_position: 1, min_weight: 0, min_weight_distance: 1}}",
+     "kernel.attn.max_weigth"),
     ("{attention: {}}", "kernel.attention"),
     ("{}", "kernel"),
     ("true", "kernel"),

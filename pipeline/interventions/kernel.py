@@ -8,14 +8,18 @@ with w(l) from a kernel of its own per component:
     w(l) = 0                                                                   beyond (the block is left alone)
 
 so the weight peaks at the (possibly fractional) position, falls linearly to `min_weight` at the distance
-and drops to zero past it. Weight 1 is the plain orthogonalisation of that matrix, 0 leaves it alone, any
-other value removes (or, above 1, reverses) only part of the component. The input embedding is not
-edited (heretic leaves it too), so with weight 1 everywhere this is the `orthogonalization` cell minus
-its embedding edit. Differences from heretic, on purpose: the edit is the plain rank-one one on the
-stored weights (heretic by default renormalises each row of the [out, in] matrix, i.e. each input's
-weights into one output unit, and stores the change as a LoRA adapter); biases get the same weighted
-edit (heretic edits weights only), so the edit stays a function of each writer's output; and one
-direction serves every layer (the cell's).
+and drops to zero past it. Weight 1 is the plain orthogonalisation of that matrix, 0 leaves it alone,
+any other value scales the component by 1 - w (below 1 a part of it stays; above 1 it flips sign). The
+input embedding is not edited (heretic leaves it too), so with weight 1 everywhere this is the
+`orthogonalization` cell minus its embedding edit.
+
+Differences from heretic, on purpose: the edit is the plain rank-one one on the stored weights (heretic
+by default, `row_normalization: full`, edits the rows of the stored [out, in] matrix scaled to unit
+norm, each row being one output coordinate's weights over all inputs, rescales each row back to its
+old norm, and stores a low-rank approximation of the change as a LoRA adapter; the `norm_preserving`
+kind keeps the norms of the other axis); biases get the same weighted edit (heretic edits weights
+only), so the edit stays a function of each writer's output; and one direction, the cell's, serves
+every layer (heretic may interpolate between, or take each layer's, directions).
 
 YAML (one cell, `kernel`; a component left out is not edited):
 
@@ -113,8 +117,8 @@ def _kernel_edited(model, direction, edit: Kernel):
     if problem:
         raise ValueError(problem)
     plan = _plan(model, direction, allow_inexact=False)  # refuses post-norm writers, as the plain form does
-    writers = len(plan.projections) // rmap.n_layers
-    if writers != len(COMPONENTS) or len(plan.projections) != rmap.n_layers * writers:
+    writers = len(COMPONENTS)
+    if len(plan.projections) != rmap.n_layers * writers:
         raise ValueError(f"{type(model).__name__}: expected an attention and an MLP output projection per block, "
                          f"found {len(plan.projections)} projections in {rmap.n_layers} blocks")
     # _plan lists the projections block by block, each block's in its writers' order (attention, MLP)
