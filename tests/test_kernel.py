@@ -179,3 +179,18 @@ def test_a_generation_under_the_edit_differs_from_baseline_and_is_deterministic(
     assert first == second and first != baseline and sum(map(len, first)) > 0
     assert hook_generate(lm, edit, 6) == first  # the plain hooks' walk applies the same weight edit
     assert all(torch.equal(v, before[k]) for k, v in lm.hf.state_dict().items())  # restored after each
+
+
+def test_a_blockwise_edit_equals_the_whole_tensor_edit(monkeypatch):
+    """Large matrices are edited a few rows at a time (bounded float64 temporaries): same bits as at once."""
+    import pipeline.orthogonalize as orthogonalize_module
+
+    d, _ = unit_direction()
+    edit = make_edit("kernel", direction=d, attn=ATTN, mlp=MLP)
+    whole, rows = build("llama-bias"), build("llama-bias")
+    monkeypatch.setattr(orthogonalize_module, "_BLOCK_ELEMENTS", 100)  # under two rows of a 64-wide view
+    with edit.weights(rows, "cpu"):
+        monkeypatch.undo()
+        with edit.weights(whole, "cpu"):
+            a, b = whole.state_dict(), rows.state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a)
