@@ -90,9 +90,9 @@ def cosmic_layers(harmful_means: torch.Tensor, harmless_means: torch.Tensor, fra
 def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harmless: list[str],
                      rules: Selection, rule: str = "auto") -> pl.DataFrame:
     """Every rule's scores per candidate; `discarded` is `rule`'s reason, `picks` the rules picking a row."""
-    rule = SELECTORS[rule]
+    selector = SELECTORS[rule]
     # COSMIC needs no refusal token: a model without them still gets its cosine scores
-    ids = refusal_token_ids(lm.tok, lm.spec) if rule.needs_refusal_tokens or lm.spec.refusal_tokens else None
+    ids = refusal_token_ids(lm.tok, lm.spec) if selector.needs_refusal_tokens or lm.spec.refusal_tokens else None
     bs = rules.batch_size
     every = list(range(lm.rmap.n_layers))
     base_harmless, harmless_means = probe(lm, harmless, Edit(), bs, every)
@@ -131,7 +131,7 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
         rows.append(row)
     evaluated = [r for r in rows if r.get("discarded") is None]
     for row in evaluated:
-        row["discarded"] = rule.discard(row, rules, induce_floor)
+        row["discarded"] = selector.discard(row, rules, induce_floor)
     picks = picked_by(evaluated, rules, induce_floor)
     for row in rows:
         row["picks"] = ",".join(picks.get((row["layer"], row["position"]), [])) or None
@@ -197,16 +197,16 @@ SELECTORS: dict[str, Rule] = {
 
 
 def choose(scores: pl.DataFrame, model: str, model_file: str, rule: str = "auto") -> tuple[int, int]:
-    rule = SELECTORS[rule]
+    selector = SELECTORS[rule]
     alive = scores.filter(pl.col("discarded").is_null())
     if alive.height == 0:
-        evaluated = [r for r in scores.iter_rows(named=True) if not math.isnan(r[rule.score])]
-        closest = "; ".join(f"layer {r['layer']} pos {r['position']} ({rule.score} {r[rule.score]:.2f}: "
-                            f"{r['discarded']})" for r in rule.ranked(evaluated)[:3])
+        evaluated = [r for r in scores.iter_rows(named=True) if not math.isnan(r[selector.score])]
+        closest = "; ".join(f"layer {r['layer']} pos {r['position']} ({selector.score} {r[selector.score]:.2f}: "
+                            f"{r['discarded']})" for r in selector.ranked(evaluated)[:3])
         raise ConfigError(model_file, "direction.force",
                           f"no candidate direction of {model} survives selection; closest: {closest or 'none'}. "
                           "Force one with direction: {layer: L, position: P, force: true}")
-    best = rule.best(list(alive.iter_rows(named=True)))
+    best = selector.best(list(alive.iter_rows(named=True)))
     return best["layer"], best["position"]
 
 
