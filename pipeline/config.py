@@ -90,13 +90,15 @@ class Activations(Schema):
 
 
 class Selection(Schema):
-    """Arditi et al.'s selection filters, and which candidates to evaluate (CPU budget)."""
+    """The selection rules' filters (pipeline/selection.py), and which candidates to evaluate (CPU budget)."""
 
     max_layer_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
     kl_max: NonNegFloat = 0.1
     induce_min: float = 0.0
     induce_relative: bool = False  # induce_min counts from the unsteered harmless score, not from 0
     batch_size: PosInt = 32
+    # COSMIC (direction.select: cosmic): the share of layers, least alike harmful vs harmless, it compares at
+    cosmic_layer_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
     layers: list[NonNegInt] | LayerRange | None = None  # None: every layer
     positions: list[NegInt] | None = None  # None: every post-instruction position
 
@@ -134,7 +136,8 @@ class Direction(Schema):
     sources: list[Literal["self", "random"]] = ["self", "random"]
     random_seed: NonNegInt = 0
     filter: bool = True  # keep harmful val/train prompts the model refuses, harmless ones it does not
-    select: Literal["auto", "configured"] = "auto"
+    # auto: Arditi et al.'s rule; cosmic: Siu et al.'s (pipeline/selection.py SELECTORS); configured: the model YAML's
+    select: Literal["auto", "cosmic", "configured"] = "auto"
     selection: Selection = Selection()
     force: list[Force] = []
     bootstrap: Bootstrap | None = None  # None: no stability analysis

@@ -109,6 +109,12 @@ SELECTION = pa.schema([
     ("model", pa.string()), ("layer", pa.int16()), ("position", pa.int16()), ("norm", pa.float64()),
     ("bypass", pa.float64()), ("induce", pa.float64()), ("kl", pa.float64()),
     ("discarded", pa.string()), ("chosen", pa.bool_()),
+    # COSMIC's scores (pipeline/selection.py), whichever rule ran; cosmic_layer: the layer is one of its L_low
+    ("cosmic_refuse", pa.float64()), ("cosmic_comply", pa.float64()), ("cosmic", pa.float64()),
+    ("cosmic_layer", pa.bool_()),
+    # rule: the direction.select rule that set `chosen` (auto, cosmic, or forced); picks: every rule that would
+    # choose the row (comma-separated; null: none)
+    ("rule", pa.string()), ("picks", pa.string()),
 ])
 
 SWEEP = pa.schema([

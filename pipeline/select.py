@@ -1,5 +1,5 @@
-"""Stage 3b: score every candidate direction and choose one (Arditi et al.'s selection, in
-pipeline/selection.py: bypass, induce and KL on the val prompts, discard, lowest bypass wins).
+"""Stage 3b: score every candidate direction and choose one by `direction.select`'s rule (pipeline/selection.py:
+Arditi et al.'s lowest bypass, or COSMIC's highest cosine score; each rule's scores and picks are recorded).
 A model YAML (or the experiment) can force a (layer, position) instead, which skips the scoring.
 Writes the scores, the chosen direction with a random control of the same norm, and heatmaps.
 """
@@ -20,16 +20,17 @@ from .models import LoadedModel
 from .probes import val_prompts
 from .schemas import (SELECTED_EXTRA, SELECTION, column_matrix, direction_schema, read_parquet, vectors_column,
                       write_bytes, write_parquet)
-from .selection import choose, filter_by_score, score_candidates
+from .selection import SCORES, SELECTORS, choose, filter_by_score, score_candidates
 
 
-def heatmaps(scores: pl.DataFrame, model: str, chosen: tuple[int, int]) -> bytes:
+def heatmaps(scores: pl.DataFrame, model: str, chosen: tuple[int, int],
+             metrics: tuple[str, ...] = ("bypass", "induce", "kl")) -> bytes:
     plt = pyplot()
 
     layers = sorted(scores["layer"].unique().to_list())
     positions = sorted(scores["position"].unique().to_list())
-    fig, axes = plt.subplots(1, 3, figsize=(12, max(3.5, 0.22 * len(layers) + 1.5)))
-    for ax, metric in zip(axes, ("bypass", "induce", "kl")):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), max(3.5, 0.22 * len(layers) + 1.5)))
+    for ax, metric in zip(axes, metrics):
         grid = np.full((len(layers), len(positions)), np.nan)
         for r in scores.iter_rows(named=True):
             grid[layers.index(r["layer"]), positions.index(r["position"])] = r[metric]
@@ -46,8 +47,8 @@ def heatmaps(scores: pl.DataFrame, model: str, chosen: tuple[int, int]) -> bytes
     return to_png(fig)
 
 
-def selection_table(model: str, scores: pl.DataFrame, chosen: tuple[int, int]) -> pa.Table:
-    df = scores.with_columns(model=pl.lit(model),
+def selection_table(model: str, scores: pl.DataFrame, chosen: tuple[int, int], rule: str = "auto") -> pa.Table:
+    df = scores.with_columns(model=pl.lit(model), rule=pl.lit(rule),
                              chosen=(pl.col("layer") == chosen[0]) & (pl.col("position") == chosen[1]))
     return df.select(SELECTION.names).to_arrow().cast(SELECTION)
 
@@ -83,7 +84,9 @@ def selected_table(model: str, diffs: dict, layer: int, position: int, random_se
 
 def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, selection_out: str,
         selected_out: str, heatmap_out: str, *, forced: tuple[int, int] | None, rules: Selection,
-        filter_prompts: bool, random_seed: int, device: str, threads: int, exp_file: str) -> None:
+        filter_prompts: bool, random_seed: int, device: str, threads: int, exp_file: str,
+        rule: str = "auto") -> None:
+    """`rule`: direction.select's rule choosing (a key of selection.SELECTORS) unless `forced` is given."""
     candidates = read_parquet(candidates_path)
     method = method_of(candidates)
     keys = list(zip(candidates.column("layer").to_pylist(), candidates.column("position").to_pylist()))
@@ -96,9 +99,11 @@ def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, select
         i = keys.index(forced)
         scores = pl.DataFrame([{"layer": forced[0], "position": forced[1],
                                 "norm": float(np.linalg.norm(column_matrix(candidates, "direction")[i])),
-                                "bypass": math.nan, "induce": math.nan, "kl": math.nan, "discarded": None}],
-                              schema_overrides={"discarded": pl.String})
-        chosen = forced
+                                **{k: math.nan for k in SCORES}, "cosmic_layer": None, "discarded": None,
+                                "picks": None}],
+                              schema_overrides={"discarded": pl.String, "cosmic_layer": pl.Boolean,
+                                                "picks": pl.String})
+        chosen, rule = forced, "forced"
         png = placeholder_png(f"{spec.name}: direction forced at layer {forced[0]}, position {forced[1]}")
     else:
         lm = LoadedModel(spec, prepared_dir, device, threads)
@@ -110,11 +115,11 @@ def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, select
                 raise ConfigError(exp_file, "direction.filter",
                                   f"no {label} val prompt left after filtering by the refusal score for {spec.name}; "
                                   "check refusal_tokens and the template, or force the direction")
-        scores = score_candidates(lm, candidates, harmful, harmless, rules)
-        chosen = choose(scores, spec.name, spec.file)
-        png = heatmaps(scores, spec.name, chosen)
+        scores = score_candidates(lm, candidates, harmful, harmless, rules, rule)
+        chosen = choose(scores, spec.name, spec.file, rule)
+        png = heatmaps(scores, spec.name, chosen, SELECTORS[rule].heatmap)
     diffs = {k: (column_matrix(candidates, "direction")[i].astype(np.float64), 0, 0) for i, k in enumerate(keys)}
-    write_parquet(selection_table(spec.name, scores, chosen), selection_out)
+    write_parquet(selection_table(spec.name, scores, chosen, rule), selection_out)
     write_parquet(selected_table(spec.name, diffs, chosen[0], chosen[1], random_seed, method), selected_out,
                   vector_columns=("direction",))
     write_bytes(png, heatmap_out)

@@ -148,18 +148,18 @@ def draw_candidates(model: str, stack: Stack, counts_row: np.ndarray, method: st
 
 
 def reselect(lm, stack: Stack, counts: np.ndarray, harmful: list[str], harmless: list[str],
-             rules: Selection, method: str, settings: dict | None = None) -> pl.DataFrame:
+             rules: Selection, method: str, settings: dict | None = None, rule: str = "auto") -> pl.DataFrame:
     """Selection rerun on each draw's candidates (by `method`): bypass, induce, kl, discarded and picked per
     draw x candidate. A draw where no candidate survives picks nothing. The selection's own scoring and choice
-    (pipeline/selection.py), not a copy, so reselection cannot drift from it."""
+    (pipeline/selection.py), not a copy, so reselection cannot drift from it; `rule`: direction.select's."""
     from .selection import choose, score_candidates  # torch and the model code: only when reselecting
 
     frames = []
     for d in tqdm(range(counts.shape[0]), desc=f"reselect {lm.spec.name}", leave=False):
         scores = score_candidates(lm, draw_candidates(lm.spec.name, stack, counts[d], method, settings), harmful,
-                                  harmless, rules)
+                                  harmless, rules, rule)
         try:
-            pick = choose(scores, lm.spec.name, lm.spec.file)
+            pick = choose(scores, lm.spec.name, lm.spec.file, rule)
         except ConfigError:
             pick = None
         frames.append(scores.select("layer", "position", "bypass", "induce", "kl", "discarded").with_columns(
@@ -294,10 +294,12 @@ def model_stability(model: str, activations_path: str, selected_path: str, boots
 
 def run(models: dict, activations: dict[str, str], selected: dict[str, str], bootstrap: Bootstrap,
         table_out: str, chart_out: str, md_out: str, *, method: str, filter_prompts: bool, rules: Selection,
-        prompts_path: str | None, device: str, threads: int, exp_file: str, settings: dict | None = None) -> None:
+        prompts_path: str | None, device: str, threads: int, exp_file: str, settings: dict | None = None,
+        rule: str = "auto") -> None:
     """`models`: name -> (spec, prepared dir, forced); spec and dir are needed (and the model loaded) only
     to reselect, which happens with `bootstrap.reselect` for directions not forced. `method`: the experiment's
-    direction method, as the directions stage used it, with its `settings`."""
+    direction method, as the directions stage used it, with its `settings`; `rule`: the selection rule
+    (direction.select) reselection applies."""
     frames = []
     for name, (spec, prepared, forced) in models.items():
         stack, counts, cos = model_stability(name, activations[name], selected[name], bootstrap,
@@ -312,7 +314,7 @@ def run(models: dict, activations: dict[str, str], selected: dict[str, str], boo
             harmful, harmless = val_prompts(prompts_path)
             if filter_prompts:
                 harmful, harmless = filter_by_score(lm, harmful, harmless, rules.batch_size)
-            reselected = reselect(lm, stack, counts, harmful, harmless, rules, method, settings)
+            reselected = reselect(lm, stack, counts, harmful, harmless, rules, method, settings, rule)
         frames.append(stability_table(cos, reselected))
     table = pa.concat_tables(frames)
     write_parquet(table, table_out)

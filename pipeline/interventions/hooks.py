@@ -25,14 +25,20 @@ def touches_activations(edit: Edit, rmap: ResidualMap) -> bool:
     return edit.last_block(rmap.n_layers) is not None
 
 
-def apply_nnsight(model, rmap: ResidualMap, edit: Edit, record: tuple[list, list] | None = None) -> None:
+def apply_nnsight(model, rmap: ResidualMap, edit: Edit, record: tuple[list, list] | None = None,
+                  read: dict | None = None) -> None:
     """Apply `edit` inside an nnsight trace body (once per generation step).
 
     nnsight hands out values in the order the model computes them, so this walks the model in that
     order and stops after the edit's last block. `record`, if given, is two lists that receive every
-    block's input and output (the whole model is then walked).
+    block's input and output (the whole model is then walked). `read`, if given, maps a block index to a
+    function called with that block's input as edited (COSMIC's selection reads a few layers only, so it
+    need not record them all); the walk then goes on to the last block read.
     """
     last = edit.last_block(rmap.n_layers)
+    read = read or {}
+    if read:
+        last = max(last if last is not None else -1, max(read))
     if last is None and record is None:
         return
     change = edit.at_embedding()
@@ -44,6 +50,8 @@ def apply_nnsight(model, rmap: ResidualMap, edit: Edit, record: tuple[list, list
         if change is not None:
             h = block.input
             h[:] = change(h)
+        if i in read:
+            read[i](block.input)
         if record is not None:
             record[0].append(block.input.clone())
         change = edit.at_writers(i)

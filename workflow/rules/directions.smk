@@ -18,7 +18,8 @@ rule directions:
 
 
 rule select:
-    """Score every candidate on the val prompts (bypass, induce, KL) and choose one, or take the forced one."""
+    """Score every candidate on the val prompts (bypass, induce, KL, COSMIC's cosines) and choose one by
+    direction.select's rule, or take the forced one."""
     input:
         model=MODELS + "/{model}",
         prompts=OUT + "/prompts.parquet",
@@ -31,6 +32,7 @@ rule select:
         model=model_params,
         choice=lambda w: EXP.direction_choice(w.model),
         selection=to_params(EXP.direction.selection),
+        select=EXP.direction.select,
         filter=EXP.direction.filter,
         random_seed=EXP.direction.random_seed,
         device=EXP.device,

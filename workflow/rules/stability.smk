@@ -36,6 +36,7 @@ if BOOTSTRAP is not None:
             # what reselection reads; empty without it, so turning it on reruns only this job
             models={m: to_params(EXP.models[m]) for m in reselected_models()},
             selection=to_params(EXP.direction.selection) if reselected_models() else None,
+            select=EXP.direction.select if reselected_models() else None,
             forced={m: EXP.direction_choice(m)[2] for m in EXP.models},
             device=EXP.device,
             file=EXP.file,

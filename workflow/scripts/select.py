@@ -10,4 +10,4 @@ with job(snakemake) as p:
                snakemake.input.candidates, out.selection, out.selected, out.heatmap,
                forced=(layer, position) if forced else None, rules=from_params(Selection, p.selection),
                filter_prompts=p.filter, random_seed=p.random_seed, device=p.device, threads=snakemake.threads,
-               exp_file=p.file)
+               exp_file=p.file, rule=p.select)

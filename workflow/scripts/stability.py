@@ -14,4 +14,4 @@ with job(snakemake) as p:
                   settings=p.method_settings, filter_prompts=p.filter,
                   rules=from_params(Selection, p.selection) if p.selection else None,
                   prompts_path=inp.prompts[0] if inp.prompts else None, device=p.device,
-                  threads=snakemake.threads, exp_file=p.file)
+                  threads=snakemake.threads, exp_file=p.file, rule=p.select or "auto")
