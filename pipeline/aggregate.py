@@ -582,7 +582,9 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
               "and after a neutral instruction, past its threshold; "
               f"docs/measures.md) passes the limit ({coherence or {}}). Capability side effects, on harmless prompts: "
               "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
-              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution. "
+              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution, "
+              "`kl_tokens` = the same averaged over the first answer positions, teacher-forced on the baseline's "
+              "own answer. "
               "Error bars in the charts: the 95% Wilson intervals.",
               "", table_md, *chart_links, ""]
     transfer = transfer_table(summary.with_columns(_text=pl.struct(
