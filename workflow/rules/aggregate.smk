@@ -1,6 +1,6 @@
 rule aggregate:
     """Summary Parquet, CSV and Markdown tables (rates with Wilson intervals, McNemar p vs baseline), bar charts,
-    selection heatmaps and a report."""
+    the methods side by side (table and Pareto chart per model), selection heatmaps and a report."""
     input:
         scores=grid_files("scores"),
         capability=grid_files("capability"),
@@ -19,6 +19,9 @@ rule aggregate:
         md=OUT + "/summary.md",
         report=OUT + "/report.md",
         charts=expand(OUT + "/charts/{model}.png", model=list(EXP.models)),
+        methods=OUT + "/methods.parquet",
+        methods_csv=OUT + "/methods.csv",
+        methods_charts=expand(OUT + "/charts/methods_{model}.png", model=list(EXP.models)),
         sweep_scatter=[OUT + "/charts/sweep_prediction.png"] if EXP.sweep else [],
         similarity=[OUT + "/charts/direction_similarity.png"] if EXP.pairs else [],
     params:
