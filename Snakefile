@@ -48,6 +48,9 @@ MODELS = str(EXP.results_dir / "models")
 LOGS = str(EXP.out / "logs")
 GPU = 0 if EXP.device == "cpu" else 1  # a resource, so local runs never start two GPU jobs at once
 
+# the front page of `snakemake --report results/<experiment>/report.html` (same --config as the run)
+report: "workflow/report/workflow.rst"
+
 wildcard_constraints:
     model=r"[^/]+",
     source=r"[^/]+",

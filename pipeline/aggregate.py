@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import stats
+from . import methods_table, stats
 from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
 from .direction_methods import method_of, method_settings_of, methods_label
@@ -540,8 +540,9 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
         sweeps: dict[str, tuple[str, str, str]] | None = None, scatter_path: str | None = None,
         coherence: dict | None = None, pairs: list[tuple[str, str]] = (), candidates: dict[str, str] | None = None,
         similarity_path: str | None = None, activations: dict[str, str] | None = None,
-        scorers: list[str] | None = None) -> None:
-    """`activations`: train activations of the paired models, for the similarity's bootstrap interval
+        scorers: list[str] | None = None, methods_charts: dict[str, str] | None = None) -> None:
+    """`methods_charts`: model -> its methods Pareto chart (methods.parquet/.csv are written with the summary).
+    `activations`: train activations of the paired models, for the similarity's bootstrap interval
     (omit when the directions were computed over filtered prompts: the bootstrap would resample others).
     `scorers`: the experiment's scorers as listed (table order; the first is the one single-scorer views use)."""
     scores = pl.concat([pl.from_arrow(read_parquet(p)) for p in score_paths], how="vertical")
@@ -561,6 +562,7 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
     buf = io.StringIO()
     summary.write_csv(buf)
     write_text(buf.getvalue(), out / "summary.csv")
+    methods = methods_table.run(summary, scores, out, methods_charts or {})
     wide = wide_table(summary, capability)
     shown = display_table(wide)
     grid = wide.filter(pl.col("source") != "sweep")
@@ -582,9 +584,11 @@ def run(experiment: str, score_paths: list[str], out_dir: str, charts: dict[str,
               "and after a neutral instruction, past its threshold; "
               f"docs/measures.md) passes the limit ({coherence or {}}). Capability side effects, on harmless prompts: "
               "`ce_reference` = cross-entropy (nats/token) on reference answers, `ce_own` = on the model's own "
-              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution. "
+              "baseline answers, `first_token_kl` = KL(baseline || steered) of the next-token distribution, "
+              "`kl_tokens` = the same averaged over the first answer positions, teacher-forced on the baseline's "
+              "own answer. "
               "Error bars in the charts: the 95% Wilson intervals.",
-              "", table_md, *chart_links, ""]
+              "", table_md, *chart_links, "", methods, ""]
     transfer = transfer_table(summary.with_columns(_text=pl.struct(
         "refusal_rate", "ci_low", "ci_high", "refused", "n").map_elements(
         lambda r: rate_text(r["refusal_rate"], r["ci_low"], r["ci_high"], r["refused"], r["n"]),

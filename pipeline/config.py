@@ -161,6 +161,10 @@ class Capability(Schema):
     enabled: bool = True
     n: PosInt = 16
     reference: Text = "pkg:harmless_reference.jsonl"
+    # kl_tokens: KL(baseline || steered) over this many answer positions, teacher-forced on the baseline's
+    # own answer (1: first_token_kl again); positions past the end of a shorter answer are not counted.
+    # Bounded: the job holds the baseline's logits at every position (n x kl_tokens x vocab floats)
+    kl_tokens: Annotated[int, Field(ge=1, le=256)] = 8
 
 
 class Generation(Schema):

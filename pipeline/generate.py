@@ -261,6 +261,7 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
     # before any weight edit: the unsteered next-token distribution the KL is taken against
     baseline_logits = last_logits(lm, harmless, Edit(), batch_size) if any(measured) else None
     baseline = pl.from_arrow(read_parquet(baseline_path)) if baseline_path else None
+    answers = baseline_answers(lm, baseline, cap, batch_size) if any(measured) else None
     for group in plan_passes([plan for plan, *_ in cells], cells_per_pass):
         plans = [cells[i][0] for i in group]
         prompts = test.filter(pl.col("label").is_in(list(plans[0].labels)))
@@ -278,11 +279,14 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
                 if plan.kind == "baseline":
                     baseline = pl.DataFrame({"label": prompts["label"], "prompt": instructions,
                                              "completion": results[i][0]})
+                    # the baseline's pass edits no weight (a weight edit has a pass of its own)
+                    answers = baseline_answers(lm, baseline, cap, batch_size) if any(measured) else None
             for i, iv in zip(group, ivs):
                 if measured[i]:  # on the steered (or edited) model
                     own = own_answers(baseline, cap.n)
                     reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
-                    metrics[i] = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size)
+                    metrics[i] = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size,
+                                                    answers)
         for i, plan in zip(group, plans):
             _, output, capability_out = cells[i]
             completions, ids = results[i]
@@ -360,6 +364,15 @@ def own_answers(baseline: pl.DataFrame | None, n: int) -> list[tuple[str, str]]:
         raise ValueError("a steered cell's capability needs the baseline cell's completions")
     df = baseline.filter(pl.col("label") == "harmless").head(n)
     return list(zip(df["prompt"].to_list(), df["completion"].to_list()))
+
+
+def baseline_answers(lm: LoadedModel, baseline: pl.DataFrame | None, cap: Capability,
+                     batch_size: int) -> capability.BaselineAnswers | None:
+    """The unsteered model's logits over its own answers' first positions (kl_tokens), once per job and on
+    the unedited model; None until the baseline's answers exist (the baseline cell then runs first)."""
+    if baseline is None:
+        return None
+    return capability.baseline_answers(lm, own_answers(baseline, cap.n), cap.kl_tokens, batch_size)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ sweep/{m}/picks            a cell chosen for generation: pick (best1, same1, ...
 scores/...                 the generation row plus scorer and refused (bool): one row per
                            completion per scorer of the experiment (`scoring:` may list several)
 capability/...             metric: model, source, cell, intervention, coefficient, metric
-                           (ce_reference | ce_own | first_token_kl), value, n
+                           (ce_reference | ce_own | first_token_kl | kl_tokens), value, n
                            (schema in `capability`)
 length/length              cell x label x scorer x k (experiments with `length:`): the
                            cell's model, source, cell, intervention, extraction_layer,
@@ -158,7 +158,7 @@ SUMMARY = pa.schema([
 
 
 def summary_schema(metrics: list[str]) -> pa.Schema:
-    """SUMMARY plus the capability metrics present (ce_reference, ce_own, first_token_kl, ...)."""
+    """SUMMARY plus the capability metrics present (ce_reference, ce_own, first_token_kl, kl_tokens, ...)."""
     return pa.schema([*SUMMARY, *[(m, pa.float64()) for m in metrics]])
 
 

@@ -37,7 +37,8 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     assert tiny_dag["killed"] == {"locked": True, "summary": False, "unlock": 0}
     assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
     for name in ("prompts.parquet", "summary.parquet", "summary.csv", "summary.md", "report.md",
-                 "charts/tiny-chat.png", "charts/tiny-base.png"):
+                 "charts/tiny-chat.png", "charts/tiny-base.png", "methods.parquet", "methods.csv",
+                 "charts/methods_tiny-chat.png", "charts/methods_tiny-base.png"):
         assert (out / name).exists(), name
     assert not list(out.rglob("*.tmp"))
 

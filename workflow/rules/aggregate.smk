@@ -1,6 +1,6 @@
 rule aggregate:
     """Summary Parquet, CSV and Markdown tables (rates with Wilson intervals, McNemar p vs baseline), bar charts,
-    selection heatmaps and a report."""
+    the methods side by side (table and Pareto chart per model), selection heatmaps and a report."""
     input:
         scores=grid_files("scores"),
         capability=grid_files("capability"),
@@ -14,13 +14,23 @@ rule aggregate:
         # reproduce the directions, so then it is not run
         activations=[] if EXP.direction.filter else expand(OUT + "/activations/{model}.parquet", model=PAIRED),
     output:
+        # report(...): what `snakemake --report report.html` shows (captions in workflow/report/)
         summary=OUT + "/summary.parquet",
-        csv=OUT + "/summary.csv",
+        csv=report(OUT + "/summary.csv", caption="../report/summary.rst", category="Summary"),
         md=OUT + "/summary.md",
         report=OUT + "/report.md",
-        charts=expand(OUT + "/charts/{model}.png", model=list(EXP.models)),
-        sweep_scatter=[OUT + "/charts/sweep_prediction.png"] if EXP.sweep else [],
-        similarity=[OUT + "/charts/direction_similarity.png"] if EXP.pairs else [],
+        charts=[report(OUT + f"/charts/{m}.png", caption="../report/refusal_chart.rst", category="Refusal rates",
+                       labels={"model": m, "figure": "refusal rate by condition"}) for m in EXP.models],
+        methods=OUT + "/methods.parquet",
+        methods_csv=report(OUT + "/methods.csv", caption="../report/methods.rst", category="Methods side by side",
+                           labels={"model": "all", "figure": "methods table"}),
+        methods_charts=[report(OUT + f"/charts/methods_{m}.png", caption="../report/methods_chart.rst",
+                               category="Methods side by side", labels={"model": m, "figure": "refusal vs KL"})
+                        for m in EXP.models],
+        sweep_scatter=[report(OUT + "/charts/sweep_prediction.png", caption="../report/sweep_prediction.rst",
+                              category="Sweep")] if EXP.sweep else [],
+        similarity=[report(OUT + "/charts/direction_similarity.png", caption="../report/direction_similarity.rst",
+                           category="Base vs chat")] if EXP.pairs else [],
     params:
         name=EXP.name,
         models=list(EXP.models),

@@ -12,4 +12,4 @@ with job(snakemake) as p:
                   pairs=[tuple(pair) for pair in p.pairs], candidates=dict(zip(p.paired, inp.candidates)),
                   similarity_path=out.similarity[0] if out.similarity else None,
                   activations=dict(zip(p.paired, inp.activations)) if p.bootstrap else None,
-                  scorers=list(p.scorers))
+                  scorers=list(p.scorers), methods_charts=dict(zip(p.models, out.methods_charts)))
