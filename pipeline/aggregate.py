@@ -245,10 +245,30 @@ def selection_section(model: str, selection_path: str, heatmap_path: str, out: P
         lines.append(f"Chosen: layer {chosen['layer']}, position {chosen['position']} — bypass {chosen['bypass']:.2f}, "
                      f"induce {chosen['induce']:.2f}, KL {chosen['kl']:.3f}, norm {chosen['norm']:.2f}. "
                      f"{evaluated.height} candidates scored, {kept} passed the filters.")
-        best = evaluated.sort("bypass").head(5).select("layer", "position", "bypass", "induce", "kl", "discarded")
-        lines += ["", markdown(best.with_columns(pl.col("bypass", "induce").round(2), pl.col("kl").round(3)))]
+        lines += ["", rule_picks(sel)]
+        best = (evaluated.sort("bypass").head(5)
+                .select("layer", "position", "bypass", "induce", "kl", "cosmic", "picks", "discarded"))
+        lines += ["", markdown(best.with_columns(pl.col("bypass", "induce", "cosmic").round(2), pl.col("kl").round(3)))]
     lines += ["", f"![{model} selection]({Path(heatmap_path).relative_to(out)})", ""]
     return "\n".join(lines)
+
+
+RULE_NAMES = {"auto": "Arditi et al.'s rule (lowest bypass score)", "cosmic": "COSMIC (highest cosine score)"}
+
+
+def rule_picks(sel: pl.DataFrame) -> str:
+    """Which candidate each selection rule picks: both are scored in the same passes, whichever one chose."""
+    rule = sel.filter(pl.col("chosen"))["rule"][0]
+    said = [f"Chosen by {RULE_NAMES.get(rule, rule)}."]
+    for name, text in RULE_NAMES.items():
+        picked = sel.filter(pl.col("picks").str.split(",").list.contains(name))
+        if picked.height:
+            r = picked.row(0, named=True)
+            said.append(f"{text}: layer {r['layer']}, position {r['position']} (bypass {r['bypass']:.2f}, "
+                        f"COSMIC score {r['cosmic']:.3f}, KL {r['kl']:.3f}).")
+        else:
+            said.append(f"{text}: no candidate passes its filters.")
+    return " ".join(said)
 
 
 PREDICTION_KEYS = ["model", "kind", "extraction_layer", "extraction_position", "addition_layer", "coefficient",

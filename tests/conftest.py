@@ -17,9 +17,11 @@ from pipeline.models import LoadedModel, prepare  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = Path(__file__).parent / "plugins" / "scale_component.py"
 # conf/intervention/small.yaml (the tiny experiment's) plus the plugin's kind, scaling the component by 0 and 1,
-# affine ablation (tests/test_affine.py reads its cells) and the norm-preserving weight edit
+# affine ablation (tests/test_affine.py reads its cells), the norm-preserving weight edit and a per-layer kernel
 SCALED = ("ablation: true\northogonalization: true\nnorm_preserving: true\naddition: {coefficients: [2.0]}\n"
-          "scale: {factors: [0.0, 1.0]}\naffine: {alphas: [0.0, 2.0]}\n")
+          "scale: {factors: [0.0, 1.0]}\naffine: {alphas: [0.0, 2.0]}\n"
+          "kernel: {attn: {max_weight: 1.0, max_weight_position: 1.5, min_weight: 0.5, min_weight_distance: 2},"
+          " mlp: {max_weight: 0.8, max_weight_position: 2, min_weight: 0.0, min_weight_distance: 1}}\n")
 
 
 def with_scale_kind(conf: Path) -> list[str]:

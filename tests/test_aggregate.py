@@ -306,3 +306,15 @@ def test_run_with_two_scorers_reports_both(tmp_path):
     aggregate.run("t", write_scores(tmp_path / "one", grid_scores()), str(tmp_path / "one-out"),
                   {"m": str(tmp_path / "one-out" / "m.png")})
     assert height > 1.5 * int.from_bytes(open(tmp_path / "one-out" / "m.png", "rb").read()[20:24], "big")  # 2 panels
+
+
+def test_the_report_names_each_selection_rules_pick():
+    sel = pl.DataFrame({"layer": [3, 4, 5], "position": [-1, -1, -1], "bypass": [-2.0, 1.0, 0.5],
+                        "cosmic": [0.5, 1.25, 0.75], "kl": [0.05, 0.1, 0.2], "chosen": [False, True, False],
+                        "rule": ["cosmic"] * 3, "picks": ["auto", "cosmic", ""]})
+    text = aggregate.rule_picks(sel)
+    assert text.startswith("Chosen by COSMIC")
+    assert "lowest bypass score): layer 3, position -1 (bypass -2.00" in text
+    assert "highest cosine score): layer 4, position -1 (bypass 1.00, COSMIC score 1.250" in text
+    none = aggregate.rule_picks(sel.with_columns(pl.lit("auto").alias("picks")))
+    assert "COSMIC (highest cosine score): no candidate passes its filters." in none

@@ -50,8 +50,8 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     summary = pl.read_parquet(out / "summary.parquet")
     grid = summary.filter(pl.col("source") != "sweep")
     # per model: baseline + 3 sources x (ablation, orthogonalization, norm-preserving, +2, the plugin's two
-    # factors, affine at alpha 0 and 2), 2 labels
-    assert grid.height == 2 * (1 + 3 * 8) * 2
+    # factors, affine at alpha 0 and 2, the kernel), 2 labels
+    assert grid.height == 2 * (1 + 3 * 9) * 2
     assert set(grid["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
@@ -71,6 +71,11 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     grid_add = gens.filter((pl.col("intervention") == "addition") & (pl.col("source") != "sweep"))
     assert (grid_add["addition_layer"] == grid_add["extraction_layer"]).all()
     assert set(gens.filter(pl.col("intervention") == "ablation")["ablation_layers"]) == {"all"}
+    # the per-layer kernel runs through the grid and the report names it, beside the others in the methods table
+    assert set(gens.filter(pl.col("intervention") == "kernel")["ablation_layers"]) == {"kernel"}
+    assert "kernel-weighted orthogonalization (self)" in (out / "report.md").read_text()
+    methods = pl.read_parquet(out / "methods.parquet")
+    assert {"kernel", "norm_preserving", "affine_0", "ablation"} <= set(methods["cell"])
     assert gens["repetition"].is_between(0, 1).all() and (gens["nll"].drop_nans().drop_nulls() > 0).all()
 
     # the sweep: every cell of the declared range scored, its picks generated with their own layers
