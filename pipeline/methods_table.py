@@ -94,11 +94,15 @@ def pareto_mask(x: list[float | None], y: list[float | None]) -> list[bool]:
 
 
 def with_pareto(table: pl.DataFrame) -> pl.DataFrame:
-    """`pareto`: the row is on its model and scorer's front of harmful refusal rate vs KL (`kl_axis`)."""
+    """`pareto`: the row is on its model and scorer's front of harmful refusal rate vs KL (`kl_axis`).
+    A degenerate cell is left off the front and dominates nothing: a broken model refuses nothing
+    because it says nothing coherent, which is no trade-off a reader wants offered."""
     axis = kl_axis(table)
     parts = []
     for _, part in table.group_by(["model", "scorer"], maintain_order=True):
-        mask = pareto_mask(part[axis].to_list(), part["harmful_rate"].to_list())
+        broken = part["degenerate"].fill_null(False).to_list()
+        kl = [None if b else v for v, b in zip(part[axis].to_list(), broken)]
+        mask = pareto_mask(kl, part["harmful_rate"].to_list())
         parts.append(part.with_columns(pareto=pl.Series(mask, dtype=pl.Boolean)))
     if not parts:
         return table.with_columns(pareto=pl.lit(False))

@@ -79,6 +79,14 @@ def test_pareto_front_on_kl_tokens_and_harmful_refusal(table):
     assert methods_table.kl_axis(table.with_columns(kl_tokens=pl.lit(None, pl.Float64))) == "first_token_kl"
 
 
+def test_a_degenerate_cell_is_not_on_the_front(table):
+    # the ablation cell (on the front above) flagged degenerate: off the front, and it no longer dominates
+    broken = table.drop("pareto").with_columns(
+        degenerate=(pl.col("source") == "self") & (pl.col("cell") == "ablation"))
+    front = set(methods_table.with_pareto(broken).filter(pl.col("pareto")).select("source", "cell").iter_rows())
+    assert ("self", "ablation") not in front and ("none", "baseline") in front
+
+
 def test_pareto_mask():
     assert pareto_mask([0.0, 0.1, 0.2, 0.3], [1.0, 1.0, 0.1, 0.0]) == [True, False, True, True]
     assert pareto_mask([0.1, 0.1], [0.5, 0.5]) == [True, True]  # equal points do not dominate each other
