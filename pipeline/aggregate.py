@@ -21,6 +21,7 @@ from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
 from .direction_methods import method_of, method_settings_of, methods_label
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
+from .specs import Source
 from .interventions import INTERVENTIONS
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
@@ -45,15 +46,20 @@ PICKED_ON_VAL = ("best", "same", "spread", "ablate")  # sweep picks chosen by th
 
 
 def picked_on(source: str, cell: str) -> str | None:
-    """'val' for a sweep cell chosen by its logit score on the val prompts; declared cells were not chosen."""
+    """'val' for a sweep cell chosen by its logit score on the val prompts, or a selection rule's pick;
+    declared sweep cells were not chosen."""
+    if source == "rule":  # a selection rule chose it from its val scores
+        return "val"
     if source != "sweep":
         return None
     return "val" if re.sub(r"\d+$", "", cell) in PICKED_ON_VAL else None
 
 
 def cell_condition(r: dict) -> str:
-    """A readable name: sweep picks carry their layers (and say when they were picked on val), grid cells
-    their direction source."""
+    """A readable name: sweep picks carry their layers (and say when they were picked on val), a selection
+    rule's pick its rule and layer, grid cells their direction source."""
+    if r["source"] == "rule":
+        return f"{r['cell']}'s pick: ablation L{r['extraction_layer']} pos {r['extraction_position']} (picked on val)"
     if r["source"] != "sweep":
         return condition_name(r["intervention"], r["source"], r["coefficient"])
     if r["intervention"] == "ablation":
@@ -104,7 +110,7 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None, scorers: list
                .agg(n=pl.len(), refused=pl.col("refused").sum(), refusal_rate=pl.col("refused").mean(),
                     repetition=pl.col("repetition").mean(), nll=pl.col("nll").fill_nan(None).mean())
                .with_columns(condition=pl.struct("source", "cell", "intervention", "coefficient", "extraction_layer",
-                                                 "addition_layer").map_elements(cell_condition,
+                                                 "extraction_position", "addition_layer").map_elements(cell_condition,
                                                                                 return_dtype=pl.String),
                              picked_on=pl.struct("source", "cell").map_elements(
                                  lambda r: picked_on(r["source"], r["cell"]), return_dtype=pl.String)))
@@ -118,7 +124,9 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None, scorers: list
     ranks = {name: i for i, name in enumerate(scorer_order(scores, scorers))}
     return summary.with_columns(_o=pl.col("intervention").replace_strict(kind_order(), default=len(kind_order()),
                                                                               return_dtype=pl.Int16),
-                                _s=pl.col("source") == "sweep",
+                                # the grid, then the selection rules' picks, then the sweep's
+                                _s=pl.col("source").replace_strict({"rule": 1, "sweep": 2}, default=0,
+                                                                   return_dtype=pl.Int8),
                                 _r=pl.col("scorer").replace_strict(ranks, return_dtype=pl.Int32)).sort(
         ["model", "_s", "_o", "source", "coefficient", "cell", "_r", "label"], nulls_last=False).drop("_o", "_s", "_r")
 
@@ -268,6 +276,12 @@ def rule_picks(sel: pl.DataFrame) -> str:
                         f"COSMIC score {r['cosmic']:.3f}, KL {r['kl']:.3f}).")
         else:
             said.append(f"{text}: no candidate passes its filters.")
+    compared = sorted({n for ps in sel["picks"].drop_nulls() for n in ps.split(",") if n not in RULE_NAMES})
+    if compared:  # direction.selection.kl_max_compare: the same rules under other KL caps
+        where = {n: r for r in sel.filter(pl.col("picks").is_not_null()).iter_rows(named=True)
+                 for n in r["picks"].split(",")}
+        said.append("Under the compared KL caps: " + "; ".join(
+            f"{n}: layer {where[n]['layer']}, position {where[n]['position']}" for n in compared) + ".")
     return " ".join(said)
 
 
@@ -437,7 +451,7 @@ def transfer_table(summary: pl.DataFrame, value: str = "refusal_rate") -> pl.Dat
     """
     key = ["model", "intervention", "coefficient", "scorer", "label"]
     rate = summary.select(*key, "source", pl.col(value).alias("_rate"))
-    partner = rate.filter(~pl.col("source").is_in(["none", "self", "random", "sweep"])).rename(
+    partner = rate.filter(~pl.col("source").is_in([s.value for s in Source])).rename(
         {"source": "partner", "_rate": "partner_direction"})
     if partner.height == 0:
         return partner

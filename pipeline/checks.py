@@ -20,6 +20,17 @@ from .sources import _hub_cached_config, check_source, model_metadata
 from .specs import DatasetSpec, ModelSpec
 
 
+def check_rule_picks(exp: Experiment) -> None:
+    """direction.generate_picks needs the rules' scores, which a forced direction skips."""
+    if not exp.direction.generate_picks:
+        return
+    for name in exp.models:
+        if exp.direction_choice(name)[2]:
+            raise ConfigError(exp.file, "direction.generate_picks", f"the direction of {name} is forced (no rule "
+                              "scores its candidates, so there is no pick to generate); drop the force or set "
+                              "generate_picks: false")
+
+
 def check_experiment(exp: Experiment, device_here: bool = True) -> None:
     """`device_here`: jobs run on this machine, so `device: cuda` must find a GPU here."""
     for spec in [*exp.models.values(), *exp.judges.values()]:
@@ -31,6 +42,7 @@ def check_experiment(exp: Experiment, device_here: bool = True) -> None:
     check_model_facts(exp)
     check_pairs(exp)
     check_layers(exp)
+    check_rule_picks(exp)
     check_sweep_counts(exp)
     check_capability_reference(exp)
     if device_here:

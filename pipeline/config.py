@@ -94,6 +94,9 @@ class Selection(Schema):
 
     max_layer_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
     kl_max: NonNegFloat = 0.1
+    # other KL caps each rule's pick is also recorded for (selection.parquet `picks`: auto_kl0.4, ...), e.g. the
+    # configured cap's neighbours, to see how far the cap moves the pick (and, with generate_picks, the rates)
+    kl_max_compare: list[NonNegFloat] = []
     induce_min: float = 0.0
     induce_relative: bool = False  # induce_min counts from the unsteered harmless score, not from 0
     batch_size: PosInt = 32
@@ -139,6 +142,9 @@ class Direction(Schema):
     # auto: Arditi et al.'s rule; cosmic: Siu et al.'s (pipeline/selection.py SELECTORS); configured: the model YAML's
     select: Literal["auto", "cosmic", "configured"] = "auto"
     selection: Selection = Selection()
+    # generate every rule's pick (at kl_max and at each kl_max_compare) as an ablation cell on the test prompts
+    # (source `rule`), so the report shows what each selection rule's choice costs
+    generate_picks: bool = False
     force: list[Force] = []
     bootstrap: Bootstrap | None = None  # None: no stability analysis
 

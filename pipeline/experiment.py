@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from .interventions import INTERVENTIONS
 from .interventions.ablation import layer_range
-from .specs import Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec, Source, SweepSpec
+from .specs import (SELECTION_RULES, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec, Source,
+                    SweepSpec, rule_pick_name)
 
 if TYPE_CHECKING:  # the YAML blocks' schemas, in annotations only: config builds an Experiment
     from .config import Activations, Capability, Coherence, Direction, Generation, Split
@@ -78,7 +79,8 @@ class Experiment:
 
     def cells(self) -> list[Cell]:
         """Per model: each direction-free kind's cell (the baseline), then per direction source each kind's
-        cells, in the kinds' registration order; then the sweep's picks."""
+        cells, in the kinds' registration order, and each selection rule's pick (direction.generate_picks);
+        then the sweep's picks."""
         values = self.intervention.values
         kinds = [k for _, k in INTERVENTIONS.items()]
         cells = []
@@ -87,22 +89,30 @@ class Experiment:
             for source in self.direction_sources(model):
                 cells += [Cell(model, source, k.name, c) for k in kinds if k.needs_direction
                           for c in k.coefficients(values[k.name])]
+            cells += [Cell(model, Source.RULE, "ablation", pick=pick) for pick in self.rule_pick_names()]
         if self.sweep is not None:
             for model in self.sweep.models:
                 cells += [Cell(model, Source.SWEEP, pick=pick) for pick in self.sweep.pick_names()]
         return cells
 
+    def rule_pick_names(self) -> list[str]:
+        """The rule cells' names: each rule's pick at the configured KL cap, then at each compared cap."""
+        if not self.direction.generate_picks:
+            return []
+        caps = [None, *self.direction.selection.kl_max_compare]
+        return [rule_pick_name(rule, cap) for cap in caps for rule in SELECTION_RULES]
+
     def generate_jobs(self) -> list[GenerateJob]:
         """The grid cells grouped into generate jobs: per model, up to `generation.cells_per_job` cells,
         the baseline first (the other cells read its completions); sweep picks in jobs of their own,
-        as they wait for the sweep."""
+        as they wait for the sweep, and selection rules' picks too (adding them reruns no grid job)."""
+        group = {Source.SWEEP: "sweep", Source.RULE: "rule"}
         jobs = []
         for model in self.models:
-            for sweep in (False, True):
-                cells = [c for c in self.cells() if c.model == model and (c.source == Source.SWEEP) == sweep]
+            for tag in ("grid", "rule", "sweep"):
+                cells = [c for c in self.cells() if c.model == model and group.get(c.source, "grid") == tag]
                 size = self.generation.cells_per_job
                 for i in range(0, len(cells), size):
-                    tag = "sweep" if sweep else "grid"
                     jobs.append(GenerateJob(model, f"{tag}{i // size + 1}", tuple(cells[i:i + size])))
         return jobs
 

@@ -81,6 +81,8 @@ def plan_cell(cell: Cell, intervention: dict, *, selected_path: str | None = Non
         layers = intervention.get("ablation_layers")
         return plan_sweep_cell(cell.model, picks_path, candidates_path, cell.pick,
                                tuple(layers) if layers else None)
+    if cell.source == Source.RULE:
+        return plan_rule_cell(cell.model, selected_path, candidates_path, cell.pick, intervention)
     return plan_grid_cell(selected_path, source=cell.source, kind=cell.kind, coefficient=cell.coefficient,
                           params=intervention, activations_path=activations_path)
 
@@ -120,6 +122,25 @@ def plan_sweep_cell(model: str, picks_path: str, candidates_path: str, pick: str
     return CellPlan(source="sweep", edit=edit, cell=pick, direction_model=model,
                     extraction_layer=r["extraction_layer"], extraction_position=r["extraction_position"],
                     labels=("harmless",) if addition else ("harmful",), capability=False)
+
+
+def plan_rule_cell(model: str, selection_path: str, candidates_path: str, pick: str, params: dict) -> CellPlan:
+    """Ablation of the candidate a selection rule picks (`pick`, as the selection table's `picks` column names
+    it), on both labels with the capability measures, so it lines up with the grid's own ablation cell."""
+    table = pl.from_arrow(read_parquet(selection_path))
+    rows = table.filter(pl.col("picks").is_not_null() & pl.col("picks").str.split(",").list.contains(pick))
+    if rows.height != 1:
+        rule, _, cap = pick.partition("_kl")
+        raise ConfigError(selection_path, "direction.generate_picks",
+                          f"no candidate of {model} survives rule {rule!r}" + (f" at KL cap {cap}" if cap else "")
+                          + ", so its pick cannot be generated; drop that cap from direction.selection.kl_max_compare"
+                          " or loosen the rule's filters")
+    r = rows.row(0, named=True)
+    direction = candidate_direction(candidates_path, r["layer"], r["position"])
+    target = Target(direction=direction, layer=r["layer"], position=r["position"], model=model)
+    edit = INTERVENTIONS.get("ablation").edit(target, None, params)
+    return CellPlan(source=Source.RULE.value, edit=edit, cell=pick, direction_model=model,
+                    extraction_layer=r["layer"], extraction_position=r["position"])
 
 
 def hidden_size_of(prepared_dir: str) -> int | None:

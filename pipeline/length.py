@@ -87,8 +87,9 @@ def cell_title(r: dict) -> str:
     if kind == "addition":
         where += f"\u2192{r['addition_layer']}"
         kind = f"addition {r['coefficient']:+g}"
-    prefix = f"sweep {r['cell']}: " if r["source"] == "sweep" else ""
-    source = "" if r["source"] == "sweep" else f" ({r['source']})"
+    picked = r["source"] in ("sweep", "rule")  # the cell's name says which pick: best1, cosmic_kl0.4, ...
+    prefix = f"{r['source']} {r['cell']}: " if picked else ""
+    source = "" if picked else f" ({r['source']})"
     return f"{prefix}{kind}{source}, layer {where}"
 
 

@@ -31,7 +31,8 @@ LABEL_COLUMNS = {"refusal_rate": "_rate", "ci_low": "_ci_low", "ci_high": "_ci_h
 
 def reference_p_values(scores: pl.DataFrame, reference: str = REFERENCE) -> pl.DataFrame:
     """Per grid cell and scorer: exact McNemar p-value of its harmful-prompt outcomes against the `reference`
-    cell of the same model, direction source and scorer, paired on prompt_id.
+    cell of the same model, direction source and scorer (a selection rule's pick: the selected direction's),
+    paired on prompt_id.
 
     Null for the reference itself, for a source without a reference cell (the baseline's `none`), and where
     the prompt sets differ."""
@@ -41,7 +42,8 @@ def reference_p_values(scores: pl.DataFrame, reference: str = REFERENCE) -> pl.D
            for r in per_cell.filter(pl.col("cell") == reference).iter_rows(named=True)}
     rows = []
     for r in per_cell.iter_rows(named=True):
-        before = ref.get((r["model"], r["scorer"], r["source"]))
+        # a selection rule's pick (source rule) is an ablation too: against the selected direction's
+        before = ref.get((r["model"], r["scorer"], "self" if r["source"] == "rule" else r["source"]))
         p = None
         if r["cell"] != reference and before is not None:
             p = stats.paired_mcnemar(before, dict(zip(r["prompt_id"], r["refused"])))

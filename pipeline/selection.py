@@ -45,6 +45,7 @@ from .models import LoadedModel
 from .probes import kl_divergence, last_logits
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import column_matrix
+from .specs import rule_pick_name
 from .templates import encode_batch
 
 SCORES = ("bypass", "induce", "kl", "cosmic_refuse", "cosmic_comply", "cosmic")
@@ -140,13 +141,16 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
 
 def picked_by(evaluated: list[dict], rules: Selection, induce_floor: float | None = None) -> dict[tuple, list[str]]:
     """(layer, position) -> the rules (SELECTORS order) that would choose it among the evaluated rows,
-    whichever rule ran: the table then shows where the rules disagree."""
+    whichever rule ran: the table then shows where the rules disagree. Each rule is also applied with the
+    KL cap at each of `kl_max_compare` (named auto_kl0.4, ...)."""
     picked: dict[tuple[int, int], list[str]] = {}
-    for name, rule in SELECTORS.items():
-        alive = [r for r in evaluated if rule.discard(r, rules, induce_floor) is None]
-        if alive:
-            best = rule.best(alive)
-            picked.setdefault((best["layer"], best["position"]), []).append(name)
+    for cap in [None, *rules.kl_max_compare]:
+        capped = rules if cap is None else rules.model_copy(update={"kl_max": cap})
+        for name, rule in SELECTORS.items():
+            alive = [r for r in evaluated if rule.discard(r, capped, induce_floor) is None]
+            if alive:
+                best = rule.best(alive)
+                picked.setdefault((best["layer"], best["position"]), []).append(rule_pick_name(name, cap))
     return picked
 
 

@@ -33,17 +33,26 @@ class Source(enum.StrEnum):
     SELF = "self"
     RANDOM = "random"  # random, with the norm of the model's own direction
     SWEEP = "sweep"  # a cell the sweep picked
+    RULE = "rule"  # a selection rule's pick, ablated (direction.generate_picks)
 
 
 # Sweep picks are named <prefix><i>: best1, same1, spread1, ablate1, cell1.
 PICK_PREFIXES = ("best", "same", "spread", "ablate", "cell")
+# direction.select's scoring rules (pipeline/selection.py SELECTORS, which a test holds to this list): a rule's
+# pick at the configured KL cap is named after the rule, at another cap <rule>_kl<cap>: auto, cosmic_kl0.4
+SELECTION_RULES = ("auto", "cosmic")
+
+
+def rule_pick_name(rule: str, kl_max: float | None = None) -> str:
+    return rule if kl_max is None else f"{rule}_kl{kl_max:g}"
 
 
 def cell_name_pattern() -> str:
     """Every cell file name, as the Snakefile's wildcard constraint: one definition for config, jobs and
     DAG, built from the registered intervention kinds (plugins included), so a new kind needs no list."""
     kinds = [k.cell_pattern() for _, k in INTERVENTIONS.items()]
-    return "|".join([*kinds, rf"({'|'.join(PICK_PREFIXES)})[0-9]+"])
+    rules = rf"({'|'.join(SELECTION_RULES)})(_kl[0-9.e+-]+)?"
+    return "|".join([*kinds, rf"({'|'.join(PICK_PREFIXES)})[0-9]+", rules])
 
 
 def to_params(spec: Any) -> Any:
@@ -401,7 +410,8 @@ class Cell:
 
     Sweep cells (source "sweep") are picked by the sweep stage from its logit scores:
     `pick` is then the pick's name (best1, same1, ...) and the generate job reads the
-    extraction and addition layers from the picks file.
+    extraction and addition layers from the picks file. Rule cells (source "rule") ablate the candidate
+    a selection rule picks (`pick`: auto, cosmic_kl0.4, ...; the selection table's `picks` column says which).
     """
 
     model: str

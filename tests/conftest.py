@@ -57,7 +57,10 @@ def tiny_dag(tmp_path_factory):
     shutil.copytree(DEFAULT_CONF_DIR, conf)
     overrides = " ".join([*with_scale_kind(conf),
                           "+experiment.length={tokens:[2,6],scorers:[refusal-prefix,refusal-substring]}",
-                          "+experiment.direction.bootstrap={draws:2,seed:3,reselect:true}"])
+                          "+experiment.direction.bootstrap={draws:2,seed:3,reselect:true}",
+                          # each selection rule's pick generated, at the configured KL cap and one more
+                          "+experiment.direction.generate_picks=true",
+                          "+experiment.direction.selection.kl_max_compare=[1.0e3]"])
     config = ("--config", f"overrides={overrides}", f"conf_dir={conf}")
     local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
     out = work / "results" / "tiny"

@@ -162,12 +162,39 @@ def test_cosmic_picks_the_highest_surviving_score():
     scored = frame([{**r, "discarded": why} for r, why in zip(rows, reasons)])
     assert selection.choose(scored, "m", "m.yaml", "cosmic") == (3, -2)
     assert selection.picked_by(rows, rules) == {(2, -1): ["auto"], (3, -2): ["cosmic"]}
+    # the same rules under other KL caps: at 1.0 layer 1 survives, and wins COSMIC's but not Arditi's (its
+    # bypass -1 beats nothing); at 0.02 only the KL 0.01 rows survive, and each rule takes the one it can score
+    capped = rules.model_copy(update={"kl_max_compare": [1.0, 0.02]})
+    assert selection.picked_by(rows, capped) == {(2, -1): ["auto", "auto_kl1"], (3, -2): ["cosmic"],
+                                                  (1, -1): ["cosmic_kl1"], (4, -1): ["auto_kl0.02"],
+                                                  (3, -1): ["cosmic_kl0.02"]}
     with pytest.raises(ConfigError) as info:
         selection.choose(frame([{**rows[0], "discarded": reasons[0]}]), "m", "conf/model/m.yaml", "cosmic")
     assert "cosmic 1.90" in str(info.value) and "direction.force" in str(info.value)
 
 
 # ------------------------------------------------------------------ config
+
+
+def test_the_rule_names_the_cells_use_are_the_selectors():
+    from pipeline.specs import SELECTION_RULES
+
+    assert tuple(selection.SELECTORS) == SELECTION_RULES
+
+
+def test_generate_picks_adds_a_rule_job_per_model_and_refuses_a_forced_direction():
+    exp = load_experiment(["experiment=tiny", "+experiment.direction.generate_picks=true",
+                           "+experiment.direction.selection.kl_max_compare=[0.5]"])
+    jobs = {(j.model, j.name): [c.name for c in j.cells] for j in exp.generate_jobs()}
+    assert jobs[("tiny-chat", "rule1")] == ["auto", "cosmic", "auto_kl0.5", "cosmic_kl0.5"]
+    assert all(c.kind == "ablation" for c in exp.cells() if c.source == "rule")
+    plain = load_experiment(["experiment=tiny"])  # without it, the same grid and no rule job
+    assert [j for j in plain.generate_jobs() if j.name.startswith("rule")] == []
+    with pytest.raises(ConfigError) as info:
+        load_experiment(["experiment=tiny", "+experiment.direction.generate_picks=true",
+                         "+experiment.direction.force=[{model:tiny-chat,layer:1}]"])
+    assert "direction.generate_picks" in str(info.value) and "tiny-chat is forced" in str(info.value)
+
 
 
 def test_select_cosmic_is_a_valid_choice_and_not_forced():

@@ -48,11 +48,15 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     assert acts.height == 16 * 4 * n_post and acts["position"].max() == -1
 
     summary = pl.read_parquet(out / "summary.parquet")
-    grid = summary.filter(pl.col("source") != "sweep")
+    grid = summary.filter(~pl.col("source").is_in(["sweep", "rule"]))
     # per model: baseline + 3 sources x (ablation, orthogonalization, norm-preserving, +2, the plugin's two
     # factors, affine at alpha 0 and 2, the kernel), 2 labels
     assert grid.height == 2 * (1 + 3 * 9) * 2
     assert set(grid["source"]) == {"none", "self", "random", "tiny-chat", "tiny-base"}
+    # each selection rule's pick, at the configured KL cap and at 1e3, ablated on both labels
+    rule = summary.filter(pl.col("source") == "rule")
+    assert sorted(set(rule["cell"])) == ["auto", "auto_kl1000", "cosmic", "cosmic_kl1000"]
+    assert rule.height == 2 * 4 * 2 and set(rule["picked_on"]) == {"val"}
     transfer = summary.filter((pl.col("model") == "tiny-base") & (pl.col("source") == "tiny-chat"))
     assert set(transfer["direction_model"]) == {"tiny-chat"}
     assert summary["n"].unique().to_list() == [4]
@@ -76,6 +80,22 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     assert "kernel-weighted orthogonalization (self)" in (out / "report.md").read_text()
     methods = pl.read_parquet(out / "methods.parquet")
     assert {"kernel", "norm_preserving", "affine_0", "ablation"} <= set(methods["cell"])
+    # a rule's pick ablates the candidate the selection table says it picks; the rule that chose the direction
+    # (auto) picks the selected one, so its cell is the grid's own ablation, token for token
+    for model in ("tiny-chat", "tiny-base"):
+        sel = pl.read_parquet(out / "directions" / model / "selection.parquet")
+        for name in ("auto", "cosmic", "cosmic_kl1000"):
+            row = sel.filter(pl.col("picks").str.split(",").list.contains(name)).row(0, named=True)
+            cell = gens.filter((pl.col("model") == model) & (pl.col("source") == "rule") & (pl.col("cell") == name))
+            assert set(zip(cell["extraction_layer"], cell["extraction_position"])) == {(row["layer"], row["position"])}
+            assert set(cell["intervention"]) == {"ablation"}
+        own = gens.filter((pl.col("model") == model) & (pl.col("source") == "self") & (pl.col("cell") == "ablation"))
+        auto = gens.filter((pl.col("model") == model) & (pl.col("source") == "rule") & (pl.col("cell") == "auto"))
+        assert auto.sort("prompt_id")["completion"].to_list() == own.sort("prompt_id")["completion"].to_list()
+    # the report names each pick, and the methods table pairs it with the selected direction's ablation
+    assert "cosmic_kl1000's pick: ablation L" in (out / "report.md").read_text()
+    picks = methods.filter(pl.col("source") == "rule")
+    assert picks.height == 2 * 4 and picks["p_vs_ablation"].is_between(0, 1).all()
     assert gens["repetition"].is_between(0, 1).all() and (gens["nll"].drop_nans().drop_nulls() > 0).all()
 
     # the sweep: every cell of the declared range scored, its picks generated with their own layers

@@ -21,9 +21,12 @@ def sweep_outputs(kind):
 
 
 def cell_direction_file(cell):
-    """Where a cell's direction comes from: its own model, or the paired model."""
+    """Where a cell's direction comes from: its own model, or the paired model; a rule's pick: the selection
+    table, which says which candidate each rule picks."""
     if cell.source in ("none", "sweep"):
         return None
+    if cell.source == "rule":
+        return f"{OUT}/directions/{cell.model}/selection.parquet"
     owner = cell.model if cell.source in ("self", "random") else cell.source
     return f"{OUT}/directions/{owner}/selected.parquet"
 

@@ -18,7 +18,9 @@ def generate_job_inputs(job):
         # steered cells measure loss on the model's own baseline completions
         "baseline": [cell_path("generations", Cell(job.model, "none", "baseline"))] if needs_baseline else [],
         "picks": [f"{OUT}/sweep/{job.model}/picks.parquet"] if sweep else [],
-        "candidates": [f"{OUT}/directions/{job.model}/candidates.parquet"] if sweep else [],
+        # sweep picks and selection rules' picks (source rule) are candidates, not the selected direction
+        "candidates": [f"{OUT}/directions/{job.model}/candidates.parquet"]
+        if sweep or any(c.source == "rule" for c in job.cells) else [],
         # kinds that set the stream to the edited model's own harmless level (affine) read its activations
         "activations": [f"{OUT}/activations/{job.model}.parquet"]
         if any(c.kind and INTERVENTIONS.get(c.kind).reads_activations for c in job.cells) else [],
