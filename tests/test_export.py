@@ -156,7 +156,7 @@ def test_export_rule_on_the_tiny_dag_reproduces_the_cells_completions(tiny_dag, 
     work, out, config = tiny_dag["work"], tiny_dag["out"], tiny_dag["config"]
     assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
     local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
-    proc = snakemake(work, *local, "--cores", "2", *config, "export")
+    proc = snakemake(work, *local, "--cores", "2", "export", *config)  # targets before --config
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = {line.split()[1] for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("rule ")}
     assert ran == {"export_cell:", "export:"}, ran  # nothing upstream reran
@@ -175,7 +175,28 @@ def test_export_rule_on_the_tiny_dag_reproduces_the_cells_completions(tiny_dag, 
     assert "harmful and" in card and "train prompts" in card
 
     # a hook-only cell asked for by its path: refused in one line, without generating it first
-    proc = snakemake(work, *local, "--cores", "2", *config, str(out / "export" / "tiny-chat" / "addition_2"))
+    proc = snakemake(work, *local, "--cores", "2", str(out / "export" / "tiny-chat" / "addition_2"), *config)
     assert proc.returncode != 0
     line = next(l for l in proc.stderr.splitlines() if l.startswith("refusal-directions: config error"))
     assert "tiny-chat/self/addition_2" in line and "not its weights" in line
+
+
+def test_a_tokenizers_own_chat_template_is_kept_as_original(tiny_dirs, tmp_path):
+    """A hub model's tokenizer has a chat template of its own: the project's becomes the default, the model's
+    stays available by name."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import load_tokenizer
+    from pipeline.templates import encode_prompt
+
+    spec = tiny_spec("tiny-chat")
+    tok = load_tokenizer(spec, tiny_dirs["tiny-chat"])
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    assert export.save_tokenizer(tok, spec, tmp_path, PROMPTS) is None
+    assert (tmp_path / "chat_template.jinja").exists()
+    assert (tmp_path / "additional_chat_templates" / "original.jinja").exists()
+    saved = AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    assert saved.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"] == \
+        encode_prompt(tok, spec, PROMPTS[0])
+    assert saved.apply_chat_template(chat, chat_template="original", tokenize=False) == f"[user] {PROMPTS[0]}\n"
