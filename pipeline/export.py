@@ -76,7 +76,8 @@ def check_exportable(kind: str, where: str, exp_file: str) -> None:
     method = INTERVENTIONS.get(kind)
     if method.edit_class.edits_weights:
         return
-    raise ConfigError(exp_file, "interventions", f"cell {where}: {kind} ({method.label}) changes the hidden states "
+    name = kind if method.label == kind else f"{kind} ({method.label})"
+    raise ConfigError(exp_file, "interventions", f"cell {where}: {name} changes the hidden states "
                       "while the model runs, through hooks, not its weights, so no model folder can hold it; export "
                       f"a weight-edit cell instead ({', '.join(weight_edit_kinds())})")
 

@@ -151,21 +151,29 @@ def test_every_template_renders_as_a_chat_template(name):
 
 @pytest.mark.slow
 def test_export_rule_on_the_tiny_dag_reproduces_the_cells_completions(tiny_dag, tmp_path):
-    """`snakemake export` in the tiny DAG's workdir runs only the export jobs, and the tiny chat model's
-    orthogonalization folder decodes, in a fresh process, to the completions its generations Parquet holds."""
+    """In the tiny DAG's workdir, `export` plans only export jobs, one per weight-edit cell; the tiny chat model's
+    orthogonalization folder, written by its job, decodes in a fresh process to the completions its generations
+    Parquet holds. (Each export job is a few seconds of imports: the test runs one, not all six.)"""
     work, out, config = tiny_dag["work"], tiny_dag["out"], tiny_dag["config"]
     assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
     local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
-    proc = snakemake(work, *local, "--cores", "2", "export", *config)  # targets before --config
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ran = {line.split()[1] for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("rule ")}
-    assert ran == {"export_cell:", "export:"}, ran  # nothing upstream reran
+    # targets go before --config, which takes every argument after it; paths are relative to the workdir
+    addition = str((out / "export" / "tiny-chat" / "addition_2").relative_to(work))
+    plan = snakemake(work, *local, "-n", "export", addition, *config)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    text = plan.stdout + plan.stderr
+    rules = [line.split()[-1] for line in text.splitlines() if line.split()[:1] in (["rule"], ["localrule"])]
+    # 2 models x (orthogonalization, norm_preserving, kernel), the hook-only cell asked for by its path (refused
+    # by its job, with no input to build first), and the target: nothing upstream reruns
+    assert sorted(rules) == ["export:"] + ["export_cell:"] * 7, rules
     for model in ("tiny-chat", "tiny-base"):
         for cell in ("orthogonalization", "norm_preserving", "kernel"):
-            assert (out / "export" / model / cell / "config.json").exists(), (model, cell)
-    assert not (out / "export" / "tiny-chat" / "ablation").exists()
+            assert f"results/tiny/export/{model}/{cell}" in text, (model, cell)
+    assert "export/tiny-chat/ablation" not in text
 
     folder = out / "export" / "tiny-chat" / "orthogonalization"
+    proc = snakemake(work, *local, str(folder.relative_to(work)), *config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     gens = pl.read_parquet(out / "generations" / "tiny-chat" / "self" / "orthogonalization.parquet")
     max_new = 6  # conf/experiment/tiny.yaml's generation.max_new_tokens
     got = fresh_generate(folder, gens["prompt"].to_list(), max_new, tmp_path / "elsewhere")
@@ -173,12 +181,6 @@ def test_export_rule_on_the_tiny_dag_reproduces_the_cells_completions(tiny_dag, 
     card = (folder / "README.md").read_text()
     assert "| refusal-prefix | harmful | 4 |" in card and "first_token_kl" in card
     assert "harmful and" in card and "train prompts" in card
-
-    # a hook-only cell asked for by its path: refused in one line, without generating it first
-    proc = snakemake(work, *local, "--cores", "2", str(out / "export" / "tiny-chat" / "addition_2"), *config)
-    assert proc.returncode != 0
-    line = next(l for l in proc.stderr.splitlines() if l.startswith("refusal-directions: config error"))
-    assert "tiny-chat/self/addition_2" in line and "not its weights" in line
 
 
 def test_a_tokenizers_own_chat_template_is_kept_as_original(tiny_dirs, tmp_path):
