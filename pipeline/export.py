@@ -276,8 +276,8 @@ def _method_section(plan: CellPlan, info: Run) -> list[str]:
 
 def _direction_section(plan: CellPlan, evidence: Evidence) -> list[str]:
     lines = ["## Direction", "",
-             f"- Taken from `{plan.direction_model}` ({_source_words(plan.source)}), at the input of block "
-             f"{plan.extraction_layer} (layer {plan.extraction_layer}), post-instruction position "
+             f"- Taken from `{plan.direction_model}` ({_source_words(plan.source)}) at layer {plan.extraction_layer} "
+             f"(the input of block {plan.extraction_layer}), post-instruction position "
              f"{plan.extraction_position} (counted from the end of the prompt)."]
     row = _selected_row(evidence.selected, plan.source)
     if row is not None:
