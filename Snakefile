@@ -68,6 +68,7 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/length.smk"
 include: "workflow/rules/stability.smk"
+include: "workflow/rules/export.smk"  # `snakemake export`: not part of `all`
 
 
 # Every artifact the README lists, not only the final ones: a deleted or damaged intermediate file

@@ -263,3 +263,25 @@ def read_parquet(path: str | Path) -> pa.Table:
         raise
     except (pa.ArrowException, OSError) as err:
         raise UnreadableOutput(path, str(err)) from None
+
+
+@contextmanager
+def replacing_folder(path: str | Path) -> Iterator[Path]:
+    """A fresh temp folder beside `path` that replaces `path` (and what it held) if the block succeeds, and is
+    removed if not. Named `.{name}.tmp`, the folder form `remove_stale_temps` sweeps after a SIGKILL."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    _remove(tmp)  # a killed earlier attempt's
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        # a folder cannot be renamed over a non-empty one: the old one goes first (a reader may then see none,
+        # never half of one)
+        if path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    except BaseException as err:
+        _remove(tmp)  # first: it frees the space the message then reports
+        if isinstance(err, OSError) and err.errno in FULL and not isinstance(err, DiskFull):
+            raise DiskFull(path, err) from None
+        raise
