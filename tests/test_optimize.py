@@ -117,22 +117,21 @@ def test_objective_equals_an_independent_computation(tiny_chat, tmp_path):
 
 
 def test_killed_study_resumes_from_its_journal(tiny_dirs, tmp_path):
-    trials = 5
+    trials = 8
     job = job_file(tmp_path, tiny_dirs, trials)
     proc = worker(job)
     journal = tmp_path / "optimize" / optimize.JOURNAL
     deadline = time.monotonic() + 120
-    before = []
+    # a trial takes a tenth of a second here: watch the journal's text for its first completion (state 1)
     while proc.poll() is None and time.monotonic() < deadline:
-        if journal.exists():
-            before = completed(load(job))
-            if before:
-                break
-        time.sleep(0.05)
+        if journal.exists() and '"state":1' in journal.read_text():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the worker ended before the kill: {proc.stderr.read()}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 1 <= len(before) < trials, "the kill came too late to test a resume"
     before = completed(load(job))  # what the journal holds after the kill
+    assert 1 <= len(before) < trials, "the kill came too late to test a resume"
     assert not (tmp_path / "optimize" / "trials.parquet").exists()
 
     rerun = worker(job)
