@@ -9,8 +9,8 @@ shared filesystem) can work on one study. Each process runs trials until the stu
 ones; processes that start a trial at the same moment may each finish theirs, so a shared study can end one
 trial over per extra worker.
 
-`python -m pipeline.optimize job.json [--worker K]` runs a worker from a JSON file of `run`'s arguments (what
-the tests and extra workers use; the rule's job calls `run` itself).
+`python -m pipeline.optimize worker.json [--worker K]` runs a worker from a JSON file of `run`'s arguments: each
+run writes its own as worker.json beside the journal, for extra workers to join with (the tests use it too).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from .atomic import write_bytes, write_parquet
+from .atomic import write_bytes, write_parquet, write_text
 from .candidates import harmless_means, load_direction
 from .config import OptimizeSpec
 from .decoding import generate
@@ -151,6 +151,8 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
     objective = Objective(lm, load_target(selected_path, activations_path, s.method), harmful, harmless,
                           last_logits(lm, harmless, Edit(), s.batch_size), study.scorer, s.max_new_tokens,
                           s.batch_size)
+    write_worker_file(spec, prepared_dir, prompts_path, selected_path, study, outputs, device, threads, exp_file,
+                      activations_path)
     name = study_name(spec.name, study)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     probe = open_study(outputs.journal, name, s.seed)
@@ -172,6 +174,18 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
     while complete(opt) < s.trials:
         opt.optimize(trial_values, n_trials=1, catch=())
     write_outputs(opt, spec.name, s.method, list(s.params), outputs)
+
+
+def write_worker_file(spec, prepared_dir, prompts_path, selected_path, study, outputs, device, threads, exp_file,
+                      activations_path) -> None:
+    """worker.json beside the journal: this run's arguments, so more workers can join the study
+    (`python -m pipeline.optimize <folder>/worker.json --worker K`) without rebuilding them."""
+    job = {"spec": to_params(spec), "prepared_dir": str(Path(prepared_dir).absolute()),
+           "prompts": str(Path(prompts_path).absolute()), "selected": str(Path(selected_path).absolute()),
+           "optimize": to_params(study), "outputs": {k: str(Path(v).absolute()) for k, v in vars(outputs).items()},
+           "device": device, "threads": threads, "file": exp_file,
+           "activations": str(Path(activations_path).absolute()) if activations_path else None}
+    write_text(json.dumps(job, indent=1), outputs.journal.parent / "worker.json")
 
 
 def trials_table(study, model: str, method: str, params: list[str], numbers: set[int] | None = None) -> pa.Table:

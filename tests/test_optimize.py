@@ -149,7 +149,7 @@ def test_killed_study_resumes_from_its_journal(tiny_dirs, tmp_path):
 
 
 def test_two_workers_share_one_study(tiny_dirs, tmp_path):
-    trials = 6
+    trials = 16
     job = job_file(tmp_path, tiny_dirs, trials)
     procs = [worker(job), worker(job, "--worker", "1")]
     for p in procs:
@@ -163,6 +163,12 @@ def test_two_workers_share_one_study(tiny_dirs, tmp_path):
     assert all(t.values is not None and len(t.values) == 2 for t in done)
     params = [t.params["attn.max_weight"] for t in done]
     assert len(set(params)) == len(params)  # the workers are seeded apart: no point drawn twice
+    lines = [json.loads(line) for line in (tmp_path / "optimize" / optimize.JOURNAL).read_text().splitlines()]
+    creators = {line["worker_id"].rsplit("-", 1)[0] for line in lines if line["op_code"] == 4}  # trial created
+    assert len(creators) == 2, "one worker did all the trials: the study was not shared"
+    # the arguments file a further worker joins with (README) names the same study
+    joined = json.loads((tmp_path / "optimize" / "worker.json").read_text())
+    assert joined["optimize"] == json.loads(job.read_text())["optimize"]
 
 
 @pytest.mark.parametrize("block, key", [
