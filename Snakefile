@@ -69,6 +69,7 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/length.smk"
 include: "workflow/rules/stability.smk"
 include: "workflow/rules/export.smk"  # `snakemake export`: not part of `all`
+include: "workflow/rules/optimize.smk"  # `snakemake optimize`: not part of `all`
 
 
 # Every artifact the README lists, not only the final ones: a deleted or damaged intermediate file

@@ -82,3 +82,19 @@ def harmless_means(activations_path: str, position: int) -> np.ndarray:
     means = np.stack([acts[layers == layer].mean(0) for layer in range(int(layers.max()) + 1)])
     means.flags.writeable = False
     return means
+
+
+def load_direction(selected_path: str, source: str):
+    """(direction as a torch tensor, layer, position, direction_model) from a selected-directions file; shared
+    by the generate stage's cells and the optimize stage's trials."""
+    import torch  # only the model jobs read a direction as a tensor; the directions stage needs no torch
+
+    table = read_parquet(selected_path)
+    want = "random" if source == "random" else "self"
+    rows = [i for i, s in enumerate(table.column("source").to_pylist()) if s == want]
+    if not rows:
+        raise ValueError(f"{selected_path}: no '{want}' direction")
+    i = rows[0]
+    vec = torch.from_numpy(column_matrix(table, "direction")[i].copy())
+    return (vec, table.column("layer")[i].as_py(), table.column("position")[i].as_py(),
+            table.column("model")[i].as_py())

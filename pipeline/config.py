@@ -28,6 +28,7 @@ from .interventions.addition import coefficient_problem
 from .interventions.base import duplicate_name
 from .paths import PROJECT_ROOT, resolve_data_path
 from .registry import load_plugins
+from .search_space import searchable, settings_problem
 from .specs import (ChatQuestion, DatasetFile, DatasetSpec, InterventionSpec, Labels, Length,  # noqa: F401
                     LengthSpec, ModelFile, ModelSpec, ScorerSpec, ScoringFile, Sweep, SweepCell, SweepGenerate,
                     SweepSpec, TemplateFile, TemplateSpec)
@@ -188,6 +189,30 @@ class Generation(Schema):
     stop_at_eos: bool = True
 
 
+class Optimize(Schema):
+    """A multi-objective search over one intervention kind's continuous settings (pipeline/optimize.py): Optuna's
+    TPE sampler, seeded, minimising harmful refusals on the val prompts and the harmless first-token KL.
+    `params`: dotted setting name -> [low, high] (pipeline/search_space.py names each kind's); `fixed`: settings
+    held at one value (a kernel component needs all four of its settings, searched or fixed)."""
+
+    method: Name = "kernel"
+    params: Annotated[dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]], Field(min_length=1)]
+    fixed: dict[str, float] = {}
+    trials: PosInt = 50  # complete trials the study must hold: a rerun adds only the missing ones
+    seed: NonNegInt = 0
+    models: list[Name] | None = None  # None: every model of the experiment
+    max_new_tokens: PosInt = 8  # a refusal shows in its first words; short generations keep a trial cheap
+    scorer: Name | None = None  # a phrase scorer; None: the experiment's first
+    batch_size: PosInt = 16
+
+
+class OptimizeSpec(Schema):
+    """The `optimize` block as validated: its models resolved (never None) and its scorer loaded."""
+
+    settings: Optimize
+    scorer: ScorerSpec
+
+
 class Pair(Schema):
     base: Name
     chat: Name
@@ -209,6 +234,7 @@ class ExperimentFile(Schema):
     capability: Capability = Capability()
     generation: Generation = Generation()
     length: Length | None = None
+    optimize: Optimize | None = None  # `snakemake optimize`: not part of `all`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PosInt = 2
     # Your own methods: Python files (relative to the conf folder) or importable module names, each
@@ -383,6 +409,7 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
         capability=e.capability, coherence=e.coherence, device=e.device, threads=e.threads,
         sweep=load_sweep(e.sweep, exp_file, models),
         length=load_length(e.length, e.generation, e.scoring, exp_file, conf_dir),
+        optimize=load_optimize(e.optimize, e.scoring, exp_file, conf_dir, models),
     )
     if e.sweep is not None and e.sweep.enabled:
         check_sweep_magnitudes(e.sweep, exp.intervention["addition"].normalize, exp_file, exp.intervention.file)
@@ -480,6 +507,43 @@ def load_sweep(d: Sweep | None, file: str, models: dict) -> SweepSpec | None:
         if m not in models:
             raise ConfigError(file, f"sweep.models[{i}]", f"model '{m}' is not in this experiment's models")
     return SweepSpec(settings=d.model_copy(update={"models": names}))
+
+
+def load_optimize(d: Optimize | None, scoring: str | list[str], file: str, conf_dir: Path,
+                  models: dict) -> OptimizeSpec | None:
+    """The `optimize` block checked against its kind's searchable settings, its models and its scorer."""
+    if d is None:
+        return None
+    known = searchable()
+    if d.method not in known:
+        raise ConfigError(file, "optimize.method", f"'{d.method}' has no searchable settings (searchable kinds: "
+                          f"{', '.join(known)})")
+    names = known[d.method]
+    for group in ("params", "fixed"):
+        for name in getattr(d, group):
+            if name not in names:
+                raise ConfigError(file, f"optimize.{group}.{name}", f"not a setting of {d.method} (known: "
+                                  f"{', '.join(names)})")
+    for name, (low, high) in d.params.items():
+        if not low < high:
+            raise ConfigError(file, f"optimize.params.{name}", f"needs low < high, got [{low:g}, {high:g}]")
+        if name in d.fixed:
+            raise ConfigError(file, f"optimize.fixed.{name}", "is also searched in optimize.params; give it once")
+    for corner in (0, 1):  # each setting is bounded on its own, so the box's corners fail where any point would
+        problem = settings_problem(d.method, {**d.fixed, **{n: b[corner] for n, b in d.params.items()}})
+        if problem:
+            raise ConfigError(file, "optimize.params", f"{d.method} {problem} (at the "
+                              f"{'low' if corner == 0 else 'high'} end of the ranges; missing ones go in fixed)")
+    names_m = list(d.models) if d.models is not None else list(models)
+    for i, m in enumerate(names_m):
+        if m not in models:
+            raise ConfigError(file, f"optimize.models[{i}]", f"model '{m}' is not in this experiment's models")
+    name = d.scorer or (scoring if isinstance(scoring, str) else scoring[0])
+    scorer = load_scorer(name, conf_dir, file, "optimize.scorer")
+    if scorer.kind == "judge":
+        raise ConfigError(file, "optimize.scorer", f"'{name}' is a judge; a trial scores its completions with a "
+                          "phrase scorer (prefix or substring): name one here")
+    return OptimizeSpec(settings=d.model_copy(update={"models": names_m}), scorer=scorer)
 
 
 def load_scorers(scoring: str | list[str], conf_dir: Path, exp_file: str) -> tuple[ScorerSpec, ...]:

@@ -13,7 +13,7 @@ from .specs import (SELECTION_RULES, Cell, DatasetSpec, InterventionSpec, Length
                     SweepSpec, rule_pick_name)
 
 if TYPE_CHECKING:  # the YAML blocks' schemas, in annotations only: config builds an Experiment
-    from .config import Activations, Capability, Coherence, Direction, Generation, Split
+    from .config import Activations, Capability, Coherence, Direction, Generation, OptimizeSpec, Split
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Experiment:
     threads: int
     sweep: SweepSpec | None = None
     length: LengthSpec | None = None
+    optimize: OptimizeSpec | None = None  # the `optimize` rule's study (pipeline/optimize.py)
     meta: dict[str, dict] = field(default_factory=dict)  # model -> n_layers, hidden_size, context (if known)
     plugins: tuple[str, ...] = ()  # as `resolve_plugins` gives them: what jobs load (`job.job`)
 

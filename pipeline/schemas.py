@@ -37,6 +37,11 @@ sweep/{m}/sweep            swept cell: model, kind (baseline|addition|ablation),
                            (mean logit refusal score on the val prompts), n
 sweep/{m}/picks            a cell chosen for generation: pick (best1, same1, ...),
                            the sweep row's axes and its logit_score
+optimize/{m}/trials        trial of the optimize study: model, method, number, state
+                           (COMPLETE, RUNNING, FAIL, ...), one column per searched
+                           setting (dotted name), refusals (harmful val prompts
+                           refused), n, kl (mean first-token KL on harmless val
+                           prompts), duration (s); pareto: the front's trials
 scores/...                 the generation row plus scorer and refused (bool): one row per
                            completion per scorer of the experiment (`scoring:` may list several)
 capability/...             metric: model, source, cell, intervention, coefficient, metric
@@ -160,6 +165,16 @@ SUMMARY = pa.schema([
 def summary_schema(metrics: list[str]) -> pa.Schema:
     """SUMMARY plus the capability metrics present (ce_reference, ce_own, first_token_kl, kl_tokens, ...)."""
     return pa.schema([*SUMMARY, *[(m, pa.float64()) for m in metrics]])
+
+
+def optimize_trials_schema(params: list[str]) -> pa.Schema:
+    """optimize/{m}/trials.parquet and pareto.parquet: one row per trial of the study, its searched settings as
+    columns by their dotted names; refusals, n, kl and duration are null for a trial that did not complete."""
+    return pa.schema([
+        ("model", pa.string()), ("method", pa.string()), ("number", pa.int32()), ("state", pa.string()),
+        *[(p, pa.float64()) for p in params],
+        ("refusals", pa.int32()), ("n", pa.int32()), ("kl", pa.float64()), ("duration", pa.float64()),
+    ])
 
 
 def vectors_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:

@@ -22,7 +22,7 @@ PACKAGE = "pipeline"
 # piece that stages may import.
 STAGES = frozenset(f"{PACKAGE}.{s}" for s in (
     "prompts", "activations", "directions", "select", "sweep", "generate", "score", "aggregate", "length",
-    "stability", "export"))
+    "stability", "export", "optimize"))
 
 # Edges (importer, imported) the checks below tolerate: none. An entry must name an import that exists.
 KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
