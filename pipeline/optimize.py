@@ -138,7 +138,9 @@ def load_target(selected_path: str, activations_path: str | None, method: str) -
 
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: str, study: OptimizeSpec,
         outputs: Outputs, *, device: str, threads: int, exp_file: str, activations_path: str | None = None,
-        worker: int = 0) -> None:
+        worker: int = 0, max_trials: int | None = None) -> None:
+    """Run trials until the study holds `trials` complete ones, or this worker has run `max_trials` of its own
+    (an extra worker with a time budget, such as a SLURM job, takes a share rather than the rest)."""
     import optuna
 
     s = study.settings
@@ -171,8 +173,10 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
         trial.set_user_attr("duration", time.monotonic() - started)
         return refusals, kl
 
-    while complete(opt) < s.trials:
+    ran = 0
+    while complete(opt) < s.trials and (max_trials is None or ran < max_trials):
         opt.optimize(trial_values, n_trials=1, catch=())
+        ran += 1
     write_outputs(opt, spec.name, s.method, list(s.params), outputs)
 
 
@@ -232,12 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.optimize")
     parser.add_argument("job", help="JSON file of the run's arguments")
     parser.add_argument("--worker", type=int, default=0)
+    parser.add_argument("--max-trials", type=int, default=None, help="run at most this many trials in this worker")
     args = parser.parse_args(argv)
     a = json.loads(Path(args.job).read_text())
     run(from_params(ModelSpec, a["spec"]), a["prepared_dir"], a["prompts"], a["selected"],
         from_params(OptimizeSpec, a["optimize"]), Outputs(**a["outputs"]), device=a.get("device", "cpu"),
         threads=a.get("threads", 1), exp_file=a.get("file", "-"), activations_path=a.get("activations"),
-        worker=args.worker)
+        worker=args.worker, max_trials=args.max_trials)
 
 
 if __name__ == "__main__":
