@@ -60,7 +60,10 @@ def tiny_dag(tmp_path_factory):
                           "+experiment.direction.bootstrap={draws:2,seed:3,reselect:true}",
                           # each selection rule's pick generated, at the configured KL cap and one more
                           "+experiment.direction.generate_picks=true",
-                          "+experiment.direction.selection.kl_max_compare=[1.0e3]"])
+                          "+experiment.direction.selection.kl_max_compare=[1.0e3]",
+                          # one grid job a model: each job pays seconds of imports, and the split into
+                          # jobs is checked by the dry runs of tests/test_workflow.py
+                          "+experiment.generation.cells_per_job=64"])
     config = ("--config", f"overrides={overrides}", f"conf_dir={conf}")
     local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
     out = work / "results" / "tiny"
