@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,31 @@ def open_study(journal: Path, name: str, seed: int):
                                directions=["minimize", "minimize"])
 
 
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # another user's process, or no pid recorded: not ours to judge
+    return True
+
+
+def fail_orphans(study) -> list[int]:
+    """Mark FAIL the trials still RUNNING that a worker on this host started and that no live process holds
+    (a SIGKILL, a node's time limit): Optuna's journal storage has no heartbeat to do it. Trials started on
+    other hosts are left to the workers there, and so is one killed in the instant between its creation and
+    its first attribute (it names no process)."""
+    import optuna
+
+    host = socket.gethostname()
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+               if t.user_attrs.get("host") == host and not pid_alive(t.user_attrs.get("pid"))]
+    for number in orphans:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    return orphans
+
+
 def complete(study) -> int:
     import optuna
 
@@ -161,8 +187,12 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
     # a resumed run or another worker must not replay the trials already drawn from the same seed
     opt = open_study(outputs.journal, name, s.seed + 1000 * worker + len(probe.get_trials(deepcopy=False)))
 
+    fail_orphans(opt)
+
     def trial_values(trial) -> tuple[int, float]:
         started = time.monotonic()
+        trial.set_user_attr("host", socket.gethostname())  # who holds the trial while it runs: fail_orphans
+        trial.set_user_attr("pid", os.getpid())
         values = {**s.fixed, **{p: trial.suggest_float(p, low, high) for p, (low, high) in s.params.items()}}
         try:
             edit = edit_for(s.method, objective.target, values)
