@@ -48,7 +48,7 @@ PICKED_ON_VAL = ("best", "same", "spread", "ablate")  # sweep picks chosen by th
 def picked_on(source: str, cell: str) -> str | None:
     """'val' for a sweep cell chosen by its logit score on the val prompts, or a selection rule's pick;
     declared sweep cells were not chosen."""
-    if source == "rule":  # a selection rule chose it from its val scores
+    if source in ("rule", "optimize"):  # a selection rule or the optimize study chose it from val scores
         return "val"
     if source != "sweep":
         return None
@@ -60,6 +60,8 @@ def cell_condition(r: dict) -> str:
     rule's pick its rule and layer, grid cells their direction source."""
     if r["source"] == "rule":
         return f"{r['cell']}'s pick: ablation L{r['extraction_layer']} pos {r['extraction_position']} (picked on val)"
+    if r["source"] == "optimize":
+        return f"{r['cell']} of the optimize study: {r['intervention']} (picked on val)"
     if r["source"] != "sweep":
         return condition_name(r["intervention"], r["source"], r["coefficient"])
     if r["intervention"] == "ablation":
@@ -124,8 +126,8 @@ def summarize(scores: pl.DataFrame, coherence: dict | None = None, scorers: list
     ranks = {name: i for i, name in enumerate(scorer_order(scores, scorers))}
     return summary.with_columns(_o=pl.col("intervention").replace_strict(kind_order(), default=len(kind_order()),
                                                                               return_dtype=pl.Int16),
-                                # the grid, then the selection rules' picks, then the sweep's
-                                _s=pl.col("source").replace_strict({"rule": 1, "sweep": 2}, default=0,
+                                # the grid, the selection rules' picks, the optimize study's trials, the sweep's
+                                _s=pl.col("source").replace_strict({"rule": 1, "optimize": 2, "sweep": 3}, default=0,
                                                                    return_dtype=pl.Int8),
                                 _r=pl.col("scorer").replace_strict(ranks, return_dtype=pl.Int32)).sort(
         ["model", "_s", "_o", "source", "coefficient", "cell", "_r", "label"], nulls_last=False).drop("_o", "_s", "_r")

@@ -204,6 +204,10 @@ class Optimize(Schema):
     max_new_tokens: PosInt = 8  # a refusal shows in its first words; short generations keep a trial cheap
     scorer: Name | None = None  # a phrase scorer; None: the experiment's first
     batch_size: PosInt = 16
+    # the study's first `generate` trials, generated as grid cells front1.. on the test prompts (picked on val):
+    # the Pareto front from fewest harmful refusals up, then the other complete trials in the same order.
+    # 0: none; above 0 the cells are part of `all`, so `all` runs the study
+    generate: NonNegInt = 0
 
 
 class OptimizeSpec(Schema):

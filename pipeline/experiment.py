@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .interventions import INTERVENTIONS
 from .interventions.ablation import layer_range
-from .specs import (SELECTION_RULES, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec, Source,
+from .specs import (FRONT_PREFIX, SELECTION_RULES, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec, Source,
                     SweepSpec, rule_pick_name)
 
 if TYPE_CHECKING:  # the YAML blocks' schemas, in annotations only: config builds an Experiment
@@ -91,10 +91,18 @@ class Experiment:
                 cells += [Cell(model, source, k.name, c) for k in kinds if k.needs_direction
                           for c in k.coefficients(values[k.name])]
             cells += [Cell(model, Source.RULE, "ablation", pick=pick) for pick in self.rule_pick_names()]
+            cells += self.front_cells(model)
         if self.sweep is not None:
             for model in self.sweep.models:
                 cells += [Cell(model, Source.SWEEP, pick=pick) for pick in self.sweep.pick_names()]
         return cells
+
+    def front_cells(self, model: str) -> list[Cell]:
+        """The optimize study's generated trials of `model` (optimize.generate), its method's edit each."""
+        if self.optimize is None or model not in self.optimize.settings.models:
+            return []
+        s = self.optimize.settings
+        return [Cell(model, Source.OPTIMIZE, s.method, pick=f"{FRONT_PREFIX}{i}") for i in range(1, s.generate + 1)]
 
     def rule_pick_names(self) -> list[str]:
         """The rule cells' names: each rule's pick at the configured KL cap, then at each compared cap."""
@@ -107,10 +115,10 @@ class Experiment:
         """The grid cells grouped into generate jobs: per model, up to `generation.cells_per_job` cells,
         the baseline first (the other cells read its completions); sweep picks in jobs of their own,
         as they wait for the sweep, and selection rules' picks too (adding them reruns no grid job)."""
-        group = {Source.SWEEP: "sweep", Source.RULE: "rule"}
+        group = {Source.SWEEP: "sweep", Source.RULE: "rule", Source.OPTIMIZE: "optimize"}
         jobs = []
         for model in self.models:
-            for tag in ("grid", "rule", "sweep"):
+            for tag in ("grid", "rule", "optimize", "sweep"):
                 cells = [c for c in self.cells() if c.model == model and group.get(c.source, "grid") == tag]
                 size = self.generation.cells_per_job
                 for i in range(0, len(cells), size):

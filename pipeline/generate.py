@@ -30,7 +30,8 @@ from .models import LoadedModel, context_length, load_tokenizer
 from .probes import completion_losses, last_logits
 from .schemas import GENERATIONS, column_matrix, read_parquet, write_parquet
 from .sources import model_metadata
-from .specs import Cell, ModelSpec, Source
+from .search_space import edit_for
+from .specs import FRONT_PREFIX, Cell, ModelSpec, Source
 from .inputs import check_inputs
 
 
@@ -59,8 +60,12 @@ def candidate_direction(candidates_path: str, layer: int, position: int) -> torc
 
 
 def plan_cell(cell: Cell, intervention: dict, *, selected_path: str | None = None, picks_path: str | None = None,
-              candidates_path: str | None = None, activations_path: str | None = None) -> CellPlan:
+              candidates_path: str | None = None, activations_path: str | None = None,
+              trials_path: str | None = None, pareto_path: str | None = None) -> CellPlan:
     """A grid cell's or a sweep pick's plan; `intervention`: the settings the cell reads (its rule's params)."""
+    if cell.source == Source.OPTIMIZE:
+        return plan_front_cell(cell.model, cell.pick, intervention, selected_path=selected_path,
+                               trials_path=trials_path, pareto_path=pareto_path, activations_path=activations_path)
     if cell.source == Source.SWEEP:
         layers = intervention.get("ablation_layers")
         return plan_sweep_cell(cell.model, picks_path, candidates_path, cell.pick,
@@ -125,6 +130,37 @@ def plan_rule_cell(model: str, selection_path: str, candidates_path: str, pick: 
     edit = INTERVENTIONS.get("ablation").edit(target, None, params)
     return CellPlan(source=Source.RULE.value, edit=edit, cell=pick, direction_model=model,
                     extraction_layer=r["layer"], extraction_position=r["position"])
+
+
+def ranked_trials(trials_path: str, pareto_path: str) -> pl.DataFrame:
+    """The study's complete trials in the order front1, front2, ... take them: the Pareto front from fewest
+    harmful refusals up (ties: lower KL, then trial number), then the other trials in the same order."""
+    front = set(pl.from_arrow(read_parquet(pareto_path))["number"].to_list())
+    return (pl.from_arrow(read_parquet(trials_path)).filter(pl.col("state") == "COMPLETE")
+            .with_columns(on_front=pl.col("number").is_in(list(front)))
+            .sort(["on_front", "refusals", "kl", "number"], descending=[True, False, False, False]))
+
+
+def plan_front_cell(model: str, pick: str, settings: dict, *, selected_path: str, trials_path: str,
+                    pareto_path: str, activations_path: str | None = None) -> CellPlan:
+    """The optimize study's trial `pick` names (front<i>: the i-th of `ranked_trials`): its method's edit of the
+    model's own selected direction with the trial's searched settings and the study's fixed ones, on both
+    labels with the capability measures, like the grid's cells. `settings`: the study's method, searched setting
+    names (`params`) and `fixed` values."""
+    ranked = ranked_trials(trials_path, pareto_path)
+    index = int(pick.removeprefix(FRONT_PREFIX)) - 1
+    if index >= ranked.height:
+        raise ConfigError(trials_path, "optimize.generate", f"asks for {pick} of {model}'s study, which holds "
+                          f"{ranked.height} complete trials; lower optimize.generate or raise optimize.trials")
+    trial = ranked.row(index, named=True)
+    method = settings["method"]
+    searched = {name: trial[name] for name in settings["params"]}
+    direction, layer, position, owner = load_direction(selected_path, "self")
+    means = harmless_means(activations_path, position) if INTERVENTIONS.get(method).reads_activations else None
+    target = Target(direction=direction, layer=layer, position=position, model=owner, harmless_means=means)
+    edit = edit_for(method, target, {**settings["fixed"], **searched})
+    return CellPlan(source=Source.OPTIMIZE.value, edit=edit, cell=pick, direction_model=owner,
+                    extraction_layer=layer, extraction_position=position)
 
 
 def hidden_size_of(prepared_dir: str) -> int | None:

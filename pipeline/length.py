@@ -87,7 +87,7 @@ def cell_title(r: dict) -> str:
     if kind == "addition":
         where += f"\u2192{r['addition_layer']}"
         kind = f"addition {r['coefficient']:+g}"
-    picked = r["source"] in ("sweep", "rule")  # the cell's name says which pick: best1, cosmic_kl0.4, ...
+    picked = r["source"] in ("sweep", "rule", "optimize")  # the cell's name says which: best1, cosmic_kl0.4, front1
     prefix = f"{r['source']} {r['cell']}: " if picked else ""
     source = "" if picked else f" ({r['source']})"
     return f"{prefix}{kind}{source}, layer {where}"

@@ -42,8 +42,9 @@ def reference_p_values(scores: pl.DataFrame, reference: str = REFERENCE) -> pl.D
            for r in per_cell.filter(pl.col("cell") == reference).iter_rows(named=True)}
     rows = []
     for r in per_cell.iter_rows(named=True):
-        # a selection rule's pick (source rule) is an ablation too: against the selected direction's
-        before = ref.get((r["model"], r["scorer"], "self" if r["source"] == "rule" else r["source"]))
+        # a selection rule's pick (an ablation) and an optimize study's trial (an edit of the selected direction)
+        # are compared with the selected direction's ablation
+        before = ref.get((r["model"], r["scorer"], "self" if r["source"] in ("rule", "optimize") else r["source"]))
         p = None
         if r["cell"] != reference and before is not None:
             p = stats.paired_mcnemar(before, dict(zip(r["prompt_id"], r["refused"])))

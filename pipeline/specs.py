@@ -34,6 +34,7 @@ class Source(enum.StrEnum):
     RANDOM = "random"  # random, with the norm of the model's own direction
     SWEEP = "sweep"  # a cell the sweep picked
     RULE = "rule"  # a selection rule's pick, ablated (direction.generate_picks)
+    OPTIMIZE = "optimize"  # a trial of the optimize study (optimize.generate), named front<i>
 
 
 # Sweep picks are named <prefix><i>: best1, same1, spread1, ablate1, cell1.
@@ -41,6 +42,8 @@ PICK_PREFIXES = ("best", "same", "spread", "ablate", "cell")
 # direction.select's scoring rules (pipeline/selection.py SELECTORS, which a test holds to this list): a rule's
 # pick at the configured KL cap is named after the rule, at another cap <rule>_kl<cap>: auto, cosmic_kl0.4
 SELECTION_RULES = ("auto", "cosmic")
+# The optimize study's generated trials (optimize.generate) are named front1, front2, ...
+FRONT_PREFIX = "front"
 
 
 def rule_pick_name(rule: str, kl_max: float | None = None) -> str:
@@ -52,7 +55,7 @@ def cell_name_pattern() -> str:
     DAG, built from the registered intervention kinds (plugins included), so a new kind needs no list."""
     kinds = [k.cell_pattern() for _, k in INTERVENTIONS.items()]
     rules = rf"({'|'.join(SELECTION_RULES)})(_kl[0-9.e+-]+)?"
-    return "|".join([*kinds, rf"({'|'.join(PICK_PREFIXES)})[0-9]+", rules])
+    return "|".join([*kinds, rf"({'|'.join(PICK_PREFIXES)})[0-9]+", rules, rf"{FRONT_PREFIX}[0-9]+"])
 
 
 def to_params(spec: Any) -> Any:

@@ -50,7 +50,8 @@ def kill_mid_run(workdir, marker: Path, *args, timeout=600):
 def tiny_dag(tmp_path_factory):
     """One real run of the tiny experiment's whole DAG, shared by the tests that read it (test_workflow,
     test_length): killed mid-run and recovered as the README says (unlock, then the local profile's
-    rerun-incomplete), with the length and stability rules and a plugin's intervention kind on top.
+    rerun-incomplete), with the length and stability rules, a plugin's intervention kind, each selection rule's
+    pick and an optimize study's generated trials on top.
     Returns the workdir, the conf copy, the `--config` arguments, what the recovery left and the run."""
     work = tmp_path_factory.mktemp("tiny-dag")
     conf = work / "conf"
@@ -63,7 +64,10 @@ def tiny_dag(tmp_path_factory):
                           "+experiment.direction.selection.kl_max_compare=[1.0e3]",
                           # one grid job a model: each job pays seconds of imports, and the split into
                           # jobs is checked by the dry runs of tests/test_workflow.py
-                          "+experiment.generation.cells_per_job=64"])
+                          "+experiment.generation.cells_per_job=64",
+                          # a 3-trial study of affine's alpha on tiny-chat, its first 2 trials generated
+                          "+experiment.optimize={method:affine,params:{alpha:[-1,1]},trials:3,generate:2,"
+                          "models:[tiny-chat],max_new_tokens:4}"])
     config = ("--config", f"overrides={overrides}", f"conf_dir={conf}")
     local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
     out = work / "results" / "tiny"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import polars as pl
 import pyarrow as pa
 import pytest
 import torch
@@ -22,13 +23,14 @@ import torch
 from pipeline import optimize
 from pipeline.config import Optimize, OptimizeSpec, load_experiment
 from pipeline.decoding import generate
+from pipeline.generate import plan_cell
 from pipeline.errors import ConfigError
 from pipeline.interventions import Edit, Target
 from pipeline.interventions.kernel import Kernel, KernelShape
 from pipeline.probes import last_logits
 from pipeline.refusal_phrases import is_refusal
 from pipeline.schemas import PROMPTS, SELECTED_EXTRA, direction_schema, read_parquet, vectors_column, write_parquet
-from pipeline.specs import ScorerSpec, to_params
+from pipeline.specs import Cell, ScorerSpec, to_params
 
 from conftest import ROOT, assert_one_line_error, snakemake, tiny_spec
 
@@ -209,3 +211,41 @@ def test_optimize_rule_plans_for_the_tiny_experiment(tmp_path):
     # without the block the target plans nothing
     empty = snakemake(tmp_path, "-n", "optimize", "--config", "overrides=experiment=tiny", timeout=300)
     assert empty.returncode == 0 and "optimize_model" not in empty.stdout, empty.stderr
+
+
+@pytest.mark.slow
+def test_the_dags_front_cells_are_the_studys_best_trials_regenerated(tiny_dag):
+    """The tiny DAG's optimize study (affine's alpha, 3 trials, 2 generated): front1 and front2 are the trials
+    ranked by hand (Pareto front from fewest refusals up, then the rest), each regenerated here as the grid's own
+    affine cell at the trial's alpha, token for token; the report marks them picked on val."""
+    from pipeline.models import LoadedModel
+
+    assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
+    out, work = tiny_dag["out"], tiny_dag["work"]
+    trials = read_parquet(out / "optimize" / "tiny-chat" / "trials.parquet").to_pylist()
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    assert len(done) == 3
+    front = [t for t in done if not any(o["refusals"] <= t["refusals"] and o["kl"] <= t["kl"] and
+                                        (o["refusals"], o["kl"]) != (t["refusals"], t["kl"]) for o in done)]
+    rest = [t for t in done if t not in front]
+    order = sorted(front, key=lambda t: (t["refusals"], t["kl"], t["number"])) + \
+        sorted(rest, key=lambda t: (t["refusals"], t["kl"], t["number"]))
+
+    exp = load_experiment(["experiment=tiny"])
+    lm = LoadedModel(tiny_spec("tiny-chat"), work / "results" / "models" / "tiny-chat", "cpu", 2)
+    for i, trial in enumerate(order[:2], start=1):
+        gens = pl.read_parquet(out / "generations" / "tiny-chat" / "optimize" / f"front{i}.parquet")
+        gens = gens.sort("label", "prompt_id")
+        assert set(gens["label"]) == {"harmful", "harmless"}
+        assert gens["coefficient"].unique().to_list() == [pytest.approx(trial["alpha"])]
+        grid = plan_cell(Cell("tiny-chat", "self", "affine", trial["alpha"]), {},
+                         selected_path=str(out / "directions" / "tiny-chat" / "selected.parquet"),
+                         activations_path=str(out / "activations" / "tiny-chat.parquet"))
+        texts = generate(lm, gens["prompt"].to_list(), grid.edit, exp.generation.max_new_tokens,
+                         exp.generation.batch_size)
+        assert texts == gens["completion"].to_list()
+    summary = pl.read_parquet(out / "summary.parquet").filter(pl.col("source") == "optimize")
+    assert sorted(set(summary["cell"])) == ["front1", "front2"] and set(summary["picked_on"]) == {"val"}
+    assert "front1 of the optimize study: affine (picked on val)" in set(summary["condition"])
+    methods = pl.read_parquet(out / "methods.parquet").filter(pl.col("source") == "optimize")
+    assert methods.height == 2 and methods["p_vs_ablation"].is_between(0, 1).all()

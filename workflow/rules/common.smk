@@ -27,13 +27,19 @@ def cell_direction_file(cell):
         return None
     if cell.source == "rule":
         return f"{OUT}/directions/{cell.model}/selection.parquet"
+    if cell.source == "optimize":  # a trial edits the model's own selected direction, as the study did
+        return f"{OUT}/directions/{cell.model}/selected.parquet"
     owner = cell.model if cell.source in ("self", "random") else cell.source
     return f"{OUT}/directions/{owner}/selected.parquet"
 
 
 def cell_intervention(cell):
     """The intervention settings one cell reads (its kind's), so editing another kind's settings leaves it
-    alone; a sweep pick reads the ablation's layer range (its ablation picks honour it)."""
+    alone; a sweep pick reads the ablation's layer range (its ablation picks honour it); a trial of the optimize
+    study (front<i>) the study's method, searched settings and fixed ones."""
+    if cell.source == "optimize":
+        s = EXP.optimize.settings
+        return {"method": s.method, "params": sorted(s.params), "fixed": dict(s.fixed)}
     return EXP.intervention.cell_params("ablation" if cell.pick is not None else cell.kind)
 
 

@@ -21,6 +21,9 @@ def generate_job_inputs(job):
         # sweep picks and selection rules' picks (source rule) are candidates, not the selected direction
         "candidates": [f"{OUT}/directions/{job.model}/candidates.parquet"]
         if sweep or any(c.source == "rule" for c in job.cells) else [],
+        # the optimize study's trials, for its generated ones (front1, ...)
+        "trials": [f"{OUT}/optimize/{job.model}/trials.parquet"] if job.cells[0].source == "optimize" else [],
+        "pareto": [f"{OUT}/optimize/{job.model}/pareto.parquet"] if job.cells[0].source == "optimize" else [],
         # kinds that set the stream to the edited model's own harmless level (affine) read its activations
         "activations": [f"{OUT}/activations/{job.model}.parquet"]
         if any(c.kind and INTERVENTIONS.get(c.kind).reads_activations for c in job.cells) else [],

@@ -9,7 +9,9 @@ with job(snakemake) as p:
     candidates = inp.candidates[0] if inp.candidates else None
     activations = inp.activations[0] if inp.activations else None
     plans = [generate.plan_cell(from_params(Cell, c["cell"]), c["intervention"], selected_path=c["direction"],
-                                picks_path=picks, candidates_path=candidates, activations_path=activations)
+                                picks_path=picks, candidates_path=candidates, activations_path=activations,
+                                trials_path=inp.trials[0] if inp.trials else None,
+                                pareto_path=inp.pareto[0] if inp.pareto else None)
              for c in p.cells]
     gen = from_params(Generation, p.generation)
     generate.run_cells(from_params(ModelSpec, p.model), inp.model, inp.prompts,
