@@ -538,6 +538,9 @@ def load_optimize(d: Optimize | None, scoring: str | list[str], file: str, conf_
         if problem:
             raise ConfigError(file, "optimize.params", f"{d.method} {problem} (at the "
                               f"{'low' if corner == 0 else 'high'} end of the ranges; missing ones go in fixed)")
+    if d.generate > d.trials:
+        raise ConfigError(file, "optimize.generate", f"asks for {d.generate} trials generated of a study of "
+                          f"{d.trials} (optimize.trials)")
     names_m = list(d.models) if d.models is not None else list(models)
     for i, m in enumerate(names_m):
         if m not in models:

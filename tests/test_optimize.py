@@ -194,6 +194,8 @@ def test_two_workers_share_one_study(tiny_dirs, tmp_path):
      "attn.min_weight:0}}", "optimize.params"),  # a distance of 0 at the low end
     ("{method:addition,params:{coefficient:[0,1]},models:[nope]}", "optimize.models[0]"),
     ("{method:addition,params:{coefficient:[0,1]},trials:0}", "optimize.trials"),
+    ("{method:addition,params:{coefficient:[0,1]},trials:2,generate:3}", "optimize.generate"),
+    ("{method:addition,params:{coefficient:[0,1]},generate:-1}", "optimize.generate"),
 ])
 def test_bad_optimize_block_is_one_line(block, key):
     with pytest.raises(ConfigError) as err:
