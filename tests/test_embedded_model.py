@@ -162,3 +162,40 @@ def test_cells_in_one_pass_equal_cells_alone(qwen, split_and_acts):
         assert got_ids == want_ids, iv.kind
     rates = [rate(t, exp.scorer) for t, _ in together]
     assert rates[2] > rates[0]  # the cells really differ: the addition refuses more
+
+
+@pytest.mark.slow
+def test_the_exported_orthogonalization_generates_the_projects_tokens(qwen, split_and_acts, tmp_path):
+    """Export on the real model: the Qwen orthogonalised against its own direction, written as a Hugging Face
+    folder and loaded by plain transformers in a process that never imports this project, decodes greedily to
+    exactly the project's tokens on harmful test prompts, and refuses fewer of them than the unedited model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import export
+    from pipeline.generate import CellPlan
+    from test_export import fresh_generate
+
+    exp, lm = qwen
+    table, acts, harmful = split_and_acts
+    layer, position, _ = exp.direction_choice(MODEL)
+    direction = torch.tensor(mean_difference(acts, harmful, layer, position), dtype=torch.float32)
+    plan = CellPlan(source="self", edit=make_edit("orthogonalization", direction=direction), cell="orthogonalization",
+                    direction_model=MODEL, extraction_layer=layer, extraction_position=position)
+    test = table.filter((pl.col("split") == "test") & (pl.col("label") == "harmful"))["instruction"].to_list()[:6]
+    max_new = 12
+    with plan.edit.weights(lm.hf, lm.device):  # the generate stage's way: the weight edit around the generation
+        want_texts, want_ids = generate(lm, test, plan.edit, max_new, batch_size=1, return_ids=True)
+    prompts_file = tmp_path / "generations.parquet"
+    pq.write_table(pa.table({"prompt": test}), prompts_file)  # what the chat template is checked on
+    out = tmp_path / "results" / "default" / "export" / MODEL / "orthogonalization"
+    export.run(lm.spec, str(prepared_model(MODEL, lm.spec)), plan, str(out),
+               info=export.Run(experiment="default", exp_file=exp.file, max_new_tokens=max_new,
+                               intervention={"ablation_layers": None}),
+               evidence=export.Evidence(generations=str(prompts_file)))
+
+    got = fresh_generate(out, test, max_new, tmp_path / "elsewhere")
+    assert [r["ids"] for r in got["out"]] == want_ids
+    assert [r["text"] for r in got["out"]] == want_texts
+    unedited = generate(lm, test, Edit(), max_new, batch_size=1)
+    assert rate(want_texts, exp.scorer) < rate(unedited, exp.scorer)
