@@ -83,8 +83,10 @@ class Objective:
 
 def study_name(model: str, spec: OptimizeSpec) -> str:
     """The study's name in the journal: the model and a digest of what the trials' values depend on, so a
-    changed range or scorer starts a new study (in the same file) while a changed trial count resumes."""
-    what = {k: v for k, v in to_params(spec.settings).items() if k not in ("trials", "models", "batch_size")}
+    changed range or scorer starts a new study (in the same file) while a changed trial count, or how many
+    trials become grid cells (`generate`), resumes it."""
+    what = {k: v for k, v in to_params(spec.settings).items()
+            if k not in ("trials", "models", "batch_size", "generate")}
     what["scorer"] = to_params(spec.scorer)
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     return f"{model}-{spec.settings.method}-{digest}"

@@ -183,6 +183,16 @@ def test_two_workers_share_one_study(tiny_dirs, tmp_path):
     assert joined["optimize"] == json.loads(job.read_text())["optimize"]
 
 
+def test_generate_is_not_part_of_the_study():
+    """Turning trials into grid cells (optimize.generate) resumes the same study; a changed range starts another."""
+    spec = study_spec(8)
+    more = spec.model_copy(update={"settings": spec.settings.model_copy(update={"generate": 3, "trials": 9})})
+    assert optimize.study_name("m", more) == optimize.study_name("m", spec)
+    other = dict(KERNEL_SEARCH, **{"attn.max_weight": [0.25, 1.5]})
+    moved = spec.model_copy(update={"settings": spec.settings.model_copy(update={"params": other})})
+    assert optimize.study_name("m", moved) != optimize.study_name("m", spec)
+
+
 @pytest.mark.parametrize("block, key", [
     ("{params:{attn.max_weigth:[0.5,1.5]}}", "optimize.params.attn.max_weigth"),
     ("{params:{attn.max_weight:[1.5,0.5]},fixed:{attn.max_weight_position:1,attn.min_weight:0,"

@@ -23,6 +23,16 @@ def optimize_inputs(wildcards):
     return inputs
 
 
+def study_params():
+    """The study's settings less `generate` (which trials become grid cells, read by the generate jobs): changing
+    it reruns no study."""
+    if EXP.optimize is None:
+        return None
+    params = to_params(EXP.optimize)
+    params["settings"].pop("generate")
+    return params
+
+
 rule optimize:
     """Every optimize model's study: its trials, Pareto front and chart (none without an `optimize:` block)."""
     input:
@@ -39,7 +49,7 @@ rule optimize_model:
         front=OUT + "/optimize/{model}/front.png",
     params:
         model=model_params,
-        optimize=to_params(EXP.optimize) if EXP.optimize is not None else None,
+        optimize=study_params(),
         device=EXP.device,
         file=EXP.file,
         plugins=plugins_for(INTERVENTIONS, [EXP.optimize.settings.method]) if EXP.optimize is not None else [],
