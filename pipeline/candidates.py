@@ -98,3 +98,13 @@ def load_direction(selected_path: str, source: str):
     vec = torch.from_numpy(column_matrix(table, "direction")[i].copy())
     return (vec, table.column("layer")[i].as_py(), table.column("position")[i].as_py(),
             table.column("model")[i].as_py())
+
+
+def own_target(selected_path: str, activations_path: str | None, method: str):
+    """The model's own selected direction as an edit's `Target` (and its harmless means where the `method` kind
+    reads activations): what the optimize study's trials and their generated cells edit."""
+    from .interventions import INTERVENTIONS, Target  # the directions stage imports this module without torch
+
+    direction, layer, position, owner = load_direction(selected_path, "self")
+    means = harmless_means(activations_path, position) if INTERVENTIONS.get(method).reads_activations else None
+    return Target(direction=direction, layer=layer, position=position, model=owner, harmless_means=means)

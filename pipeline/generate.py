@@ -18,7 +18,7 @@ import torch
 
 from . import capability, coherence
 from .atomic import NonFiniteOutput
-from .candidates import harmless_means, load_direction  # noqa: F401  (load_direction: callers import it here too)
+from .candidates import harmless_means, load_direction, own_target  # noqa: F401  (load_direction: callers import it here too)
 from .config import Capability, resolve_data_path
 from .errors import ConfigError
 from .interventions import INTERVENTIONS, Edit, Target
@@ -155,12 +155,10 @@ def plan_front_cell(model: str, pick: str, settings: dict, *, selected_path: str
     trial = ranked.row(index, named=True)
     method = settings["method"]
     searched = {name: trial[name] for name in settings["params"]}
-    direction, layer, position, owner = load_direction(selected_path, "self")
-    means = harmless_means(activations_path, position) if INTERVENTIONS.get(method).reads_activations else None
-    target = Target(direction=direction, layer=layer, position=position, model=owner, harmless_means=means)
+    target = own_target(selected_path, activations_path, method)
     edit = edit_for(method, target, {**settings["fixed"], **searched})
-    return CellPlan(source=Source.OPTIMIZE.value, edit=edit, cell=pick, direction_model=owner,
-                    extraction_layer=layer, extraction_position=position)
+    return CellPlan(source=Source.OPTIMIZE.value, edit=edit, cell=pick, direction_model=target.model,
+                    extraction_layer=target.layer, extraction_position=target.position)
 
 
 def hidden_size_of(prepared_dir: str) -> int | None:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from .atomic import write_bytes, write_parquet, write_text
-from .candidates import harmless_means, load_direction
+from .candidates import own_target
 from .config import OptimizeSpec
 from .decoding import generate
 from .errors import ConfigError
@@ -157,13 +157,6 @@ def complete(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def load_target(selected_path: str, activations_path: str | None, method: str) -> Target:
-    """The model's own selected direction, as its grid cells read it (and harmless means for affine)."""
-    direction, layer, position, owner = load_direction(selected_path, "self")
-    means = harmless_means(activations_path, position) if INTERVENTIONS.get(method).reads_activations else None
-    return Target(direction=direction, layer=layer, position=position, model=owner, harmless_means=means)
-
-
 def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: str, study: OptimizeSpec,
         outputs: Outputs, *, device: str, threads: int, exp_file: str, activations_path: str | None = None,
         worker: int = 0, max_trials: int | None = None) -> None:
@@ -178,7 +171,7 @@ def run(spec: ModelSpec, prepared_dir: str, prompts_path: str, selected_path: st
     if not harmful or not harmless:
         raise ConfigError(exp_file, "split.val", "the optimize study scores trials on val prompts; set split.val")
     lm = LoadedModel(spec, prepared_dir, device, threads)
-    objective = Objective(lm, load_target(selected_path, activations_path, s.method), harmful, harmless,
+    objective = Objective(lm, own_target(selected_path, activations_path, s.method), harmful, harmless,
                           last_logits(lm, harmless, Edit(), s.batch_size), study.scorer, s.max_new_tokens,
                           s.batch_size)
     write_worker_file(spec, prepared_dir, prompts_path, selected_path, study, outputs, device, threads, exp_file,

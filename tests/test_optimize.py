@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from pipeline import optimize
+from pipeline.candidates import own_target
 from pipeline.config import Optimize, OptimizeSpec, load_experiment
 from pipeline.decoding import generate
 from pipeline.generate import plan_cell
@@ -95,7 +96,7 @@ def completed(study) -> list:
 
 def test_objective_equals_an_independent_computation(tiny_chat, tmp_path):
     prompts, selected = write_inputs(tmp_path, tiny_chat.rmap.hidden_size)
-    target = optimize.load_target(str(selected), None, "kernel")
+    target = own_target(str(selected), None, "kernel")
     baseline = last_logits(tiny_chat, HARMLESS, Edit(), 4)
     objective = optimize.Objective(tiny_chat, target, HARMFUL, HARMLESS, baseline, SCORER, 4, 4)
     values = {**FIXED, "attn.max_weight": 1.3}
