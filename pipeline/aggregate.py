@@ -21,7 +21,7 @@ from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
 from .direction_methods import method_of, method_settings_of, methods_label
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
-from .specs import Source
+from .specs import is_partner_source, source_method
 from .interventions import INTERVENTIONS
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
@@ -62,6 +62,9 @@ def cell_condition(r: dict) -> str:
         return f"{r['cell']}'s pick: ablation L{r['extraction_layer']} pos {r['extraction_position']} (picked on val)"
     if r["source"] == "optimize":
         return f"{r['cell']} of the optimize study: {r['intervention']} (picked on val)"
+    method = source_method(r["source"])
+    if method:  # another direction method's direction, where the selected one was taken
+        return condition_name(r["intervention"], f"{method} direction", r["coefficient"])
     if r["source"] != "sweep":
         return condition_name(r["intervention"], r["source"], r["coefficient"])
     if r["intervention"] == "ablation":
@@ -453,7 +456,7 @@ def transfer_table(summary: pl.DataFrame, value: str = "refusal_rate") -> pl.Dat
     """
     key = ["model", "intervention", "coefficient", "scorer", "label"]
     rate = summary.select(*key, "source", pl.col(value).alias("_rate"))
-    partner = rate.filter(~pl.col("source").is_in([s.value for s in Source])).rename(
+    partner = rate.filter(pl.col("source").map_elements(is_partner_source, return_dtype=pl.Boolean)).rename(
         {"source": "partner", "_rate": "partner_direction"})
     if partner.height == 0:
         return partner

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from .direction_methods import method as direction_method, with_method_settings
 from .errors import ConfigError
+from .specs import source_method
 from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, read_parquet, vectors_column
 
 
@@ -90,7 +91,8 @@ def load_direction(selected_path: str, source: str):
     import torch  # only the model jobs read a direction as a tensor; the directions stage needs no torch
 
     table = read_parquet(selected_path)
-    want = "random" if source == "random" else "self"
+    # a grid cell's source names its row, except a partner model's (its own direction, self) and the picks'
+    want = source if source == "random" or source_method(source) else "self"
     rows = [i for i, s in enumerate(table.column("source").to_pylist()) if s == want]
     if not rows:
         raise ValueError(f"{selected_path}: no '{want}' direction")

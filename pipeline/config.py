@@ -31,7 +31,7 @@ from .registry import load_plugins
 from .search_space import searchable, settings_problem
 from .specs import (ChatQuestion, DatasetFile, DatasetSpec, InterventionSpec, Labels, Length,  # noqa: F401
                     LengthSpec, ModelFile, ModelSpec, ScorerSpec, ScoringFile, Sweep, SweepCell, SweepGenerate,
-                    SweepSpec, TemplateFile, TemplateSpec)
+                    SweepSpec, TemplateFile, TemplateSpec, is_partner_source)
 from .yamlschema import (LayerRange, Name, NegInt, NonNegFloat, NonNegInt, PosInt, Schema, Text,  # noqa: F401
                          validate)
 
@@ -137,6 +137,10 @@ class Direction(Schema):
     method: Name = "mean_diff"
     # the method's own settings, checked against its Settings schema (e.g. winsorized: {quantile: 0.99})
     method_settings: dict[str, Any] = {}
+    # other direction methods, each with its settings ({} for the defaults), made at the layer and position the
+    # experiment selected, from the same train prompts: each is a grid source self-<method>, so the methods
+    # share one table (e.g. {projected: {}, winsorized: {quantile: 0.99}})
+    other_methods: dict[Name, dict[str, Any]] = {}
     sources: list[Literal["self", "random"]] = ["self", "random"]
     random_seed: NonNegInt = 0
     filter: bool = True  # keep harmful val/train prompts the model refuses, harmless ones it does not
@@ -388,7 +392,16 @@ def check_direction_method(direction: Direction, exp_file: str) -> Direction:
                           f"(known: {', '.join(DIRECTION_METHODS.names())}); a method of your own is a plugin "
                           "that registers it (plugins:)")
     settings = settings_of(method(direction.method, direction.method_settings, exp_file))
-    return direction.model_copy(update={"method_settings": settings})
+    others = {}
+    for name, given in direction.other_methods.items():
+        key = f"direction.other_methods.{name}"
+        if name not in DIRECTION_METHODS:
+            raise ConfigError(exp_file, key, f"unknown direction method '{name}' "
+                              f"(known: {', '.join(DIRECTION_METHODS.names())})")
+        others[name] = settings_of(method(name, given, exp_file, key=key))
+        if (name, others[name]) == (direction.method, settings):
+            raise ConfigError(exp_file, key, f"'{name}' with these settings is direction.method already (source self)")
+    return direction.model_copy(update={"method_settings": settings, "other_methods": others})
 
 
 def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_dir: Path,
@@ -397,6 +410,9 @@ def build_experiment(e: ExperimentFile, exp_file: str, conf_dir: Path, results_d
     for i, m in enumerate(e.models):
         if e.models.index(m) != i:
             raise ConfigError(exp_file, f"models[{i}]", f"model '{m}' is listed twice")
+        if not is_partner_source(m):  # a paired model's name is its direction's source in the grid's paths
+            raise ConfigError(exp_file, f"models[{i}]", f"model name '{m}' reads as a direction source (self, "
+                              "random, self-<method>, ...); rename the model's YAML file")
     check_pairs(e.pairs, models, exp_file)
     direction = check_direction_method(e.direction, exp_file)
     for i, f in enumerate(e.direction.force):

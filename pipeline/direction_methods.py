@@ -108,10 +108,11 @@ SETTINGS_KEY = "direction.method_settings"
 SETTINGS_METADATA = b"method_settings"  # the candidates Parquet's metadata key for them (JSON)
 
 
-def method(name: str, settings: Mapping[str, Any] | None = None, exp_file: str = "-") -> DirectionMethod:
+def method(name: str, settings: Mapping[str, Any] | None = None, exp_file: str = "-",
+           key: str = SETTINGS_KEY) -> DirectionMethod:
     """The registered method `name` with `settings` (`direction.method_settings`) validated against its
     `Settings`, ready to call; KeyError (listing the known names) if there is none, and one ConfigError
-    (naming `exp_file` and `direction.method_settings.<key>`) for a bad setting."""
+    (naming `exp_file` and `<key>.<setting>`) for a bad setting."""
     item = DIRECTION_METHODS.get(name)
     if isinstance(item, type) and issubclass(item, DirectionMethod):
         found = item()
@@ -124,9 +125,9 @@ def method(name: str, settings: Mapping[str, Any] | None = None, exp_file: str =
     found.name = name
     settings = dict(settings or {})
     if found.Settings is not None:
-        found.settings = validate(found.Settings, settings, exp_file, SETTINGS_KEY + ".")
+        found.settings = validate(found.Settings, settings, exp_file, key + ".")
     elif settings:
-        raise ConfigError(exp_file, f"{SETTINGS_KEY}.{next(iter(settings))}",
+        raise ConfigError(exp_file, f"{key}.{next(iter(settings))}",
                           f"direction method '{name}' takes no settings")
     text = found.settings_text()
     found.label = (found.label or name) + (f" ({text})" if text else "")

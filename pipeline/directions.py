@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from .candidates import candidates_table, differences, filter_by_refusal  # noqa: F401  (the stage's API)
-from .schemas import read_parquet, write_parquet
+from .schemas import SELECTED_EXTRA, direction_schema, read_parquet, vectors_column, write_parquet
+from .specs import method_source
 
 
 def mean_differences(table: pa.Table) -> dict[tuple[int, int], tuple[np.ndarray, int, int]]:
@@ -30,4 +31,41 @@ def run(model: str, activations_path: str, candidates_out: str, *, method: str, 
     if filter_prompts:
         table = filter_by_refusal(table, exp_file, model)
     write_parquet(candidates_table(model, differences(table, method, settings), method, settings), candidates_out,
+                  vector_columns=("direction",))
+
+
+def at_cell(table: pa.Table, layer: int, position: int) -> pa.Table:
+    """The activation rows of one layer and post-instruction position."""
+    keep = (table.column("layer").to_numpy() == layer) & (table.column("position").to_numpy() == position)
+    if not keep.any():
+        raise ValueError(f"no cached activation at layer {layer}, position {position}")
+    return table.filter(pa.array(keep))
+
+
+def other_methods_table(model: str, table: pa.Table, layer: int, position: int,
+                        methods: dict[str, dict]) -> pa.Table:
+    """Each of `methods` (name -> settings: direction.other_methods) applied to the train activations at the
+    selected `layer` and `position`, in the selected directions' schema, one row per method, source
+    self-<method>: the same prompts and place as the selected direction, so only the method differs."""
+    rows = at_cell(table, layer, position)
+    made = [differences(rows, name, settings)[(layer, position)][0] for name, settings in methods.items()]
+    matrix = np.stack(made).astype(np.float32)
+    return pa.table({
+        "model": [model] * len(made), "source": [method_source(m) for m in methods], "method": list(methods),
+        "layer": [layer] * len(made), "position": [position] * len(made),
+        "norm": [float(np.linalg.norm(v)) for v in made],
+        "direction": vectors_column(matrix, pa.float32()),
+    }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
+
+
+def run_other_methods(model: str, activations_path: str, selected_path: str, out: str, *,
+                      methods: dict[str, dict], filter_prompts: bool, exp_file: str) -> None:
+    """The other direction methods' directions where `selected_path`'s own one was taken, from the train prompts
+    the candidates were made from (filtered as they were)."""
+    selected = read_parquet(selected_path).select(["source", "layer", "position"]).to_pylist()
+    own = next(r for r in selected if r["source"] == "self")
+    table = read_parquet(activations_path)
+    if filter_prompts:
+        table = filter_by_refusal(table, exp_file, model)
+    write_parquet(other_methods_table(model, table, own["layer"], own["position"], methods), out,
                   vector_columns=("direction",))

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from .interventions import INTERVENTIONS
 from .interventions.ablation import layer_range
-from .specs import (FRONT_PREFIX, SELECTION_RULES, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec, ScorerSpec, Source,
-                    SweepSpec, rule_pick_name)
+from .specs import (FRONT_PREFIX, SELECTION_RULES, Cell, DatasetSpec, InterventionSpec, LengthSpec, ModelSpec,
+                    ScorerSpec, Source, SweepSpec, method_source, rule_pick_name, source_method)
 
 if TYPE_CHECKING:  # the YAML blocks' schemas, in annotations only: config builds an Experiment
     from .config import Activations, Capability, Coherence, Direction, Generation, OptimizeSpec, Split
@@ -76,7 +76,12 @@ class Experiment:
         raise KeyError(f"model {name!r} is neither in {self.file} nor a judge of its scorers")
 
     def direction_sources(self, model: str) -> list[str]:
-        return list(self.direction.sources) + self.partners(model)
+        """self and random (direction.sources), each other direction method's self-<method>, the partners."""
+        return list(self.direction.sources) + self.method_sources() + self.partners(model)
+
+    def method_sources(self) -> list[str]:
+        """The sources of direction.other_methods: self-<method>, each made at the selected layer and position."""
+        return [method_source(m) for m in self.direction.other_methods]
 
     def cells(self) -> list[Cell]:
         """Per model: each direction-free kind's cell (the baseline), then per direction source each kind's
@@ -114,12 +119,17 @@ class Experiment:
     def generate_jobs(self) -> list[GenerateJob]:
         """The grid cells grouped into generate jobs: per model, up to `generation.cells_per_job` cells,
         the baseline first (the other cells read its completions); sweep picks in jobs of their own,
-        as they wait for the sweep, and selection rules' picks too (adding them reruns no grid job)."""
+        as they wait for the sweep, and selection rules' picks too (adding them reruns no grid job), and so do
+        the other direction methods' cells."""
         group = {Source.SWEEP: "sweep", Source.RULE: "rule", Source.OPTIMIZE: "optimize"}
+
+        def tag_of(cell: Cell) -> str:
+            return "method" if source_method(cell.source) else group.get(cell.source, "grid")
+
         jobs = []
         for model in self.models:
-            for tag in ("grid", "rule", "optimize", "sweep"):
-                cells = [c for c in self.cells() if c.model == model and group.get(c.source, "grid") == tag]
+            for tag in ("grid", "method", "rule", "optimize", "sweep"):
+                cells = [c for c in self.cells() if c.model == model and tag_of(c) == tag]
                 size = self.generation.cells_per_job
                 for i in range(0, len(cells), size):
                     jobs.append(GenerateJob(model, f"{tag}{i // size + 1}", tuple(cells[i:i + size])))

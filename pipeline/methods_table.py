@@ -21,6 +21,7 @@ import polars as pl
 from . import stats
 from .figures import interval_errors, pyplot, to_png
 from .schemas import write_bytes, write_parquet, write_text
+from .specs import source_method
 
 REFERENCE = "ablation"  # the method every other is tested against
 KEYS = ["model", "scorer", "source", "cell"]
@@ -42,11 +43,12 @@ def reference_p_values(scores: pl.DataFrame, reference: str = REFERENCE) -> pl.D
            for r in per_cell.filter(pl.col("cell") == reference).iter_rows(named=True)}
     rows = []
     for r in per_cell.iter_rows(named=True):
-        # a selection rule's pick (an ablation) and an optimize study's trial (an edit of the selected direction)
-        # are compared with the selected direction's ablation
-        before = ref.get((r["model"], r["scorer"], "self" if r["source"] in ("rule", "optimize") else r["source"]))
+        # a selection rule's pick (an ablation), an optimize study's trial (an edit of the selected direction) and
+        # another direction method's cells are compared with the selected direction's ablation
+        mine = "self" if r["source"] in ("rule", "optimize") or source_method(r["source"]) else r["source"]
+        before = ref.get((r["model"], r["scorer"], mine))
         p = None
-        if r["cell"] != reference and before is not None:
+        if (r["cell"], r["source"]) != (reference, mine) and before is not None:  # not the reference itself
             p = stats.paired_mcnemar(before, dict(zip(r["prompt_id"], r["refused"])))
         rows.append({**{k: r[k] for k in KEYS}, "p_vs_ablation": p})
     return pl.DataFrame(rows, schema={**{k: pl.String for k in KEYS}, "p_vs_ablation": pl.Float64})
@@ -117,7 +119,7 @@ def number_text(value: float | None, digits: int = 3) -> str:
 
 
 def p_text(p: float | None, cell: str, reference: str = REFERENCE) -> str:
-    if cell == reference:
+    if cell == reference and p is None:  # another direction method's ablation is compared with it: a p
         return "ref."
     if p is None:
         return "n/a"  # no ablation of this source (the baseline), or other prompts

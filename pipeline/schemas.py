@@ -21,8 +21,10 @@ directions/{m}/selection   candidate: model, layer, position, norm, bypass, indu
 directions/{m}/selected    direction source (self, random): model, source, method
                            (the candidates'; null for random), layer, position,
                            norm, direction
+directions/{m}/other_methods  direction.other_methods entry, at the selected layer and
+                           position: as selected, source self-<method>
 generations/...            test prompt: model, template, source (none|self|random|
-                           <partner model>|sweep), cell (the file name: baseline,
+                           self-<method>|<partner model>|sweep|rule|optimize), cell (the file name: baseline,
                            addition_2, best1, ...), direction_model, extraction_layer,
                            extraction_position (where the direction was taken),
                            intervention (baseline|ablation|orthogonalization|addition),

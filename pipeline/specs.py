@@ -44,6 +44,23 @@ PICK_PREFIXES = ("best", "same", "spread", "ablate", "cell")
 SELECTION_RULES = ("auto", "cosmic")
 # The optimize study's generated trials (optimize.generate) are named front1, front2, ...
 FRONT_PREFIX = "front"
+# direction.other_methods: another direction method's direction at the selected layer and position is the grid
+# source self-<method> (self-projected, ...), beside self (direction.method's) and the paired models' names
+METHOD_SOURCE_PREFIX = "self-"
+
+
+def method_source(method: str) -> str:
+    return METHOD_SOURCE_PREFIX + method
+
+
+def source_method(source: str) -> str | None:
+    """The direction method a source self-<method> names, None for any other source."""
+    return source.removeprefix(METHOD_SOURCE_PREFIX) if source.startswith(METHOD_SOURCE_PREFIX) else None
+
+
+def is_partner_source(source: str) -> bool:
+    """A paired model's name (base <-> chat transfer), not one of the sources the experiment makes itself."""
+    return source not in set(Source) and source_method(source) is None
 
 
 def rule_pick_name(rule: str, kl_max: float | None = None) -> str:

@@ -65,6 +65,8 @@ def tiny_dag(tmp_path_factory):
                           # one grid job a model: each job pays seconds of imports, and the split into
                           # jobs is checked by the dry runs of tests/test_workflow.py
                           "+experiment.generation.cells_per_job=64",
+                          # another direction method as a grid source (self-projected), every kind's cells
+                          "+experiment.direction.other_methods={projected:{}}",
                           # a 3-trial study of affine's alpha on tiny-chat, its first 2 trials generated
                           "+experiment.optimize={method:affine,params:{alpha:[-1,1]},trials:3,generate:2,"
                           "models:[tiny-chat],max_new_tokens:4}"])

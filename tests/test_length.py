@@ -197,8 +197,8 @@ def test_length_and_stability_rules_run_in_the_tiny_dag(tiny_dag):
     gens = pl.concat([pl.read_parquet(p) for p in (out / "generations").rglob("*.parquet")], how="diagonal_relaxed")
     texts = {k: g.sort("label", "prompt_id")["completion"].to_list()
              for k, g in gens.group_by("model", "source", "cell")}
-    scaled = [(m, s) for m, s, c in texts if c == "scale_0"]
-    assert len(scaled) == 6 and all(texts[m, s, "scale_0"] == texts[m, s, "ablation"] for m, s in scaled)
+    scaled = [(m, s) for m, s, c in texts if c == "scale_0"]  # 2 models x self, random, self-projected, partner
+    assert len(scaled) == 8 and all(texts[m, s, "scale_0"] == texts[m, s, "ablation"] for m, s in scaled)
     assert all(texts[m, s, "scale_1"] == texts[m, "none", "baseline"] for m, s in scaled)
     assert any(texts[m, s, "ablation"] != texts[m, "none", "baseline"] for m, s in scaled)
     summary = pl.read_parquet(out / "summary.parquet").filter(pl.col("intervention") == "scale")

@@ -48,7 +48,7 @@ def test_whole_dag_on_tiny_models(tiny_dag):
     assert acts.height == 16 * 4 * n_post and acts["position"].max() == -1
 
     summary = pl.read_parquet(out / "summary.parquet")
-    grid = summary.filter(~pl.col("source").is_in(["sweep", "rule", "optimize"]))
+    grid = summary.filter(~pl.col("source").is_in(["sweep", "rule", "optimize", "self-projected"]))
     # per model: baseline + 3 sources x (ablation, orthogonalization, norm-preserving, +2, the plugin's two
     # factors, affine at alpha 0 and 2, the kernel), 2 labels
     assert grid.height == 2 * (1 + 3 * 9) * 2

@@ -29,6 +29,8 @@ def cell_direction_file(cell):
         return f"{OUT}/directions/{cell.model}/selection.parquet"
     if cell.source == "optimize":  # a trial edits the model's own selected direction, as the study did
         return f"{OUT}/directions/{cell.model}/selected.parquet"
+    if source_method(cell.source):  # another direction method's, at the selected layer and position
+        return f"{OUT}/directions/{cell.model}/other_methods.parquet"
     owner = cell.model if cell.source in ("self", "random") else cell.source
     return f"{OUT}/directions/{owner}/selected.parquet"
 

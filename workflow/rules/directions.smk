@@ -17,6 +17,25 @@ rule directions:
         "../scripts/directions.py"
 
 
+rule other_directions:
+    """direction.other_methods: each other method's direction at the selected layer and position, from the same
+    train prompts (grid sources self-<method>)."""
+    input:
+        activations=OUT + "/activations/{model}.parquet",
+        selected=OUT + "/directions/{model}/selected.parquet",
+    output:
+        OUT + "/directions/{model}/other_methods.parquet",
+    params:
+        methods=EXP.direction.other_methods,  # validated, defaults filled in: a change reruns the job
+        plugins=plugins_for(DIRECTION_METHODS, list(EXP.direction.other_methods)),
+        filter=EXP.direction.filter,
+        file=EXP.file,
+    log:
+        LOGS + "/directions/{model}.other_methods.log",
+    script:
+        "../scripts/other_directions.py"
+
+
 rule select:
     """Score every candidate on the val prompts (bypass, induce, KL, COSMIC's cosines) and choose one by
     direction.select's rule, or take the forced one."""
