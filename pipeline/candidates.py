@@ -14,8 +14,9 @@ import pyarrow as pa
 
 from .direction_methods import method as direction_method, with_method_settings
 from .errors import ConfigError
-from .specs import source_method
+from .interventions import INTERVENTIONS, Target  # the registry and the Target type: no torch
 from .schemas import CANDIDATE_EXTRA, column_matrix, direction_schema, read_parquet, vectors_column
+from .specs import source_method
 
 
 def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
@@ -105,8 +106,6 @@ def load_direction(selected_path: str, source: str):
 def own_target(selected_path: str, activations_path: str | None, method: str):
     """The model's own selected direction as an edit's `Target` (and its harmless means where the `method` kind
     reads activations): what the optimize study's trials and their generated cells edit."""
-    from .interventions import INTERVENTIONS, Target  # the directions stage imports this module without torch
-
     direction, layer, position, owner = load_direction(selected_path, "self")
     means = harmless_means(activations_path, position) if INTERVENTIONS.get(method).reads_activations else None
     return Target(direction=direction, layer=layer, position=position, model=owner, harmless_means=means)
