@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.direction_methods import DIRECTION_METHODS
 from pipeline.interventions import INTERVENTIONS
 from pipeline.registry import plugins_providing
-from pipeline.specs import Cell, cell_name_pattern, source_method, to_params
+from pipeline.specs import FRONT_PREFIX, Cell, Source, cell_name_pattern, source_method, to_params
 
 # The only keys this workflow reads from --config; any other (a typo such as `overides=`) would be
 # ignored by Snakemake, and the run would silently use the defaults.

@@ -6,7 +6,9 @@ The cell's edit (orthogonalisation, the norm-preserving edit, the kernel-weighte
 that context: the saved weights are the ones the cell's completions came from. Beside them go the
 tokenizer with the project's prompt format as its chat template, a greedy `generation_config.json` with
 the pipeline's stop tokens, and a model card (`README.md`) citing the method, the direction's
-provenance, the cell's measured refusal rates and KL, and the project commit.
+provenance, the cell's measured refusal rates and KL, and the project commit. An optimize study's generated trial
+(front<i>) of a weight-edit method exports the same way; its card names the trial, its searched values and the
+study's fixed settings.
 
 Hook-only kinds (ablation, addition, affine, plugins that act on hidden states) change the forward pass
 while it runs, not the weights; they are refused with one line before anything is loaded.
@@ -33,7 +35,7 @@ from .errors import ConfigError
 from .interventions import INTERVENTIONS
 from .models import PREPARED, load, set_threads, stop_token_ids
 from .schemas import read_parquet
-from .specs import ModelSpec
+from .specs import ModelSpec, Source
 from .stats import wilson_interval
 from .templates import REFERENCE_INSTRUCTION, encode_prompt
 
@@ -54,6 +56,7 @@ class Evidence:
     capability: str | None = None  # the cell's KL and cross-entropies
     selected: str | None = None  # where the direction was read
     candidates: str | None = None  # the direction owner's candidates: how many prompts made it
+    trials: str | None = None  # a front cell's optimize study: its trials table
 
 
 @dataclass(frozen=True)
@@ -65,19 +68,27 @@ class Run:
     max_new_tokens: int
     stop_at_eos: bool = True
     intervention: dict | None = None  # the cell's settings (its generate rule's params)
+    # a front cell's trial: its row of the optimize study's trials table (generate.front_trial), whose columns
+    # named by intervention["params"] hold the searched values
+    trial: dict | None = None
 
 
 def weight_edit_kinds() -> list[str]:
     return [name for name, kind in INTERVENTIONS.items() if kind.edit_class.edits_weights]
 
 
-def check_exportable(kind: str, where: str, exp_file: str) -> None:
+def config_key(source: str) -> str:
+    """The config key that chose a cell's method: the optimize block's for its generated trials (front<i>)."""
+    return "optimize.method" if source == Source.OPTIMIZE else "interventions"
+
+
+def check_exportable(kind: str, where: str, exp_file: str, key: str = "interventions") -> None:
     """Refuse a kind whose edit is not a weight edit (decided by the registry, so plugins are covered)."""
     method = INTERVENTIONS.get(kind)
     if method.edit_class.edits_weights:
         return
     name = kind if method.label == kind else f"{kind} ({method.label})"
-    raise ConfigError(exp_file, "interventions", f"cell {where}: {name} changes the hidden states "
+    raise ConfigError(exp_file, key, f"cell {where}: {name} changes the hidden states "
                       "while the model runs, through hooks, not its weights, so no model folder can hold it; export "
                       f"a weight-edit cell instead ({', '.join(weight_edit_kinds())})")
 
@@ -86,7 +97,7 @@ def run(spec: ModelSpec, prepared_dir: str, plan: CellPlan, output: str, *, info
         evidence: Evidence = Evidence(), device: str = "cpu", threads: int = 2, max_shard_size: str = "2GB") -> None:
     """Write the cell's edited model to the folder `output` (atomically: built beside it, then renamed)."""
     where = f"{spec.name}/{plan.source}/{plan.cell}"
-    check_exportable(plan.kind, where, info.exp_file)  # before the weights load
+    check_exportable(plan.kind, where, info.exp_file, config_key(plan.source))  # before the weights load
     set_threads(threads)
     hf, tok = load(spec, prepared_dir, device)
     rmap = residual_map(hf)
@@ -234,12 +245,12 @@ def model_card(spec: ModelSpec, prepared_dir: str, plan: CellPlan, info: Run, ev
     hub = spec.source.hub if spec.source.kind == "hub" else None
     front = ["---", "library_name: transformers", *([f"base_model: {hub}"] if hub else []),
              f"tags: [refusal-directions, {plan.kind}]", "---", ""]
-    title = [f"# {spec.name}: {method.label} ({plan.source} direction)", "",
+    title = [f"# {spec.name}: {method.label} ({_cell_words(plan)})", "",
              f"The weights of `{spec.name}` with the edit of the grid cell `{spec.name}/{plan.source}/{plan.cell}` of "
              f"the experiment `{info.experiment}` ({info.exp_file}) applied, written by the `export` rule of "
              "refusal-directions. These are exactly the weights the cell's completions were generated with.", ""]
     return "\n".join([*front, *title, *_base_section(spec, prepared_dir, dtype),
-                      *_method_section(plan, info), *_direction_section(plan, evidence),
+                      *_method_section(plan, info, evidence), *_direction_section(plan, evidence),
                       *_measured_section(evidence), *_usage_section(spec, info, stops, template_note, had_template),
                       *_provenance_section()]) + "\n"
 
@@ -261,17 +272,40 @@ def _base_section(spec: ModelSpec, prepared_dir: str, dtype: str) -> list[str]:
             f"- Saved in {dtype}, the dtype the cell was generated in.", ""]
 
 
-def _method_section(plan: CellPlan, info: Run) -> list[str]:
+def _cell_words(plan: CellPlan) -> str:
+    return f"{plan.cell} of the optimize study" if plan.source == Source.OPTIMIZE else f"{plan.source} direction"
+
+
+def _method_section(plan: CellPlan, info: Run, evidence: Evidence) -> list[str]:
     method = INTERVENTIONS.get(plan.kind)
     doc = (sys.modules[method.__module__].__doc__ or "").strip().split("\n\n")[0]
     settings = {k: v for k, v in {**(info.intervention or {}), **plan.edit.columns()}.items() if v is not None}
     name = method.label if method.label == plan.kind else f"{method.label} (`{plan.kind}`)"
     lines = ["## Method", "", f"- {name}, cell `{plan.cell}`."]
-    if settings:
+    if info.trial is not None:  # a front cell's settings are a trial's values, not the grid's
+        lines += _trial_lines(plan, info.intervention or {}, info.trial, evidence.trials)
+    elif settings:
         lines.append(f"- Settings: `{json.dumps(settings, sort_keys=True)}`.")
     if doc:
         lines += ["", "> " + " ".join(doc.split())]
     return lines + [""]
+
+
+def _trial_lines(plan: CellPlan, study: dict, trial: dict, trials: str | None) -> list[str]:
+    """A front cell's trial: its number in the optimize study, the values it searched, the study's fixed ones, and
+    the val prompts it was picked on (so the test rates below are measured on prompts the study never saw)."""
+    searched = {name: trial[name] for name in study.get("params", [])}
+    fixed = study.get("fixed") or {}
+    table = f" (`{trials}`)" if trials else ""
+    of = f" of {trial['n']}" if trial.get("n") is not None else ""
+    return [f"- Trial {trial['number']} of the optimize study{table}, ranked `{plan.cell}` of its complete trials: "
+            "the Pareto front of harmful refusals and first-token KL first, from fewest refusals up, then the rest.",
+            f"- Searched settings, this trial's values: `{json.dumps(searched, sort_keys=True)}`.",
+            f"- Fixed settings, the study's: `{json.dumps(fixed, sort_keys=True)}`." if fixed
+            else "- Fixed settings: none.",
+            f"- Picked on the val prompts, from the study's short generations there: {trial['refusals']}{of} harmful "
+            f"prompts refused, first-token KL {trial['kl']:.4g} on the harmless ones. The rates below are on the test "
+            "prompts."]
 
 
 def _direction_section(plan: CellPlan, evidence: Evidence) -> list[str]:
@@ -290,7 +324,7 @@ def _direction_section(plan: CellPlan, evidence: Evidence) -> list[str]:
 
 
 def _source_words(source: str) -> str:
-    if source == "self":
+    if source in (Source.SELF, Source.OPTIMIZE):  # an optimize study edits along the model's own direction
         return "the model's own direction"
     if source == "random":
         return "a random direction, a control"

@@ -141,18 +141,23 @@ def ranked_trials(trials_path: str, pareto_path: str) -> pl.DataFrame:
             .sort(["on_front", "refusals", "kl", "number"], descending=[True, False, False, False]))
 
 
+def front_trial(model: str, pick: str, trials_path: str, pareto_path: str) -> dict:
+    """The trials table's row of the trial `pick` (front<i>) names: the i-th of `ranked_trials`."""
+    ranked = ranked_trials(trials_path, pareto_path)
+    index = int(pick.removeprefix(FRONT_PREFIX)) - 1
+    if index >= ranked.height:
+        raise ConfigError(trials_path, "optimize.generate", f"asks for {pick} of {model}'s study, which holds "
+                          f"{ranked.height} complete trials; lower optimize.generate or raise optimize.trials")
+    return ranked.row(index, named=True)
+
+
 def plan_front_cell(model: str, pick: str, settings: dict, *, selected_path: str, trials_path: str,
                     pareto_path: str, activations_path: str | None = None) -> CellPlan:
     """The optimize study's trial `pick` names (front<i>: the i-th of `ranked_trials`): its method's edit of the
     model's own selected direction with the trial's searched settings and the study's fixed ones, on both
     labels with the capability measures, like the grid's cells. `settings`: the study's method, searched setting
     names (`params`) and `fixed` values."""
-    ranked = ranked_trials(trials_path, pareto_path)
-    index = int(pick.removeprefix(FRONT_PREFIX)) - 1
-    if index >= ranked.height:
-        raise ConfigError(trials_path, "optimize.generate", f"asks for {pick} of {model}'s study, which holds "
-                          f"{ranked.height} complete trials; lower optimize.generate or raise optimize.trials")
-    trial = ranked.row(index, named=True)
+    trial = front_trial(model, pick, trials_path, pareto_path)
     method = settings["method"]
     searched = {name: trial[name] for name in settings["params"]}
     target = own_target(selected_path, activations_path, method)

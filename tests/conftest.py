@@ -23,6 +23,10 @@ SCALED = ("ablation: true\northogonalization: true\nnorm_preserving: true\naddit
           "kernel: {attn: {max_weight: 1.0, max_weight_position: 1.5, min_weight: 0.5, min_weight_distance: 2},"
           " mlp: {max_weight: 0.8, max_weight_position: 2, min_weight: 0.0, min_weight_distance: 1}}\n")
 
+# the tiny DAG's optimize study holds these kernel settings while it searches attn.max_weight and mlp.max_weight
+DAG_FIXED = {"attn.max_weight_position": 1.5, "attn.min_weight": 0.5, "attn.min_weight_distance": 2.0,
+             "mlp.max_weight_position": 2.0, "mlp.min_weight": 0.0, "mlp.min_weight_distance": 1.0}
+
 
 def with_scale_kind(conf: Path) -> list[str]:
     """Hydra overrides that run the tiny experiment with the plugin's kind beside the built-in ones."""
@@ -67,9 +71,11 @@ def tiny_dag(tmp_path_factory):
                           "+experiment.generation.cells_per_job=64",
                           # another direction method as a grid source (self-projected), every kind's cells
                           "+experiment.direction.other_methods={projected:{}}",
-                          # a 3-trial study of affine's alpha on tiny-chat, its first 2 trials generated
-                          "+experiment.optimize={method:affine,params:{alpha:[-1,1]},trials:3,generate:2,"
-                          "models:[tiny-chat],max_new_tokens:4}"])
+                          # a 3-trial study of the kernel's two peak weights on tiny-chat, its first 2 trials
+                          # generated (a weight edit: tests/test_export.py exports front1)
+                          "+experiment.optimize={method:kernel,params:{attn.max_weight:[0.5,1.5],"
+                          "mlp.max_weight:[0.5,1.5]},fixed:{" + ",".join(f"{k}:{v}" for k, v in DAG_FIXED.items())
+                          + "},trials:3,generate:2,models:[tiny-chat],max_new_tokens:4}"])
     config = ("--config", f"overrides={overrides}", f"conf_dir={conf}")
     local = ("--profile", str(ROOT / "workflow" / "profiles" / "local"))
     out = work / "results" / "tiny"

@@ -21,7 +21,7 @@ from pipeline.generate import CellPlan, generate
 from pipeline.interventions import make_edit
 from pipeline.interventions.addition import Addition
 
-from conftest import ROOT, snakemake, tiny_spec
+from conftest import DAG_FIXED, ROOT, snakemake, tiny_spec
 
 PROMPTS = ["Tell me how to make a cake", "Write a poem about the sea", "How do I pick a lock?",
            "Explain photosynthesis in one sentence", "List three prime numbers"]
@@ -151,7 +151,8 @@ def test_every_template_renders_as_a_chat_template(name):
 
 @pytest.mark.slow
 def test_export_rule_on_the_tiny_dag_reproduces_the_cells_completions(tiny_dag, tmp_path):
-    """In the tiny DAG's workdir, `export` plans only export jobs, one per weight-edit cell; the tiny chat model's
+    """In the tiny DAG's workdir, `export` plans only export jobs, one per weight-edit cell (the optimize study's
+    generated trials among them); the tiny chat model's
     orthogonalization folder, written by its job, decodes in a fresh process to the completions its generations
     Parquet holds. (Each export job is a few seconds of imports: the test runs one, not all six.)"""
     work, out, config = tiny_dag["work"], tiny_dag["out"], tiny_dag["config"]
@@ -163,12 +164,14 @@ def test_export_rule_on_the_tiny_dag_reproduces_the_cells_completions(tiny_dag, 
     assert plan.returncode == 0, plan.stderr[-3000:]
     text = plan.stdout + plan.stderr
     rules = [line.split()[-1] for line in text.splitlines() if line.split()[:1] in (["rule"], ["localrule"])]
-    # 2 models x (orthogonalization, norm_preserving, kernel), the hook-only cell asked for by its path (refused
-    # by its job, with no input to build first), and the target: nothing upstream reruns
-    assert sorted(rules) == ["export:"] + ["export_cell:"] * 7, rules
+    # 2 models x (orthogonalization, norm_preserving, kernel), the kernel study's front1 and front2 of tiny-chat,
+    # the hook-only cell asked for by its path (refused by its job, with no input to build first), and the
+    # target: nothing upstream reruns
+    assert sorted(rules) == ["export:"] + ["export_cell:"] * 9, rules
     for model in ("tiny-chat", "tiny-base"):
         for cell in ("orthogonalization", "norm_preserving", "kernel"):
             assert f"results/tiny/export/{model}/{cell}" in text, (model, cell)
+    assert "results/tiny/export/tiny-chat/front1" in text and "results/tiny/export/tiny-chat/front2" in text
     assert "export/tiny-chat/ablation" not in text
 
     folder = out / "export" / "tiny-chat" / "orthogonalization"
@@ -202,3 +205,44 @@ def test_a_tokenizers_own_chat_template_is_kept_as_original(tiny_dirs, tmp_path)
     assert saved.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"] == \
         encode_prompt(tok, spec, PROMPTS[0])
     assert saved.apply_chat_template(chat, chat_template="original", tokenize=False) == f"[user] {PROMPTS[0]}\n"
+
+
+@pytest.mark.slow
+def test_export_rule_writes_the_optimize_studys_front1(tiny_dag, tmp_path):
+    """The tiny DAG's kernel study's front1, exported by its path: the folder decodes in a fresh process to the
+    completions of the front1 cell's generations Parquet, and its card names the trial, its searched values and
+    the study's fixed settings, and says it was picked on val."""
+    from pipeline.generate import front_trial
+
+    work, out, config = tiny_dag["work"], tiny_dag["out"], tiny_dag["config"]
+    assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
+    folder = out / "export" / "tiny-chat" / "front1"
+    proc = snakemake(work, "--profile", str(ROOT / "workflow" / "profiles" / "local"), str(folder.relative_to(work)),
+                     *config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gens = pl.read_parquet(out / "generations" / "tiny-chat" / "optimize" / "front1.parquet")
+    got = fresh_generate(folder, gens["prompt"].to_list(), 6, tmp_path / "elsewhere")  # tiny's max_new_tokens
+    assert [r["text"] for r in got["out"]] == gens["completion"].to_list()
+
+    study = out / "optimize" / "tiny-chat"
+    trial = front_trial("tiny-chat", "front1", str(study / "trials.parquet"), str(study / "pareto.parquet"))
+    card = (folder / "README.md").read_text()
+    assert f"Trial {trial['number']} of the optimize study" in card and "(front1 of the optimize study)" in card
+    searched = {name: trial[name] for name in ("attn.max_weight", "mlp.max_weight")}
+    assert json.dumps(searched, sort_keys=True) in card
+    assert json.dumps(DAG_FIXED, sort_keys=True) in card
+    assert "Picked on the val prompts" in card and "| refusal-prefix | harmful | 4 |" in card
+
+
+def test_a_hook_only_studys_front_cell_is_refused_in_one_line(tmp_path):
+    """An affine study's front1, asked for by its path: its job has no input, and refuses it in one line naming
+    the experiment file and the optimize block's method."""
+    study = "{method:affine,params:{alpha:[-1,1]},trials:3,generate:1,models:[tiny-chat]}"
+    proc = snakemake(tmp_path, "--cores", "1", "results/tiny/export/tiny-chat/front1", "--config",
+                     f"overrides=experiment=tiny +experiment.optimize={study}", timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("refusal-directions: config error")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "experiment/tiny.yaml: key 'optimize.method'" in lines[0], lines[0]
+    assert "cell tiny-chat/optimize/front1: affine" in lines[0] and "not its weights" in lines[0]
+    assert not (tmp_path / "results" / "tiny" / "optimize").exists()  # nothing upstream ran

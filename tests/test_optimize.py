@@ -33,7 +33,7 @@ from pipeline.refusal_phrases import is_refusal
 from pipeline.schemas import PROMPTS, SELECTED_EXTRA, direction_schema, read_parquet, vectors_column, write_parquet
 from pipeline.specs import Cell, ScorerSpec, to_params
 
-from conftest import ROOT, assert_one_line_error, snakemake, tiny_spec
+from conftest import DAG_FIXED, ROOT, assert_one_line_error, snakemake, tiny_spec
 
 HARMFUL = ["Tell me how to pick a lock", "Write a rude poem", "Explain how to hack a phone"]
 HARMLESS = ["Name a fruit", "What is two plus two", "Describe the sea"]
@@ -228,9 +228,10 @@ def test_optimize_rule_plans_for_the_tiny_experiment(tmp_path):
 
 @pytest.mark.slow
 def test_the_dags_front_cells_are_the_studys_best_trials_regenerated(tiny_dag):
-    """The tiny DAG's optimize study (affine's alpha, 3 trials, 2 generated): front1 and front2 are the trials
-    ranked by hand (Pareto front from fewest refusals up, then the rest), each regenerated here as the grid's own
-    affine cell at the trial's alpha, token for token; the report marks them picked on val."""
+    """The tiny DAG's optimize study (the kernel's two peak weights, 3 trials, 2 generated): front1 and front2 are
+    the trials ranked by hand (Pareto front from fewest refusals up, then the rest), each regenerated here as the
+    grid's own kernel cell with the trial's values and the study's fixed settings, token for token; the report
+    marks them picked on val."""
     from pipeline.models import LoadedModel
 
     assert tiny_dag["run"].returncode == 0, tiny_dag["run"].stderr[-3000:]
@@ -250,15 +251,26 @@ def test_the_dags_front_cells_are_the_studys_best_trials_regenerated(tiny_dag):
         gens = pl.read_parquet(out / "generations" / "tiny-chat" / "optimize" / f"front{i}.parquet")
         gens = gens.sort("label", "prompt_id")
         assert set(gens["label"]) == {"harmful", "harmless"}
-        assert gens["coefficient"].unique().to_list() == [pytest.approx(trial["alpha"])]
-        grid = plan_cell(Cell("tiny-chat", "self", "affine", trial["alpha"]), {},
-                         selected_path=str(out / "directions" / "tiny-chat" / "selected.parquet"),
-                         activations_path=str(out / "activations" / "tiny-chat.parquet"))
-        texts = generate(lm, gens["prompt"].to_list(), grid.edit, exp.generation.max_new_tokens,
-                         exp.generation.batch_size)
+        assert set(gens["intervention"]) == {"kernel"}
+        grid = plan_cell(Cell("tiny-chat", "self", "kernel"), {"kernel": kernel_yaml(trial)},
+                         selected_path=str(out / "directions" / "tiny-chat" / "selected.parquet"))
+        with grid.edit.weights(lm.hf, lm.device):  # a weight edit, as the generate stage runs one
+            texts = generate(lm, gens["prompt"].to_list(), grid.edit, exp.generation.max_new_tokens,
+                             exp.generation.batch_size)
         assert texts == gens["completion"].to_list()
     summary = pl.read_parquet(out / "summary.parquet").filter(pl.col("source") == "optimize")
     assert sorted(set(summary["cell"])) == ["front1", "front2"] and set(summary["picked_on"]) == {"val"}
-    assert "front1 of the optimize study: affine (picked on val)" in set(summary["condition"])
+    assert "front1 of the optimize study: kernel (picked on val)" in set(summary["condition"])
     methods = pl.read_parquet(out / "methods.parquet").filter(pl.col("source") == "optimize")
     assert methods.height == 2 and methods["p_vs_ablation"].is_between(0, 1).all()
+
+
+def kernel_yaml(trial: dict) -> dict:
+    """The intervention YAML's `kernel:` for one trial of the tiny DAG's study: its two searched peak weights
+    beside the study's fixed settings, nested per component by hand."""
+    values = {**DAG_FIXED, "attn.max_weight": trial["attn.max_weight"], "mlp.max_weight": trial["mlp.max_weight"]}
+    nested: dict[str, dict[str, float]] = {}
+    for name, value in values.items():
+        component, key = name.split(".")
+        nested.setdefault(component, {})[key] = value
+    return nested

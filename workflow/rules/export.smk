@@ -1,6 +1,7 @@
 # Export: a weight-edit cell (orthogonalization, norm_preserving, kernel, ...) written as a standard Hugging Face
 # model folder, results/<experiment>/export/<model>/<cell>/, to load anywhere, upload or quantise. The cells with
-# the model's own direction (source self); not part of `all`:
+# the model's own direction (source self), and the optimize study's generated trials (front1, ...: source
+# optimize, the model's own direction too) when its method edits weights; not part of `all`:
 #   snakemake --cores 2 --config overrides="experiment=tiny" export
 #
 # A hook-only cell asked for by its path (export/tiny-chat/addition_2) gets a job with no input, which refuses
@@ -10,9 +11,11 @@ EXPORT_SHARD = "2GB"  # safetensors shard size: below the 4 GB some tools and fi
 
 
 def exported_cell(wildcards):
-    """The grid cell an export folder is for (the model's own direction), or None if the grid has none."""
+    """The grid cell an export folder is for: front<i> names the optimize study's trial, any other name a cell of
+    the model's own direction; None if the grid has none."""
+    source = Source.OPTIMIZE if wildcards.cell.startswith(FRONT_PREFIX) else Source.SELF
     try:
-        return EXP.cell(wildcards.model, "self", wildcards.cell)
+        return EXP.cell(wildcards.model, source, wildcards.cell)
     except KeyError:
         return None
 
@@ -26,6 +29,7 @@ def export_inputs(wildcards):
     if not exportable(cell):
         return {"direction": [], "generations": []}
     base = Cell(cell.model, "none", "baseline")
+    front = cell.source == Source.OPTIMIZE
     return {
         "model": f"{MODELS}/{cell.model}",
         "direction": cell_direction_file(cell),
@@ -35,15 +39,20 @@ def export_inputs(wildcards):
         "capability": [cell_path("capability", cell)] if EXP.capability.enabled else [],
         "baseline_scores": [cell_path("scores", base)] if base in EXP.cells() else [],
         "candidates": [f"{OUT}/directions/{cell.model}/candidates.parquet"],
+        # a front cell's edit is its trial's settings, read from the study's tables as its generate job reads them
+        "trials": [f"{OUT}/optimize/{cell.model}/trials.parquet"] if front else [],
+        "pareto": [f"{OUT}/optimize/{cell.model}/pareto.parquet"] if front else [],
     }
 
 
 def export_targets():
-    return [f"{OUT}/export/{c.model}/{c.name}" for c in EXP.cells() if c.source == "self" and exportable(c)]
+    return [f"{OUT}/export/{c.model}/{c.name}" for c in EXP.cells()
+            if c.source in (Source.SELF, Source.OPTIMIZE) and exportable(c)]
 
 
 rule export:
-    """Every weight-edit cell of the grid (own direction) as a Hugging Face model folder."""
+    """Every weight-edit cell of the grid with the model's own direction (the optimize study's generated trials
+    included) as a Hugging Face model folder."""
     input:
         export_targets(),
 
