@@ -21,7 +21,7 @@ from .figures import interval_errors, pyplot, to_png
 from .coherence import degenerate_cells
 from .direction_methods import method_of, method_settings_of, methods_label
 from .schemas import column_matrix, read_parquet, summary_schema, write_bytes, write_parquet, write_text
-from .specs import is_partner_source, source_method
+from .specs import PICKED_SOURCES, is_partner_source, source_method
 from .interventions import INTERVENTIONS
 
 GROUP = ["model", "template", "source", "cell", "direction_model", "extraction_layer", "extraction_position",
@@ -48,7 +48,7 @@ PICKED_ON_VAL = ("best", "same", "spread", "ablate")  # sweep picks chosen by th
 def picked_on(source: str, cell: str) -> str | None:
     """'val' for a sweep cell chosen by its logit score on the val prompts, or a selection rule's pick;
     declared sweep cells were not chosen."""
-    if source in ("rule", "optimize"):  # a selection rule or the optimize study chose it from val scores
+    if source in PICKED_SOURCES:  # a selection rule or the optimize study chose it from val scores
         return "val"
     if source != "sweep":
         return None

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .figures import pyplot, to_png
 from .refusal_phrases import is_refusal
 from .schemas import LENGTH, read_parquet, write_bytes, write_parquet, write_text
-from .specs import LengthSpec, ModelSpec
+from .specs import PICKED_SOURCES, LengthSpec, ModelSpec, Source
 from .stats import wilson_interval
 
 # The generation columns that identify a cell (one line of the chart).
@@ -87,7 +87,7 @@ def cell_title(r: dict) -> str:
     if kind == "addition":
         where += f"\u2192{r['addition_layer']}"
         kind = f"addition {r['coefficient']:+g}"
-    picked = r["source"] in ("sweep", "rule", "optimize")  # the cell's name says which: best1, cosmic_kl0.4, front1
+    picked = r["source"] in (Source.SWEEP, *PICKED_SOURCES)  # the cell's name says which: best1, cosmic_kl0.4, front1
     prefix = f"{r['source']} {r['cell']}: " if picked else ""
     source = "" if picked else f" ({r['source']})"
     return f"{prefix}{kind}{source}, layer {where}"

@@ -21,7 +21,7 @@ import polars as pl
 from . import stats
 from .figures import interval_errors, pyplot, to_png
 from .schemas import write_bytes, write_parquet, write_text
-from .specs import source_method
+from .specs import reference_source
 
 REFERENCE = "ablation"  # the method every other is tested against
 KEYS = ["model", "scorer", "source", "cell"]
@@ -45,7 +45,7 @@ def reference_p_values(scores: pl.DataFrame, reference: str = REFERENCE) -> pl.D
     for r in per_cell.iter_rows(named=True):
         # a selection rule's pick (an ablation), an optimize study's trial (an edit of the selected direction) and
         # another direction method's cells are compared with the selected direction's ablation
-        mine = "self" if r["source"] in ("rule", "optimize") or source_method(r["source"]) else r["source"]
+        mine = reference_source(r["source"])
         before = ref.get((r["model"], r["scorer"], mine))
         p = None
         if (r["cell"], r["source"]) != (reference, mine) and before is not None:  # not the reference itself

@@ -58,6 +58,18 @@ def source_method(source: str) -> str | None:
     return source.removeprefix(METHOD_SOURCE_PREFIX) if source.startswith(METHOD_SOURCE_PREFIX) else None
 
 
+# Sources whose cells were chosen from val scores (a selection rule's pick, an optimize trial; the sweep's picks
+# best/same/spread/ablate too, by their names): their test rates are the honest ones
+PICKED_SOURCES = (Source.RULE, Source.OPTIMIZE)
+
+
+def reference_source(source: str) -> str:
+    """The source whose ablation a cell is tested against: the model's own selected direction (self) for the cells
+    that edit or remake it (a selection rule's pick, an optimize trial, another direction method's), else the
+    cell's own source."""
+    return Source.SELF.value if source in PICKED_SOURCES or source_method(source) else source
+
+
 def is_partner_source(source: str) -> bool:
     """A paired model's name (base <-> chat transfer), not one of the sources the experiment makes itself."""
     return source not in set(Source) and source_method(source) is None
