@@ -212,7 +212,10 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
     baseline_logits = last_logits(lm, harmless, Edit(), batch_size) if any(measured) else None
     baseline = pl.from_arrow(read_parquet(baseline_path)) if baseline_path else None
     answers = baseline_answers(lm, baseline, cap, batch_size) if any(measured) else None
-    for group in plan_passes([plan for plan, *_ in cells], cells_per_pass):
+    copies = same_pick_as(cells)  # generated once, written under each name
+    unique = [i for i in range(len(cells)) if i not in copies]
+    for passed in plan_passes([cells[i][0] for i in unique], cells_per_pass):
+        group = [unique[k] for k in passed]
         plans = [cells[i][0] for i in group]
         prompts = test.filter(pl.col("label").is_in(list(plans[0].labels)))
         instructions = prompts["instruction"].to_list()
@@ -237,16 +240,36 @@ def run_cells(spec: ModelSpec, prepared_dir: str, prompts_path: str,
                     reference = capability.load_pairs(str(resolve_data_path(cap.reference)), cap.n)
                     metrics[i] = capability.measure(lm, iv, reference, own, harmless, baseline_logits, batch_size,
                                                     answers)
-        for i, plan in zip(group, plans):
-            _, output, capability_out = cells[i]
+        for i in group:
             completions, ids = results[i]
             # coherence is judged by the unedited, unsteered model, as in every cell
             nlls = _unsteered_nll(lm, instructions, completions, batch_size, nll_measured(prompts, nll_prompts))
             neutral = coherence.neutral_nll(lm, completions, batch_size, nll_measured(prompts, nll_prompts))
-            if capability_out is not None:
-                write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, plan.kind,
-                                                  plan.edit.columns().get("coefficient"), metrics[i]), capability_out)
-            write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
+            for j in [i, *sorted(j for j, first in copies.items() if first == i)]:
+                plan, output, capability_out = cells[j]
+                if capability_out is not None:
+                    write_parquet(capability.to_table(spec.name, str(plan.source), plan.cell, plan.kind,
+                                                      plan.edit.columns().get("coefficient"), metrics[i]),
+                                  capability_out)
+                write_parquet(generations_table(spec, plan, prompts, completions, ids, nlls, neutral), output)
+
+
+def same_pick_as(cells: list[tuple[CellPlan, str, str | None]]) -> dict[int, int]:
+    """Selection rules' picks that name the same candidate (Arditi's rule and COSMIC agreeing, or one rule under
+    two KL caps): index -> the first such pick's index. The same ablation of the same direction on the same prompts
+    gives the same tokens and measures, so it is generated once and written under each name."""
+    first: dict[tuple, int] = {}
+    copies = {}
+    for i, (plan, *_) in enumerate(cells):
+        if plan.source != Source.RULE:
+            continue
+        key = (plan.kind, plan.extraction_layer, plan.extraction_position, plan.labels, plan.capability,
+               tuple(sorted(plan.edit.columns().items())))
+        if key in first:
+            copies[i] = first[key]
+        else:
+            first[key] = i
+    return copies
 
 
 def check_finite_logits(lm: LoadedModel, plan: CellPlan, iv: Edit, instructions: list[str],

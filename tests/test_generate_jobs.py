@@ -124,3 +124,43 @@ def test_an_edit_past_the_last_block_is_one_line_before_loading(tiny_dirs):
     with pytest.raises(ConfigError) as err:
         generate.check_edit_layers(past, where, spec, exp.file)
     assert "addition layer 9 is outside 0..3 in tiny-chat" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_selection_rules_naming_one_candidate_are_generated_once_and_written_under_each_name(tiny_dirs, tmp_path,
+                                                                                             monkeypatch):
+    """auto and cosmic_kl0.4 pick the same candidate: one generation, two files that differ only in the cell name,
+    each equal to the pick generated alone; a pick of another candidate is generated apart."""
+    exp = load_experiment(["experiment=tiny"])
+    write_parquet(prompts.build_prompts(exp.dataset_splits, exp.split, exp.file), tmp_path / "prompts.parquet")
+    common = dict(max_new_tokens=4, batch_size=4, device="cpu", threads=1, exp_file=exp.file, nll_prompts=2,
+                  capability_cfg=Capability(n=3), cells_per_pass=1)
+    args = (exp.models["tiny-chat"], str(tiny_dirs["tiny-chat"]), str(tmp_path / "prompts.parquet"))
+    baseline, *_ = _plans()
+    gen = torch.Generator().manual_seed(5)
+    at = {1: torch.randn(64, generator=gen, dtype=torch.float64) * 4,
+          2: torch.randn(64, generator=gen, dtype=torch.float64) * 4}
+
+    def pick(name, layer):
+        return generate.CellPlan(source="rule", edit=make_edit("ablation", direction=at[layer].clone()), cell=name,
+                                 direction_model="tiny-chat", extraction_layer=layer, extraction_position=-1)
+
+    plans = [baseline, pick("auto", 1), pick("cosmic", 2), pick("cosmic_kl0.4", 1)]
+    assert generate.same_pick_as([(p, "", None) for p in plans]) == {3: 1}
+    passes = []
+    real = generate.generate_many
+    monkeypatch.setattr(generate, "generate_many", lambda lm, instr, ivs, *a, **k: passes.append(len(ivs)) or
+                        real(lm, instr, ivs, *a, **k))
+    cells = [(p, str(tmp_path / f"job-{p.cell}.parquet"), str(tmp_path / f"job-cap-{p.cell}.parquet")) for p in plans]
+    generate.run_cells(*args, cells, **common)
+    assert passes == [1, 1, 1]  # the baseline, auto, cosmic: cosmic_kl0.4 is auto's
+    monkeypatch.undo()
+    alone = str(tmp_path / "alone-cosmic_kl0.4.parquet")
+    generate.run(*args, plans[3], alone, capability_out=str(tmp_path / "alone-cap-cosmic_kl0.4.parquet"),
+                 baseline_path=str(tmp_path / "job-baseline.parquet"), **{k: v for k, v in common.items()
+                                                                           if k != "cells_per_pass"})
+    copy, first = (pl.read_parquet(tmp_path / f"job-{c}.parquet") for c in ("cosmic_kl0.4", "auto"))
+    assert copy.equals(pl.read_parquet(alone))
+    assert set(copy["cell"]) == {"cosmic_kl0.4"} and copy.drop("cell").equals(first.drop("cell"))
+    assert pl.read_parquet(tmp_path / "job-cap-cosmic_kl0.4.parquet").drop("cell").equals(
+        pl.read_parquet(tmp_path / "job-cap-auto.parquet").drop("cell"))
+    assert copy["completion"].to_list() != pl.read_parquet(tmp_path / "job-cosmic.parquet")["completion"].to_list()
