@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .candidates import candidates_table, differences, filter_by_refusal  # noqa: F401  (the stage's API)
-from .schemas import SELECTED_EXTRA, direction_schema, read_parquet, vectors_column, write_parquet
+from .schemas import read_parquet, selected_directions, write_parquet
 from .specs import method_source
 
 
@@ -48,14 +48,9 @@ def other_methods_table(model: str, table: pa.Table, layer: int, position: int,
     selected `layer` and `position`, in the selected directions' schema, one row per method, source
     self-<method>: the same prompts and place as the selected direction, so only the method differs."""
     rows = at_cell(table, layer, position)
-    made = [differences(rows, name, settings)[(layer, position)][0] for name, settings in methods.items()]
-    matrix = np.stack(made).astype(np.float32)
-    return pa.table({
-        "model": [model] * len(made), "source": [method_source(m) for m in methods], "method": list(methods),
-        "layer": [layer] * len(made), "position": [position] * len(made),
-        "norm": [float(np.linalg.norm(v)) for v in made],
-        "direction": vectors_column(matrix, pa.float32()),
-    }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
+    return selected_directions(model, layer, position,
+                               [(method_source(name), name, differences(rows, name, settings)[(layer, position)][0])
+                                for name, settings in methods.items()])
 
 
 def run_other_methods(model: str, activations_path: str, selected_path: str, out: str, *,

@@ -100,6 +100,19 @@ def direction_schema(hidden: int, extra: list[tuple[str, pa.DataType]]) -> pa.Sc
 CANDIDATE_EXTRA = [("method", pa.string()), ("n_harmful", pa.int32()), ("n_harmless", pa.int32())]
 SELECTED_EXTRA = [("source", pa.string()), ("method", pa.string())]
 
+
+def selected_directions(model: str, layer: int, position: int,
+                        rows: list[tuple[str, str | None, np.ndarray]]) -> pa.Table:
+    """Directions taken at one layer and position, one row per (source, method or None, vector): the selected
+    file's rows (self and its random control) and the other direction methods' (self-<method>)."""
+    matrix = np.stack([v for *_, v in rows]).astype(np.float32)
+    return pa.table({
+        "model": [model] * len(rows), "source": [s for s, *_ in rows], "method": [m for _, m, _ in rows],
+        "layer": [layer] * len(rows), "position": [position] * len(rows),
+        "norm": [float(np.linalg.norm(v)) for *_, v in rows],
+        "direction": vectors_column(matrix, pa.float32()),
+    }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
+
 GENERATIONS = pa.schema([
     ("model", pa.string()), ("template", pa.string()), ("source", pa.string()), ("cell", pa.string()),
     ("direction_model", pa.string()), ("extraction_layer", pa.int16()), ("extraction_position", pa.int16()),

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .figures import pyplot, to_png
 from .models import LoadedModel
 from .probes import val_prompts
-from .schemas import (SELECTED_EXTRA, SELECTION, column_matrix, direction_schema, read_parquet, vectors_column,
+from .schemas import (SELECTION, column_matrix, read_parquet, selected_directions,
                       write_bytes, write_parquet)
 from .selection import SCORES, SELECTORS, choose, filter_by_score, score_candidates
 
@@ -72,14 +72,8 @@ def selected_table(model: str, diffs: dict, layer: int, position: int, random_se
                    method: str = "mean_diff") -> pa.Table:
     """The chosen candidate (`method`: what made it) and its random control (no method)."""
     chosen = diffs[(layer, position)][0]
-    rows = [("self", chosen), ("random", random_like(chosen, random_seed))]
-    matrix = np.stack([v for _, v in rows]).astype(np.float32)
-    return pa.table({
-        "model": [model] * 2, "source": [s for s, _ in rows], "method": [method, None],
-        "layer": [layer] * 2, "position": [position] * 2,
-        "norm": [float(np.linalg.norm(v)) for _, v in rows],
-        "direction": vectors_column(matrix, pa.float32()),
-    }, schema=direction_schema(matrix.shape[1], SELECTED_EXTRA))
+    return selected_directions(model, layer, position,
+                               [("self", method, chosen), ("random", None, random_like(chosen, random_seed))])
 
 
 def run(spec, prepared_dir: str, prompts_path: str, candidates_path: str, selection_out: str,
