@@ -18,6 +18,7 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from .architecture import get_path
 from .batching import halving
@@ -92,11 +93,12 @@ def _returns_tuple(blocks: torch.nn.ModuleList, into: list[bool]):
 
 @torch.no_grad()
 def edited_passes(lm: LoadedModel, instructions: list[str], edits: list[Edit], batch_size: int, *,
-                  per_row: PerRow | None = None, layers: list[int] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  per_row: PerRow | None = None, layers: list[int] = (),
+                  desc: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each edit: (per_row(last-position logits) over the prompts, [n, ...] on CPU; the mean over prompts
     of the block inputs at the post-instruction positions of `layers` as edited, [len(layers), n_post, hidden]
     float64, or an empty tensor). `per_row` (default: the float32 logits themselves) keeps memory at a score
-    per prompt when there are many edits."""
+    per prompt when there are many edits. `desc`: a progress bar over the edits, so named."""
     per_row = per_row or (lambda logits: logits)
     layers = list(layers)
     n_layers = lm.rmap.n_layers
@@ -119,15 +121,17 @@ def edited_passes(lm: LoadedModel, instructions: list[str], edits: list[Edit], b
         # the unedited pass: its logits, and the block inputs every edit starts from or reads
         recorded: dict[int, torch.Tensor] = {}
         shape: list[bool] = []
-        wanted = sorted({s for s in starts if 0 < s < n_layers} | set(layers))
-        handle = _returns_tuple(blocks, shape)
-        try:
-            with _reading(blocks, wanted, recorded):
-                unedited = lm.hf(**lm.inputs(batch), logits_to_keep=1, use_cache=False).logits[:, -1, :].float().cpu()
-        finally:
-            handle.remove()
+        if any(s > 0 for s in starts):  # edits that all start at block 0 (ablations) need no unedited pass
+            wanted = sorted({s for s in starts if 0 < s < n_layers} | set(layers))
+            handle = _returns_tuple(blocks, shape)
+            try:
+                with _reading(blocks, wanted, recorded):
+                    unedited = lm.hf(**lm.inputs(batch), logits_to_keep=1,
+                                     use_cache=False).logits[:, -1, :].float().cpu()
+            finally:
+                handle.remove()
         results = []
-        for edit, start in zip(edits, starts):
+        for edit, start in zip(tqdm(edits, desc=desc, leave=False, disable=desc is None), starts):
             if start >= n_layers:
                 logits, reads = unedited, recorded
             else:

@@ -36,41 +36,17 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .batching import halving
 from .config import Selection
 from .errors import ConfigError
 from .interventions import Edit, make_edit
-from .interventions.hooks import apply_nnsight
 from .models import LoadedModel
+from .prefix import edited_passes
 from .probes import kl_divergence, last_logits
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import column_matrix
 from .specs import rule_pick_name
-from .templates import encode_batch
 
 SCORES = ("bypass", "induce", "kl", "cosmic_refuse", "cosmic_comply", "cosmic")
-
-
-@torch.no_grad()
-def probe(lm: LoadedModel, instructions: list[str], iv: Edit, batch_size: int,
-          layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-position logits [n, vocab] (float32) and the mean over prompts of the block inputs at the
-    post-instruction positions of `layers` as edited, [len(layers), n_post, hidden] float64, in one pass."""
-    import nnsight
-
-    def chunk(start: int, stop: int):
-        batch = encode_batch(lm.tok, lm.spec, instructions[start:stop])
-        n = batch.n_post
-        with lm.nn.trace(**lm.inputs(batch), logits_to_keep=1):
-            saved = nnsight.save([])
-            apply_nnsight(lm.nn, lm.rmap, iv, read={l: (lambda h: saved.append(h[:, -n:, :])) for l in layers})
-            saved.append(lm.nn.output.logits[:, -1, :])
-        logits = saved.pop().float().cpu()
-        acts = torch.stack([a.double().cpu().sum(0) for a in saved]) if layers else torch.zeros(0)
-        return logits, acts
-
-    chunks = halving(len(instructions), batch_size, chunk)
-    return torch.cat([c[0] for c in chunks]), sum(c[1] for c in chunks) / len(instructions)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,8 +72,8 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
     ids = refusal_token_ids(lm.tok, lm.spec) if selector.needs_refusal_tokens or lm.spec.refusal_tokens else None
     bs = rules.batch_size
     every = list(range(lm.rmap.n_layers))
-    base_harmless, harmless_means = probe(lm, harmless, Edit(), bs, every)
-    _, harmful_means = probe(lm, harmful, Edit(), bs, every)
+    [(base_harmless, harmless_means)] = edited_passes(lm, harmless, [Edit()], bs, layers=every)
+    [(_, harmful_means)] = edited_passes(lm, harmful, [Edit()], bs, layers=every)
     low = cosmic_layers(harmful_means, harmless_means, rules.cosmic_layer_fraction)
     induce_floor = rules.induce_min + (refusal_score(base_harmless, ids).mean().item()
                                        if ids is not None and rules.induce_relative else 0.0)
@@ -105,31 +81,37 @@ def score_candidates(lm: LoadedModel, candidates: pa.Table, harmful: list[str], 
     layers = candidates.column("layer").to_pylist()
     positions = candidates.column("position").to_pylist()
     max_layer = int(rules.max_layer_fraction * lm.rmap.n_layers)
-    rows = []
-    for i in tqdm(range(len(layers)), desc=f"select {lm.spec.name}", leave=False):
+    rows, scored = [], []
+    for i in range(len(layers)):
         layer, pos = layers[i], positions[i]
         d = torch.from_numpy(vectors[i].astype(np.float32))
-        row = {"layer": layer, "position": pos, "norm": float(d.norm()), **{k: math.nan for k in SCORES},
-               "cosmic_layer": layer in low}
+        row = {"layer": layer, "position": pos, "norm": float(d.norm()),
+               **{k: math.nan for k in SCORES}, "cosmic_layer": layer in low}
         if layer >= max_layer:
             row["discarded"] = f"layer >= {max_layer}"
         elif not rules.evaluates(layer, pos):
             row["discarded"] = "not evaluated"
-        if row.get("discarded"):
-            rows.append(row)
-            continue
+        else:
+            scored.append((row, d))
+        rows.append(row)
+
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        return refusal_score(logits, ids) if ids is not None else torch.full((len(logits),), math.nan)
+
+    # induce: every candidate added at its own layer, each pass started there (prefix.edited_passes)
+    added = edited_passes(lm, harmless, [make_edit("addition", direction=d, layer=row["layer"], coefficient=1.0)
+                                         for row, d in scored], bs, per_row=score, layers=low,
+                          desc=f"select {lm.spec.name} (induce)")
+    for (row, d), (add_scores, add_means) in zip(tqdm(scored, desc=f"select {lm.spec.name}", leave=False), added):
         ablation = make_edit("ablation", direction=d)
-        abl_logits, abl_means = probe(lm, harmful, ablation, bs, low)
-        add_logits, add_means = probe(lm, harmless, make_edit("addition", direction=d, layer=layer,
-                                                              coefficient=1.0), bs, low)
-        if ids is not None:
-            row["bypass"] = refusal_score(abl_logits, ids).mean().item()
-            row["induce"] = refusal_score(add_logits, ids).mean().item()
-        row["kl"] = kl_divergence(base_harmless, last_logits(lm, harmless, ablation, bs)).mean().item()
+        [(abl_scores, abl_means)] = edited_passes(lm, harmful, [ablation], bs, per_row=score, layers=low)
+        [(abl_harmless, _)] = edited_passes(lm, harmless, [ablation], bs)
+        row["bypass"] = abl_scores.mean().item()
+        row["induce"] = add_scores.mean().item()
+        row["kl"] = kl_divergence(base_harmless, abl_harmless).mean().item()
         row["cosmic_refuse"] = cosine(abl_means, harmless_means[low])
         row["cosmic_comply"] = cosine(add_means, harmful_means[low])
         row["cosmic"] = row["cosmic_refuse"] + row["cosmic_comply"]
-        rows.append(row)
     evaluated = [r for r in rows if r.get("discarded") is None]
     for row in evaluated:
         row["discarded"] = selector.discard(row, rules, induce_floor)

@@ -23,7 +23,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from .specs import SweepSpec
 from .errors import ConfigError
@@ -32,7 +31,8 @@ from .interventions import Edit, make_edit
 from .models import LoadedModel
 from .refusal import refusal_score, refusal_token_ids
 from .schemas import PICKS, SWEEP, column_matrix, read_parquet, write_bytes, write_parquet
-from .probes import last_logits, val_prompts
+from .prefix import edited_passes
+from .probes import val_prompts
 
 ROW_SCHEMA = {"kind": pl.String, "extraction_layer": pl.Int64, "extraction_position": pl.Int64,
               "addition_layer": pl.Int64, "offset": pl.Int64, "coefficient": pl.Float64, "normalized": pl.Boolean,
@@ -61,32 +61,40 @@ def score_cells(lm: LoadedModel, candidates: pa.Table, harmful: list[str], harml
     vectors = column_matrix(candidates, "direction")
     keys = list(zip(candidates.column("layer").to_pylist(), candidates.column("position").to_pylist()))
 
-    def mean_score(texts: list[str], iv: Edit) -> float:
-        return refusal_score(last_logits(lm, texts, iv, spec.batch_size), ids).mean().item()
+    def mean_scores(texts: list[str], edits: list[Edit], desc: str) -> list[float]:
+        """Each edit's mean score; an addition's pass starts at its block (prefix.edited_passes)."""
+        passes = edited_passes(lm, texts, edits, spec.batch_size, per_row=lambda logits: refusal_score(logits, ids),
+                               desc=desc)
+        return [scores.mean().item() for scores, _ in passes]
 
     def direction(layer: int) -> torch.Tensor:
         return torch.from_numpy(vectors[keys.index((layer, position))].astype(np.float32))
 
-    base = dict(extraction_layer=None, extraction_position=None, addition_layer=None, offset=None,
-                coefficient=None, normalized=None)
-    rows = [{**base, "kind": "baseline", "label": label, "n": len(texts),
-             "logit_score": mean_score(texts, Edit())}
-            for label, texts in (("harmful", harmful), ("harmless", harmless))]
     layers = spec.extraction_layers if spec.extraction_layers is not None else range(n_layers)
     cells = [(e, e + o, c) for e in layers for o in spec.offsets for c in spec.coefficients if 0 <= e + o < n_layers]
     cells += [c for c in spec.cells if c not in cells]
-    for e, a, c in tqdm(cells, desc=f"sweep {lm.spec.name}", leave=False):
-        iv = make_edit("addition", direction=direction(e), layer=a, coefficient=c, normalize=normalize)
+    added = [make_edit("addition", direction=direction(e), layer=a, coefficient=c, normalize=normalize)
+             for e, a, c in cells]
+    # ablation of each layer's direction, unless selection scored it already on the same prompts
+    ablated = {e: known_bypass.get((e, position), math.nan) for e in (layers if spec.ablation else [])}
+    to_ablate = [e for e, score in ablated.items() if math.isnan(score)]
+    harmless_scores = mean_scores(harmless, [Edit(), *added], f"sweep {lm.spec.name}")
+    harmful_scores = mean_scores(harmful, [Edit(), *(make_edit("ablation", direction=direction(e), layers=ablation_layers)
+                                                     for e in to_ablate)], f"sweep ablation {lm.spec.name}")
+    ablated.update(zip(to_ablate, harmful_scores[1:]))
+
+    base = dict(extraction_layer=None, extraction_position=None, addition_layer=None, offset=None,
+                coefficient=None, normalized=None)
+    rows = [{**base, "kind": "baseline", "label": label, "n": len(texts), "logit_score": score}
+            for label, texts, score in (("harmful", harmful, harmful_scores[0]),
+                                        ("harmless", harmless, harmless_scores[0]))]
+    for (e, a, c), score in zip(cells, harmless_scores[1:]):
         rows.append({"kind": "addition", "extraction_layer": e, "extraction_position": position, "addition_layer": a,
                      "offset": a - e, "coefficient": c, "normalized": normalize, "label": "harmless",
-                     "n": len(harmless), "logit_score": mean_score(harmless, iv)})
-    if spec.ablation:
-        for e in tqdm(layers, desc=f"sweep ablation {lm.spec.name}", leave=False):
-            score = known_bypass.get((e, position))
-            if score is None or math.isnan(score):
-                score = mean_score(harmful, make_edit("ablation", direction=direction(e), layers=ablation_layers))
-            rows.append({**base, "kind": "ablation", "extraction_layer": e, "extraction_position": position,
-                         "label": "harmful", "n": len(harmful), "logit_score": score})
+                     "n": len(harmless), "logit_score": score})
+    for e, score in ablated.items():
+        rows.append({**base, "kind": "ablation", "extraction_layer": e, "extraction_position": position,
+                     "label": "harmful", "n": len(harmful), "logit_score": score})
     return pl.DataFrame(rows, schema=ROW_SCHEMA)
 
 
