@@ -96,12 +96,21 @@ def test_adding_before_the_extraction_layer_beats_adding_at_it(qwen, split_and_a
     scores = score_cells(lm, cands, val.filter(pl.col("label") == "harmful")["instruction"].to_list(),
                          val.filter(pl.col("label") == "harmless")["instruction"].to_list(), spec, position=-1,
                          normalize=False, ablation_layers=None)
+    # each cell's pass started at its addition block (prefix.edited_passes) scores what a whole nnsight pass does
+    from pipeline.probes import last_logits
+    from pipeline.refusal import refusal_score, refusal_token_ids
+    ids = refusal_token_ids(lm.tok, lm.spec)
+    val_harmless = val.filter(pl.col("label") == "harmless")["instruction"].to_list()
+    direction = torch.tensor(column_matrix(cands, "direction")[0])
+    for row in scores.filter(pl.col("kind") == "addition").iter_rows(named=True):
+        iv = make_edit("addition", direction=direction, layer=row["addition_layer"], coefficient=2.0)
+        whole = refusal_score(last_logits(lm, val_harmless, iv, 16), ids).mean().item()
+        assert abs(row["logit_score"] - whole) <= 1e-6, (row["addition_layer"], row["logit_score"], whole)
     picks = {r["pick"]: r for r in pick_cells(scores, spec).iter_rows(named=True)}
     best, same = picks["best1"], picks["same1"]
     assert best["offset"] < 0 and best["logit_score"] > same["logit_score"] + 1.0
 
     harmless = table.filter((pl.col("split") == "test") & (pl.col("label") == "harmless"))["instruction"].to_list()
-    direction = torch.tensor(column_matrix(cands, "direction")[0])
     completions = {}
     for name, cell in (("best", best), ("same", same)):
         iv = make_edit("addition", direction=direction, layer=cell["addition_layer"], coefficient=2.0)
