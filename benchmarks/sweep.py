@@ -15,6 +15,9 @@ Before, every cell costs one whole pass, so on a long sweep the old path is time
 of its cells, spread over the addition blocks, and its rate is cells per second over those. The
 "limit" column is what skipping the blocks before each addition allows when a block costs the same
 at every depth and nothing else costs anything: passes of the old path / block-passes of the new.
+The "floor" column is the same ratio for the least any exact method computes: no padding (the
+prompts' real tokens only) and, in the last block, only each prompt's last position (its logits are
+all the score reads) — an upper bound on what any exact speed-up could give this sweep.
 
 Last, whether cells batched as rows would pay: one unedited pass over the harmless prompts repeated
 `--rows` times (as many cells' rows in one batch) against the same pass over them once.
@@ -35,6 +38,7 @@ from pipeline.interventions import Edit, make_edit
 from pipeline.prefix import edited_passes
 from pipeline.probes import last_logits
 from pipeline.refusal import refusal_score, refusal_token_ids
+from pipeline.templates import encode_prompt
 
 
 def default_cells(n_layers: int) -> list[tuple[int, int]]:
@@ -69,6 +73,23 @@ def new_path(lm, ids, harmful, harmless, edits, batch_size) -> list[float]:
     return [unsteered_harmful.mean().item()] + [s.mean().item() for s, _ in passes]
 
 
+def token_slots(lm, texts: list[str], batch_size: int) -> tuple[int, int]:
+    """(padded token slots of the batches the passes run, real tokens) of the prompts."""
+    lengths = [len(encode_prompt(lm.tok, lm.spec, t)) for t in texts]
+    chunks = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return sum(max(c) * len(c) for c in chunks), sum(lengths)
+
+
+def floor_ratio(lm, harmful, harmless, cells, batch_size) -> float:
+    """Old cost / the least an exact method computes, in token-blocks (attention and the head left out)."""
+    n = lm.rmap.n_layers
+    (padded_harmful, real_harmful), (padded_harmless, real_harmless) = (
+        token_slots(lm, harmful, batch_size), token_slots(lm, harmless, batch_size))
+    old = n * (padded_harmful + padded_harmless * (1 + len(cells)))
+    least = n * (real_harmful + real_harmless) + sum(real_harmless * (n - a - 1) + len(harmless) for _, a in cells)
+    return old / least
+
+
 def spread(items: list, k: int) -> list[int]:
     """Indices of k items spread evenly over the list (all of them when k >= len)."""
     if k >= len(items):
@@ -100,7 +121,7 @@ def main():
           f"{torch.get_num_threads()} threads")
     old_path(lm, ids, harmful[:2], harmless[:2], [], 2)  # warm-up
     print(f"{'sweep':>8s} {'cells':>5s} {'old s':>7s} {'old cells/s':>11s} {'new s':>7s} {'new cells/s':>11s} "
-          f"{'new/old':>7s} {'limit':>6s} {'max |score diff|':>16s}")
+          f"{'new/old':>7s} {'limit':>6s} {'floor':>6s} {'max |score diff|':>16s}")
     for name in args.sweeps:
         cells = (default_cells if name == "default" else full_cells)(n)
         edits = [make_edit("addition", direction=vectors[e], layer=a, coefficient=2.0) for e, a in cells]
@@ -117,9 +138,10 @@ def main():
         mine = new[:2] + [new[2 + i] for i in timed]
         diff = max(abs(a - b) for a, b in zip(compared, mine))
         limit = (2 + len(cells)) / (2 + sum((n - a) / n for _, a in cells))
+        floor = floor_ratio(lm, harmful, harmless, cells, args.batch_size)
         sampled = "" if len(timed) == len(cells) else f" (old timed on {len(timed)})"
         print(f"{name:>8s} {len(cells):5d} {old_s:7.1f} {old_rate:11.3f} {new_s:7.1f} {new_rate:11.3f} "
-              f"{new_rate / old_rate:7.2f} {limit:6.2f} {diff:16.2e}{sampled}")
+              f"{new_rate / old_rate:7.2f} {limit:6.2f} {floor:6.2f} {diff:16.2e}{sampled}")
     if args.rows > 1:
         one = min(timeit(lambda: edited_passes(lm, harmless, [Edit()], len(harmless))) for _ in range(2))
         many = min(timeit(lambda: edited_passes(lm, harmless * args.rows, [Edit()], len(harmless) * args.rows))
