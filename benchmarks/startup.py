@@ -9,8 +9,9 @@ What is timed, per rule (one rule = one script in workflow/scripts):
   - the imports its stage makes on its first call, where the heavy libraries come in: for the rules that
     load a model, `pipeline.models`, `import transformers`, the tokenizer classes, the causal-LM class of
     `--model-type` resolved through transformers' auto mapping (that imports its modeling file, and with it
-    transformers.modeling_utils) and `from nnsight import TransformersModel`, as `models.LoadedModel` does;
-    optuna for optimize; the tokenizer classes for length. Rules whose model is optional (score's judges,
+    transformers.modeling_utils) and `from nnsight import TransformersModel`, as `models.LoadedModel` does
+    (export and prepare_model build the bare transformers model: no nnsight); optuna for optimize; the
+    tokenizer classes for length. Rules whose model is optional (score's judges,
     stability's reselection) are timed without it, as the default experiment runs them.
 Each is one fresh `python -c` process (the interpreter's own start included), run from the tree's root with
 PYTHONPATH at the tree; wall seconds are perf_counter around the process, CPU seconds its user + system time
@@ -41,7 +42,8 @@ CAUSAL_LM = ["import pipeline.models", "import transformers", *TOKENIZER,
              "MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model({model_type!r}))]"]
 MODEL = [*CAUSAL_LM, "from nnsight import TransformersModel"]
 FIRST_CALL = {
-    "activations": MODEL, "select": MODEL, "sweep": MODEL, "generate": MODEL, "export": MODEL,
+    "activations": MODEL, "select": MODEL, "sweep": MODEL, "generate": MODEL,
+    "export": CAUSAL_LM,  # models.load: the bare transformers model, no nnsight wrapper
     "optimize": [*MODEL, "import optuna"],
     "prepare_model": CAUSAL_LM,  # a GGUF or random model is built with transformers; no nnsight
     "length": ["import pipeline.models", *TOKENIZER],  # the models' tokenizers only
