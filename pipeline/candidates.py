@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from .direction_methods import method as direction_method, with_method_settings
@@ -21,6 +20,8 @@ from .specs import source_method
 
 def filter_by_refusal(table: pa.Table, file: str, model: str = "") -> pa.Table:
     """Keep harmful rows scored > 0 and harmless rows scored < 0."""
+    import polars as pl  # only this filter uses polars: the directions jobs start without it
+
     df = pl.from_arrow(table.select(["label", "refusal_score"]))
     keep = ((pl.col("label") == "harmful") & (pl.col("refusal_score") > 0)) | (
         (pl.col("label") == "harmless") & (pl.col("refusal_score") < 0))
