@@ -134,9 +134,9 @@ def main():
         new_s = time.perf_counter() - t
         # scored per cell: the baselines plus each addition; the old rate over the cells it ran
         old_rate, new_rate = (2 + len(timed)) / old_s, (2 + len(cells)) / new_s
-        compared = old[:2] + old[2:]
+        # the old path scored the baselines and the timed cells only: compare those
         mine = new[:2] + [new[2 + i] for i in timed]
-        diff = max(abs(a - b) for a, b in zip(compared, mine))
+        diff = max(abs(a - b) for a, b in zip(old, mine, strict=True))
         limit = (2 + len(cells)) / (2 + sum((n - a) / n for _, a in cells))
         floor = floor_ratio(lm, harmful, harmless, cells, args.batch_size)
         sampled = "" if len(timed) == len(cells) else f" (old timed on {len(timed)})"

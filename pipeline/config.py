@@ -660,14 +660,14 @@ def load_scorer(name: str, conf_dir: Path, ref_file: str, ref_key: str = "scorin
 
 
 def _load_group(conf_dir: Path, group: str, name: str, ref_file: str, ref_key: str) -> tuple[str, dict]:
+    from omegaconf import OmegaConf
+
     path = conf_dir / group / f"{name}.yaml"
     if not path.is_file():
         avail = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
         raise ConfigError(ref_file, ref_key,
                           f"unknown {group} '{name}' (no conf/{group}/{name}.yaml; available: {', '.join(avail)})")
     file = _rel(path, conf_dir)
-    from omegaconf import OmegaConf
-
     data = read_yaml(path, conf_dir)  # one line naming the line of a parse error
     if isinstance(data, dict):
         try:  # OmegaConf's own loader, for its reading of numbers (1e6 is a float) and interpolations
